@@ -1,0 +1,58 @@
+"""meshjax: named-dimension layers, layouts and plans for JAX device meshes.
+
+Example::
+
+    >>> import meshjax as mj
+    >>> x = mj.named(jnp.ones((8, 16)), "batch embed")        # doctest: +SKIP
+    >>> w = mj.named(jnp.ones((16, 64)), "embed mlp")
+    >>> h = mj.einsum("batch embed, embed mlp -> batch mlp", x, w)
+"""
+
+from meshjax.context import scope
+from meshjax.errors import (
+    EinsumError,
+    InfeasibleError,
+    LayoutError,
+    MeshjaxError,
+    ShapeError,
+    TraceError,
+)
+from meshjax.graph import Graph, IndexForm, Op, Tensor
+from meshjax.named import NamedArray, named, parse_dims
+from meshjax.ops import (
+    arange,
+    cast,
+    cross_entropy,
+    einsum,
+    elementwise,
+    embed,
+    exp,
+    gelu,
+    greater_equal,
+    layer_norm,
+    log,
+    logsumexp,
+    max,
+    maximum,
+    mean,
+    merge_dims,
+    minimum,
+    relu,
+    rename,
+    rms_norm,
+    rsqrt,
+    sigmoid,
+    silu,
+    softmax,
+    split_dim,
+    sqrt,
+    square,
+    sum,
+    tanh,
+    where,
+)
+from meshjax.params import Param, abstract, abstract_params, init_params, param
+from meshjax.scan import scan
+from meshjax.trace import trace
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""What named ops do as they run: record themselves (tracing) or pin their layout (lowering).
+
+Named ops call :func:`emit` with their result. Outside any context it returns the result as is,
+so meshjax ops also run eagerly. Inside :func:`trace <meshjax.trace.trace>` a :class:`Recorder`
+adds a tensor and an op to the graph; inside a lowered program a :class:`Pinner` applies
+``with_sharding_constraint`` with the tensor's planned layout. Both name tensors the same way
+(scope path + op name, made unique), which is what ties a plan to the running program.
+
+Example::
+
+    >>> with scope("mlp"):                   # doctest: +SKIP
+    ...     h = einsum("batch embed, embed mlp -> batch mlp", x, w, name="hidden")
+    # recorded as tensor "mlp/hidden"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from meshjax.errors import TraceError
+from meshjax.graph import Block, IndexForm, Op, Tensor
+from meshjax.named import NamedArray
+
+_CURRENT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
+    "meshjax_context", default=None
+)
+
+
+class _Context:
+    """Scope stack and unique naming shared by recording and pinning."""
+
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+        self.used: dict[str, int] = defaultdict(int)
+        self.blocks: list[str] = []
+
+    @property
+    def block(self) -> str | None:
+        return self.blocks[-1] if self.blocks else None
+
+    def fresh_name(self, base: str) -> str:
+        stem = "/".join([*self.scopes, base])
+        count = self.used[stem]
+        self.used[stem] += 1
+        return stem if count == 0 else f"{stem}_{count}"
+
+    def forget_names_under(self, prefix: str) -> None:
+        """Let a re-traced scan body reuse its names (JAX may trace a body twice)."""
+        for stem in [s for s in self.used if s == prefix or s.startswith(prefix + "/")]:
+            del self.used[stem]
+
+    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+        raise NotImplementedError
+
+    def pin_as(self, array: NamedArray, name: str) -> NamedArray:
+        """Give ``array`` the layout of tensor ``name`` (lowering only)."""
+        return array
+
+    def add_input(self, op_name: str, array: NamedArray) -> None:
+        """Add ``array`` as a further input of an op already recorded (a loop's back edge)."""
+
+    def leave_block(self) -> None:
+        self.blocks.pop()
+
+    def enter_block(self, block: Block) -> None:
+        self.blocks.append(block.name)
+
+
+class Recorder(_Context):
+    """Builds the graph while a function runs on abstract values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: dict[str, Tensor] = {}
+        self.ops: dict[str, Op] = {}
+        self.block_info: dict[str, Block] = {}
+        # (id(value), dims) -> (value kept alive, name). Dims are part of the key because
+        # rename() returns the same value under new dims.
+        self._names: dict[tuple[int, tuple[str, ...]], tuple[object, str]] = {}
+
+    def register(self, array: NamedArray, name: str, role: str) -> Tensor:
+        if name in self.tensors and role in ("input", "param"):
+            raise TraceError(f"two inputs/params are both called {name!r}")
+        tensor = Tensor(
+            name=name,
+            dims=array.dims,
+            shape=tuple(int(s) for s in array.shape),
+            dtype=np.dtype(array.dtype).name,
+            role=role,
+            block=self.block,
+        )
+        self.tensors[name] = tensor
+        self._names[(id(array.value), array.dims)] = (array.value, name)
+        return tensor
+
+    def name_of(self, array: NamedArray) -> str:
+        """The tensor name of ``array``; a value no op produced becomes a constant tensor."""
+        entry = self._names.get((id(array.value), array.dims))
+        if entry is not None:
+            return entry[1]
+        return self.register(array, self.fresh_name("constant"), "constant").name
+
+    def emit(self, kind, inputs, output, index, attrs, name) -> NamedArray:
+        input_names = tuple(self.name_of(a) for a in inputs)
+        out_name = self.fresh_name(name or kind)
+        self.register(output, out_name, "activation")
+        self.ops[out_name] = Op(
+            name=out_name,
+            kind=kind,
+            inputs=input_names,
+            output=out_name,
+            index=index,
+            attrs=dict(attrs),
+            block=self.block,
+        )
+        return output, out_name
+
+    def enter_block(self, block: Block) -> None:
+        super().enter_block(block)
+        self.block_info[block.name] = block
+
+    def add_input(self, op_name: str, array: NamedArray) -> None:
+        op = self.ops[op_name]
+        if op.index.operands and len(op.inputs) > 1:
+            return  # already added when JAX traced this body before
+        index = op.index
+        index = IndexForm(
+            loop=index.loop,
+            operands=(*index.operands, array.dims),
+            result=index.result,
+            flops=index.flops,
+        )
+        self.ops[op_name] = Op(op.name, op.kind, (*op.inputs, self.name_of(array)), op.output, index, op.attrs, op.block)
+
+
+class Pinner(_Context):
+    """Applies the planned layout of every tensor as it is computed (``name -> PartitionSpec``)."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, specs: dict[str, jax.sharding.PartitionSpec]):
+        super().__init__()
+        self.mesh = mesh
+        self.specs = specs
+
+    def pin(self, array: NamedArray, name: str) -> NamedArray:
+        spec = self.specs.get(name)
+        if spec is None:
+            return array
+        sharding = jax.sharding.NamedSharding(self.mesh, spec)
+        return NamedArray.tree_unflatten(
+            array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),)
+        )
+
+    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+        out_name = self.fresh_name(name or kind)
+        return self.pin(output, out_name), out_name
+
+    def pin_as(self, array: NamedArray, name: str) -> NamedArray:
+        return self.pin(array, name)
+
+
+def current() -> _Context | None:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def active(ctx: _Context) -> Iterator[_Context]:
+    """Make ``ctx`` the context named ops report to."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def scope(name: str) -> Iterator[None]:
+    """Prefix the names of tensors made inside with ``name/``.
+
+    >>> with scope("block"):                 # doctest: +SKIP
+    ...     with scope("mlp"):
+    ...         h = einsum(..., name="hidden")   # tensor "block/mlp/hidden"
+    """
+    if "/" in name or not name:
+        raise TraceError(f"scope name {name!r} must be non-empty and contain no '/'")
+    ctx = current()
+    if ctx is None:
+        yield
+        return
+    ctx.scopes.append(name)
+    try:
+        yield
+    finally:
+        ctx.scopes.pop()
+
+
+def emit(
+    kind: str,
+    inputs: Sequence[NamedArray],
+    output: NamedArray,
+    index: IndexForm,
+    attrs: dict | None = None,
+    name: str | None = None,
+) -> NamedArray:
+    """Report a finished op to the active context; returns the (possibly pinned) result."""
+    return emit_with_name(kind, inputs, output, index, attrs, name)[0]
+
+
+def emit_with_name(
+    kind: str,
+    inputs: Sequence[NamedArray],
+    output: NamedArray,
+    index: IndexForm,
+    attrs: dict | None = None,
+    name: str | None = None,
+) -> tuple[NamedArray, str | None]:
+    """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
+    ctx = current()
+    if ctx is None:
+        return output, None
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name)

@@ -1,0 +1,234 @@
+"""The traced graph: tensors (name, dims, shape, dtype, role) and the named ops between them.
+
+Every op carries an :class:`IndexForm`, the one description of its semantics the rest of meshjax
+reads: the op's loop (iteration) dims, which loop dim each axis of each operand and of the result
+walks, which loop dims are summed away, and which must stay whole. An einsum, an elementwise op,
+a reduction, a norm or a reshape all fit this form, so layouts, costs and the solver need no
+per-op code.
+
+Example::
+
+    >>> g = trace(mlp, params, x)            # doctest: +SKIP
+    >>> g.tensors["mlp/w_in"].dims
+    ('embed', 'mlp')
+    >>> [op.kind for op in g.ops][:2]
+    ['einsum', 'gelu']
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+ROLES = ("input", "param", "activation", "output", "constant")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One value of the program. ``block`` names the repeated block it lives in, if any."""
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    block: str | None = None
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(self.dims, self.shape))
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
+
+
+@dataclass(frozen=True)
+class IndexForm:
+    """An op as a loop nest over named loop dims.
+
+    - ``loop``: loop dim -> size.
+    - ``operands[i][k]``: the loop dim that axis ``k`` of input ``i`` walks.
+    - ``result[k]``: the loop dim that axis ``k`` of the output walks.
+    - ``reduced``: loop dims summed (or max-ed) away; splitting one leaves partial results.
+    - ``reduction``: ``"sum"``, ``"max"`` or ``"lse"`` (log-sum-exp: two all-reduces).
+    - ``stats``: loop dims kept in the result whose splitting needs small all-reduces of
+      per-row statistics (softmax, norms), with how many statistics.
+    - ``whole``: loop dims that must not be split (minor dims of a reshape, a scan's ``layers``).
+    - ``flops``: total floating-point work of the op.
+    """
+
+    loop: tuple[tuple[str, int], ...]
+    operands: tuple[tuple[str, ...], ...]
+    result: tuple[str, ...]
+    reduced: tuple[str, ...] = ()
+    reduction: str = "sum"
+    stats: tuple[tuple[str, int], ...] = ()
+    whole: tuple[str, ...] = ()
+    flops: float = 0.0
+
+    @property
+    def loop_sizes(self) -> dict[str, int]:
+        return dict(self.loop)
+
+
+@dataclass(frozen=True)
+class Op:
+    """A named op: ``output = kind(*inputs)``."""
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    index: IndexForm
+    attrs: Mapping[str, object] = field(default_factory=dict)
+    block: str | None = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """A repeated block: a scan body (traced once, run ``trip_count`` times) or a group of
+    identical unrolled blocks (``instances`` are the scope prefixes, the first one is the
+    template every other instance mirrors)."""
+
+    name: str
+    kind: str  # "scan" | "unrolled"
+    trip_count: int
+    instances: tuple[str, ...] = ()
+
+
+@dataclass
+class Graph:
+    """Tensors, ops and repeated blocks of one traced function."""
+
+    tensors: dict[str, Tensor]
+    ops: list[Op]
+    blocks: dict[str, Block] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+    signature: object = None  # meshjax.trace.Signature: how (params, *args) leaves map to names
+    out_tree: object = None  # the pytree structure of the outputs
+
+    # --- lookups ----------------------------------------------------------------------------
+    @cached_property
+    def producer(self) -> dict[str, Op]:
+        return {op.output: op for op in self.ops}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[Op]]:
+        out: dict[str, list[Op]] = defaultdict(list)
+        for op in self.ops:
+            for name in op.inputs:
+                out[name].append(op)
+        return dict(out)
+
+    def by_role(self, role: str) -> list[Tensor]:
+        return [t for t in self.tensors.values() if t.role == role]
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.by_role("param")
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return self.by_role("input")
+
+    @cached_property
+    def dim_names(self) -> set[str]:
+        return {d for t in self.tensors.values() for d in t.dims}
+
+    def trip_count(self, block: str | None) -> int:
+        """How many times a tensor or op of ``block`` is computed per step."""
+        return 1 if block is None else self.blocks[block].trip_count
+
+    def tensor(self, name: str) -> Tensor:
+        """The tensor called ``name``; the error lists close names."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            from difflib import get_close_matches
+
+            from meshjax.errors import TraceError
+
+            close = get_close_matches(name, list(self.tensors), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TraceError(f"no tensor named {name!r} in the graph{hint}") from None
+
+    def table(self, title: str = "graph"):
+        """A rich table of the tensors."""
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("tensor", "role", "dims", "shape", "dtype", "block"):
+            table.add_column(col)
+        for t in self.tensors.values():
+            table.add_row(t.name, t.role, " ".join(t.dims), str(t.shape), t.dtype, t.block or "")
+        return table
+
+
+_INDEXED_SCOPE = re.compile(r"^(.*?)(\d+)$")
+
+
+def find_unrolled_blocks(graph: Graph) -> dict[str, Block]:
+    """Group identical unrolled blocks: scopes ``layer_0/``, ``layer_1/``... (or ``blocks/0/``)
+    whose ops have the same kinds, index forms and tensor shapes, in the same order.
+
+    Returns blocks named after the scope stem (``"layer_"``), instances in numeric order.
+    """
+    by_scope: dict[tuple[str, str], dict[int, list[Op]]] = defaultdict(lambda: defaultdict(list))
+    for op in graph.ops:
+        if op.block is not None:
+            continue
+        parts = op.name.split("/")
+        for depth in range(len(parts) - 1):
+            match = _INDEXED_SCOPE.match(parts[depth])
+            if match:
+                stem = "/".join(parts[:depth] + [match.group(1)])
+                by_scope[(stem, str(depth))][int(match.group(2))].append(op)
+                break
+
+    def signature(prefix: str, ops: list[Op]):
+        def local(name: str) -> str:
+            # Names outside this instance (the previous block's output, a shared weight)
+            # differ per instance by construction, so only their presence is compared.
+            return name[len(prefix):] if name.startswith(prefix) else "<outside>"
+
+        return tuple(
+            (
+                op.kind,
+                op.index,
+                tuple(local(i) for i in op.inputs),
+                local(op.output),
+                graph.tensors[op.output].shape,
+            )
+            for op in ops
+        )
+
+    blocks: dict[str, Block] = {}
+    for (stem, _), groups in by_scope.items():
+        if len(groups) < 2:
+            continue
+        indices = sorted(groups)
+        prefixes = {i: _prefix_of(groups[i][0].name, stem, i) for i in indices}
+        first = signature(prefixes[indices[0]], groups[indices[0]])
+        same = [i for i in indices if signature(prefixes[i], groups[i]) == first]
+        if len(same) >= 2:
+            blocks[stem] = Block(
+                name=stem,
+                kind="unrolled",
+                trip_count=len(same),
+                instances=tuple(prefixes[i] for i in same),
+            )
+    return blocks
+
+
+def _prefix_of(op_name: str, stem: str, index: int) -> str:
+    return f"{stem}{index}/"

@@ -1,0 +1,159 @@
+"""Lowering: a function plus a layout for every tensor becomes one ``jax.jit`` program.
+
+Inputs and params enter with their planned ``NamedSharding``; every intermediate tensor is
+pinned with ``with_sharding_constraint`` as it is computed (the :class:`~meshjax.context.Pinner`
+finds it by the name the trace gave it); outputs leave with their planned sharding. Under
+``jax.grad`` the constraints transpose onto the cotangents, so the backward pass follows the same
+layouts, and gradients leave with their parameter's sharding.
+
+Example::
+
+    >>> program = Program(loss, graph, mesh, layouts)                    # doctest: +SKIP
+    >>> loss_value = program.jit()(params, x)
+    >>> loss_value, grads = program.jit(grad=True)(params, x)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshjax import context
+from meshjax.devices import auto_axes, mesh_shape
+from meshjax.errors import TraceError
+from meshjax.graph import Graph
+from meshjax.layout import Layout, validate
+from meshjax.named import NamedArray
+
+
+class Program:
+    """``fn`` (as traced into ``graph``) laid out on ``mesh`` by ``layouts`` (name -> Layout)."""
+
+    def __init__(self, fn: Callable, graph: Graph, mesh: Mesh, layouts: Mapping[str, Layout]):
+        if graph.signature is None:
+            raise TraceError("the graph has no signature: make it with meshjax.trace")
+        self.fn = fn
+        self.graph = graph
+        self.mesh = auto_axes(mesh)
+        self.layouts = dict(layouts)
+        shape = mesh_shape(self.mesh)
+        for name, layout in self.layouts.items():
+            validate(graph.tensor(name), layout, shape)
+        sig = graph.signature
+        self._param_idx = [i for i, r in enumerate(sig.roles) if r == "param"]
+        self._input_idx = [i for i, r in enumerate(sig.roles) if r == "input"]
+        self._cache: dict[tuple[bool, bool], Callable] = {}
+
+    # --- shardings ---------------------------------------------------------------------------
+    def spec(self, name: str) -> PartitionSpec:
+        layout = self.layouts.get(name)
+        return layout.spec() if layout is not None else PartitionSpec()
+
+    def sharding(self, name: str) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(name))
+
+    @property
+    def specs(self) -> dict[str, PartitionSpec]:
+        return {name: layout.spec() for name, layout in self.layouts.items()}
+
+    def _shardings(self, idx: list[int]) -> list[NamedSharding]:
+        return [self.sharding(self.graph.signature.names[i]) for i in idx]
+
+    def place(self, params: Any, *args: Any) -> tuple[Any, tuple]:
+        """``device_put`` params and inputs with their planned shardings."""
+        sig = self.graph.signature
+        leaves = sig.flatten(params, *args)
+        placed = [
+            NamedArray.tree_unflatten(leaf.dims, (jax.device_put(leaf.value, self.sharding(name)),))
+            for leaf, name in zip(leaves, sig.names)
+        ]
+        return jax.tree_util.tree_unflatten(sig.treedef, placed)
+
+    # --- the jitted program ------------------------------------------------------------------
+    def jit(self, *, grad: bool = False, donate_params: bool = False) -> Jitted:
+        """The program ``f(params, *args) -> outputs``; with ``grad=True``, for a function that
+        returns one scalar loss, ``f(params, *args) -> (loss, grads)``."""
+        key = (grad, donate_params)
+        if key not in self._cache:
+            self._cache[key] = Jitted(self, grad, donate_params)
+        return self._cache[key]
+
+    def lower(self, params: Any, *args: Any, grad: bool = False) -> jax.stages.Lowered:
+        return self.jit(grad=grad).lower(params, *args)
+
+    def compile(self, params: Any, *args: Any, grad: bool = False) -> jax.stages.Compiled:
+        """Compile for concrete or abstract (``ShapeDtypeStruct``) arguments."""
+        return self.lower(params, *args, grad=grad).compile()
+
+    def _run(self, param_values: list, arg_values: list) -> list[NamedArray]:
+        """The user's function on flat values, every tensor pinned (runs while JAX traces)."""
+        sig = self.graph.signature
+        values: list[Any] = [None] * len(sig.names)
+        for i, v in zip(self._param_idx, param_values):
+            values[i] = v
+        for i, v in zip(self._input_idx, arg_values):
+            values[i] = v
+        leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(sig.dims, values)]
+        params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
+        with context.active(context.Pinner(self.mesh, self.specs)):
+            out = self.fn(params, *args)
+        return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, NamedArray))
+
+
+class Jitted:
+    """A laid-out program: call it like the user's function, or ``.lower(...)`` it."""
+
+    def __init__(self, program: Program, grad: bool, donate_params: bool):
+        self.program = program
+        self.grad = grad
+        p = program
+        param_sh = p._shardings(p._param_idx)
+        arg_sh = p._shardings(p._input_idx)
+        out_sh = [p.sharding(n) for n in p.graph.outputs]
+        if grad:
+            if len(p.graph.outputs) != 1 or p.graph.tensors[p.graph.outputs[0]].dims != ():
+                raise TraceError("grad=True needs a function that returns one scalar NamedArray (a loss)")
+
+            def loss(param_values, arg_values):
+                return p._run(param_values, arg_values)[0].value
+
+            body = jax.value_and_grad(loss)
+            out_shardings: Any = (out_sh[0], param_sh)
+        else:
+
+            def body(param_values, arg_values):
+                return [leaf.value for leaf in p._run(param_values, arg_values)]
+
+            out_shardings = out_sh
+        self._jitted = jax.jit(
+            body,
+            in_shardings=(param_sh, arg_sh),
+            out_shardings=out_shardings,
+            donate_argnums=(0,) if donate_params else (),
+        )
+
+    def _split(self, params: Any, args: tuple, abstract: bool = False) -> tuple[list, list]:
+        p = self.program
+        leaves = p.graph.signature.flatten(params, *args)
+        values = [
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if abstract else leaf.value for leaf in leaves
+        ]
+        return [values[i] for i in p._param_idx], [values[i] for i in p._input_idx]
+
+    def __call__(self, params: Any, *args: Any):
+        graph = self.program.graph
+        result = self._jitted(*self._split(params, args))
+        if not self.grad:
+            out_dims = [graph.tensors[n].dims for n in graph.outputs]
+            leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(out_dims, result)]
+            return jax.tree_util.tree_unflatten(graph.out_tree, leaves)
+        loss, grads = result
+        param_leaves, param_def = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, NamedArray))
+        grad_leaves = [NamedArray.tree_unflatten(leaf.dims, (g,)) for leaf, g in zip(param_leaves, grads)]
+        return NamedArray.tree_unflatten((), (loss,)), jax.tree_util.tree_unflatten(param_def, grad_leaves)
+
+    def lower(self, params: Any, *args: Any) -> jax.stages.Lowered:
+        return self._jitted.lower(*self._split(params, args, abstract=True))

@@ -1,0 +1,459 @@
+"""Named ops. Each computes with ``jax.numpy`` and reports itself through :func:`meshjax.context.emit`.
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> x = named(jnp.ones((2, 4)), "batch embed")
+    >>> w = named(jnp.ones((4, 8)), "embed mlp")
+    >>> einsum("batch embed, embed mlp -> batch mlp", x, w).sizes
+    {'batch': 2, 'mlp': 8}
+    >>> softmax(x, "embed").sizes
+    {'batch': 2, 'embed': 4}
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import string
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meshjax.context import emit
+from meshjax.errors import EinsumError, ShapeError
+from meshjax.graph import IndexForm
+from meshjax.named import DimsLike, NamedArray, check_sizes, format_dims, named, parse_dims
+
+__all__ = [
+    "einsum", "elementwise", "exp", "log", "tanh", "relu", "gelu", "silu", "sigmoid", "square",
+    "sqrt", "rsqrt", "maximum", "minimum", "where", "cast", "greater_equal", "sum", "mean", "max",
+    "softmax", "logsumexp", "layer_norm", "rms_norm", "embed", "cross_entropy", "split_dim",
+    "merge_dims", "rename", "arange", "parse_einsum",
+]
+
+
+def _prod(values) -> int:
+    return int(math.prod(int(v) for v in values))
+
+
+def _loop_of(arrays: Sequence[NamedArray], context: str) -> tuple[tuple[str, int], ...]:
+    return tuple(check_sizes(arrays, context=context).items())
+
+
+# --- einsum ----------------------------------------------------------------------------------
+
+
+def parse_einsum(spec: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
+    """``"batch embed, embed mlp -> batch mlp"`` -> ``((("batch","embed"),("embed","mlp")), ("batch","mlp"))``.
+
+    Raises :class:`EinsumError` naming the spec and the offending dim.
+    """
+    if spec.count("->") != 1:
+        raise EinsumError(f"einsum {spec!r}: needs exactly one '->'")
+    lhs, rhs = spec.split("->")
+    terms = [t.strip() for t in lhs.split(",")]
+    try:
+        inputs = tuple(parse_dims(t, what=f"einsum {spec!r} operand") for t in terms)
+        output = parse_dims(rhs.strip(), what=f"einsum {spec!r} result")
+    except ShapeError as err:
+        raise EinsumError(str(err)) from None
+    seen = {d for term in inputs for d in term}
+    for dim in output:
+        if dim not in seen:
+            raise EinsumError(f"einsum {spec!r}: result dim {dim!r} is in no operand")
+    return inputs, output
+
+
+def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=None) -> NamedArray:
+    """Contract named arrays by a named spec. Operands may hold their dims in any order.
+
+    >>> x = named(jnp.ones((2, 3)), "embed batch")
+    >>> w = named(jnp.ones((3, 5)), "embed mlp")
+    >>> einsum("batch embed, embed mlp -> batch mlp", x, w).shape
+    (2, 5)
+    """
+    terms, out_dims = parse_einsum(spec)
+    if len(terms) != len(operands):
+        raise EinsumError(f"einsum {spec!r}: {len(terms)} operands in the spec, {len(operands)} given")
+    for i, (term, operand) in enumerate(zip(terms, operands)):
+        if not isinstance(operand, NamedArray):
+            raise EinsumError(f"einsum {spec!r}: operand {i} is not a NamedArray")
+        if sorted(term) != sorted(operand.dims):
+            raise EinsumError(
+                f"einsum {spec!r}: operand {i} has dims {format_dims(operand.dims)!r}, "
+                f"the spec says {format_dims(term)!r}"
+            )
+    loop = _loop_of(operands, f"einsum {spec!r}")
+    letters = dict(zip((d for d, _ in loop), string.ascii_letters))
+    subscripts = ",".join("".join(letters[d] for d in op.dims) for op in operands)
+    subscripts += "->" + "".join(letters[d] for d in out_dims)
+    value = jnp.einsum(subscripts, *(op.value for op in operands), precision=precision)
+    reduced = tuple(d for d, _ in loop if d not in out_dims)
+    index = IndexForm(
+        loop=loop,
+        operands=tuple(op.dims for op in operands),
+        result=out_dims,
+        reduced=reduced,
+        flops=float((2 if reduced else 1) * _prod(s for _, s in loop)),
+    )
+    return emit("einsum", operands, NamedArray(value, out_dims), index, {"spec": spec}, name)
+
+
+# --- elementwise -----------------------------------------------------------------------------
+
+_ELEMENTWISE: dict[str, Callable] = {
+    "add": jnp.add,
+    "subtract": jnp.subtract,
+    "multiply": jnp.multiply,
+    "divide": jnp.divide,
+    "power": jnp.power,
+    "maximum": jnp.maximum,
+    "minimum": jnp.minimum,
+    "greater_equal": jnp.greater_equal,
+    "where": jnp.where,
+    "negative": jnp.negative,
+    "exp": jnp.exp,
+    "log": jnp.log,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "square": jnp.square,
+    "sqrt": jnp.sqrt,
+    "rsqrt": jax.lax.rsqrt,
+}
+
+
+def _broadcast_to(array: NamedArray, dims: tuple[str, ...]) -> jax.Array:
+    present = tuple(d for d in dims if d in array.dims)
+    value = array.align_to(present)
+    return jnp.expand_dims(value, [i for i, d in enumerate(dims) if d not in array.dims])
+
+
+def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArray:
+    """Apply an elementwise function, broadcasting named operands by name.
+
+    ``fn`` is a name from the built-in table (``"add"``, ``"gelu"``...) or any elementwise
+    callable. Python scalars are allowed; the result's dims are the first operand's, then the
+    new ones in order of appearance.
+
+    >>> a = named(jnp.ones((2,)), "batch"); b = named(jnp.ones((3,)), "embed")
+    >>> elementwise("add", a, b).dims
+    ('batch', 'embed')
+    """
+    if isinstance(fn, str):
+        if fn not in _ELEMENTWISE:
+            raise ValueError(f"unknown elementwise op {fn!r}; known: {', '.join(sorted(_ELEMENTWISE))}")
+        kind, func = fn, _ELEMENTWISE[fn]
+    else:
+        kind, func = getattr(fn, "__name__", "elementwise"), fn
+    arrays = [a for a in args if isinstance(a, NamedArray)]
+    if not arrays:
+        raise ShapeError(f"{kind}: needs at least one NamedArray operand")
+    for a in args:
+        if not isinstance(a, NamedArray) and np.ndim(a) != 0:
+            raise ShapeError(f"{kind}: a plain array of shape {np.shape(a)} has no dim names; wrap it with named()")
+    loop = _loop_of(arrays, kind)
+    out_dims = tuple(d for d, _ in loop)
+    value = func(*(_broadcast_to(a, out_dims) if isinstance(a, NamedArray) else a for a in args))
+    index = IndexForm(
+        loop=loop,
+        operands=tuple(a.dims for a in arrays),
+        result=out_dims,
+        flops=float(_prod(s for _, s in loop)),
+    )
+    return emit(kind, arrays, NamedArray(value, out_dims), index, {}, name)
+
+
+def _unary(fn_name: str):
+    def op(x: NamedArray, *, name: str | None = None) -> NamedArray:
+        return elementwise(fn_name, x, name=name)
+
+    op.__name__ = fn_name
+    op.__doc__ = f"Elementwise ``{fn_name}`` of a named array."
+    return op
+
+
+exp = _unary("exp")
+log = _unary("log")
+tanh = _unary("tanh")
+relu = _unary("relu")
+gelu = _unary("gelu")
+silu = _unary("silu")
+sigmoid = _unary("sigmoid")
+square = _unary("square")
+sqrt = _unary("sqrt")
+rsqrt = _unary("rsqrt")
+
+
+def maximum(a, b, *, name: str | None = None) -> NamedArray:
+    """Elementwise maximum, broadcasting by name."""
+    return elementwise("maximum", a, b, name=name)
+
+
+def minimum(a, b, *, name: str | None = None) -> NamedArray:
+    """Elementwise minimum, broadcasting by name."""
+    return elementwise("minimum", a, b, name=name)
+
+
+def greater_equal(a, b, *, name: str | None = None) -> NamedArray:
+    """Elementwise ``a >= b``, broadcasting by name."""
+    return elementwise("greater_equal", a, b, name=name)
+
+
+def where(cond, a, b, *, name: str | None = None) -> NamedArray:
+    """``cond ? a : b``, broadcasting by name."""
+    return elementwise("where", cond, a, b, name=name)
+
+
+def cast(x: NamedArray, dtype, *, name: str | None = None) -> NamedArray:
+    """Convert to ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    fn = lambda v: v.astype(dtype)  # noqa: E731
+    fn.__name__ = "cast"
+    return elementwise(fn, x, name=name)
+
+
+# --- reductions ------------------------------------------------------------------------------
+
+
+def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name, stats=0) -> NamedArray:
+    over = parse_dims(dims)
+    for d in over:
+        x.size(d)  # names a missing dim
+    keep = tuple(d for d in x.dims if d not in over)
+    value = func(x.value, axis=tuple(x.axis(d) for d in over))
+    loop = tuple(x.sizes.items())
+    index = IndexForm(
+        loop=loop,
+        operands=(x.dims,),
+        result=keep,
+        reduced=over,
+        reduction=reduction,
+        flops=float(_prod(x.shape) * builtins.max(1, stats)),
+    )
+    return emit(kind, [x], NamedArray(value, keep), index, {"dims": over}, name)
+
+
+def sum(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:  # noqa: A001
+    """Sum over the named dims.
+
+    >>> sum(named(jnp.ones((2, 3)), "batch embed"), "embed").value.tolist()
+    [3.0, 3.0]
+    """
+    return _reduce("sum", x, dims, jnp.sum, "sum", name)
+
+
+def mean(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:
+    """Mean over the named dims."""
+    return _reduce("mean", x, dims, jnp.mean, "sum", name)
+
+
+def max(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:  # noqa: A001
+    """Maximum over the named dims."""
+    return _reduce("max", x, dims, jnp.max, "max", name)
+
+
+def logsumexp(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
+    """``log(sum(exp(x)))`` over ``dim``, computed stably."""
+    return _reduce("logsumexp", x, dim, jax.nn.logsumexp, "lse", name, stats=4)
+
+
+def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
+    """Softmax over ``dim``; the result keeps every dim."""
+    axis = x.axis(dim)
+    value = jax.nn.softmax(x.value, axis=axis)
+    index = IndexForm(
+        loop=tuple(x.sizes.items()),
+        operands=(x.dims,),
+        result=x.dims,
+        stats=((dim, 2),),
+        flops=float(5 * _prod(x.shape)),
+    )
+    return emit("softmax", [x], NamedArray(value, x.dims), index, {"dim": dim}, name)
+
+
+def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> NamedArray:
+    axis = x.axis(dim)
+    v = x.value.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if kind == "layer_norm":
+        centered = v - jnp.mean(v, axis=axis, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered**2, axis=axis, keepdims=True) + eps)
+    else:
+        normed = v * jax.lax.rsqrt(jnp.mean(v**2, axis=axis, keepdims=True) + eps)
+    params = [p for p in (scale, bias) if p is not None]
+    for p in params:
+        if p.dims != (dim,):
+            raise ShapeError(f"{kind}: scale/bias must have dims {dim!r}, got {format_dims(p.dims)!r}")
+        if p.size(dim) != x.size(dim):
+            raise ShapeError(f"{kind}: dim {dim!r} has size {x.size(dim)} and {p.size(dim)}")
+    shape = [1] * len(x.dims)
+    shape[axis] = x.size(dim)
+    if scale is not None:
+        normed = normed * scale.value.reshape(shape)
+    if bias is not None:
+        normed = normed + bias.value.reshape(shape)
+    value = normed.astype(x.dtype)
+    index = IndexForm(
+        loop=tuple(x.sizes.items()),
+        operands=(x.dims, *((dim,) for _ in params)),
+        result=x.dims,
+        stats=((dim, 2 if kind == "layer_norm" else 1),),
+        flops=float(8 * _prod(x.shape)),
+    )
+    return emit(kind, [x, *params], NamedArray(value, x.dims), index, {"dim": dim, "eps": eps}, name)
+
+
+def layer_norm(x, dim: str, scale=None, bias=None, *, eps: float = 1e-5, name=None) -> NamedArray:
+    """Layer norm over ``dim`` with optional ``scale`` and ``bias`` (each with dims ``dim``)."""
+    return _norm("layer_norm", x, dim, scale, bias, eps, name)
+
+
+def rms_norm(x, dim: str, scale=None, *, eps: float = 1e-6, name=None) -> NamedArray:
+    """RMS norm over ``dim`` with an optional ``scale``."""
+    return _norm("rms_norm", x, dim, scale, None, eps, name)
+
+
+# --- embedding and loss ----------------------------------------------------------------------
+
+
+def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str | None = None) -> NamedArray:
+    """Look up integer ``ids`` in ``table`` along its ``vocab`` dim.
+
+    >>> ids = named(jnp.array([[0, 2]]), "batch seq")
+    >>> table = named(jnp.eye(3), "vocab embed")
+    >>> embed(ids, table).dims
+    ('batch', 'seq', 'embed')
+    """
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ShapeError(f"embed: ids must be integers, got {ids.dtype}")
+    table.size(vocab)
+    if vocab in ids.dims:
+        raise ShapeError(f"embed: ids must not have the {vocab!r} dim")
+    rest = tuple(d for d in table.dims if d != vocab)
+    clash = set(rest) & set(ids.dims)
+    if clash:
+        raise ShapeError(f"embed: dims {sorted(clash)} are on both ids and table")
+    value = jnp.take(table.align_to((vocab, *rest)), ids.value, axis=0)
+    out_dims = (*ids.dims, *rest)
+    loop = (*ids.sizes.items(), *table.sizes.items())
+    index = IndexForm(
+        loop=tuple(loop),
+        operands=(ids.dims, table.dims),
+        result=out_dims,
+        reduced=(vocab,),
+        flops=float(_prod(value.shape)),
+    )
+    return emit("embed", [ids, table], NamedArray(value, out_dims), index, {"vocab": vocab}, name)
+
+
+def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "vocab", name=None) -> NamedArray:
+    """Softmax cross-entropy of ``logits`` against integer ``targets``, per position.
+
+    The result has the logits' dims less ``vocab``; ``targets`` has exactly those dims.
+    """
+    logits.size(vocab)
+    keep = tuple(d for d in logits.dims if d != vocab)
+    if sorted(targets.dims) != sorted(keep):
+        raise ShapeError(
+            f"cross_entropy: targets have dims {format_dims(targets.dims)!r}, expected {format_dims(keep)!r}"
+        )
+    check_sizes([logits, targets], context="cross_entropy")
+    v = logits.align_to((*keep, vocab)).astype(jnp.promote_types(logits.dtype, jnp.float32))
+    t = targets.align_to(keep)
+    lse = jax.nn.logsumexp(v, axis=-1)
+    onehot = jax.nn.one_hot(t, v.shape[-1], dtype=v.dtype)
+    value = lse - jnp.sum(v * onehot, axis=-1)
+    index = IndexForm(
+        loop=tuple(logits.sizes.items()),
+        operands=(logits.dims, targets.dims),
+        result=keep,
+        reduced=(vocab,),
+        reduction="lse",
+        flops=float(6 * _prod(logits.shape)),
+    )
+    return emit("cross_entropy", [logits, targets], NamedArray(value, keep), index, {"vocab": vocab}, name)
+
+
+# --- reshaping -------------------------------------------------------------------------------
+
+
+def split_dim(x: NamedArray, dim: str, into: DimsLike, sizes: Mapping[str, int], *, name=None) -> NamedArray:
+    """Split ``dim`` into several dims (row-major), e.g. ``hidden -> heads head_dim``.
+
+    ``sizes`` gives every new dim's size but at most one, which is inferred.
+
+    >>> x = named(jnp.ones((2, 12)), "batch hidden")
+    >>> split_dim(x, "hidden", "heads head_dim", {"heads": 3}).sizes
+    {'batch': 2, 'heads': 3, 'head_dim': 4}
+    """
+    new = parse_dims(into)
+    total = x.size(dim)
+    clash = set(new) & (set(x.dims) - {dim})
+    if clash:
+        raise ShapeError(f"split_dim: new dims {sorted(clash)} already exist on {format_dims(x.dims)!r}")
+    known = {d: int(sizes[d]) for d in new if d in sizes}
+    missing = [d for d in new if d not in known]
+    if len(missing) > 1:
+        raise ShapeError(f"split_dim {dim!r}: give the sizes of all of {format_dims(new)!r} but one")
+    rest = _prod(known.values())
+    if missing:
+        if total % rest:
+            raise ShapeError(f"split_dim: dim {dim!r} of size {total} is not divisible by {rest}")
+        known[missing[0]] = total // rest
+    if _prod(known.values()) != total:
+        raise ShapeError(f"split_dim: {dim!r} has size {total}, the new dims {known} multiply to {_prod(known.values())}")
+    axis = x.axis(dim)
+    out_dims = (*x.dims[:axis], *new, *x.dims[axis + 1:])
+    value = x.value.reshape(*x.shape[:axis], *(known[d] for d in new), *x.shape[axis + 1:])
+    loop = tuple((d, s) for d, s in zip(out_dims, value.shape))
+    operand = tuple(new[0] if d == dim else d for d in x.dims)  # the old dim walks the major new dim
+    index = IndexForm(loop=loop, operands=(operand,), result=out_dims, whole=new[1:])
+    return emit("split_dim", [x], NamedArray(value, out_dims), index, {"dim": dim, "into": new}, name)
+
+
+def merge_dims(x: NamedArray, dims: DimsLike, into: str, *, name=None) -> NamedArray:
+    """Merge adjacent dims (row-major) into one, e.g. ``heads head_dim -> hidden``.
+
+    >>> x = named(jnp.ones((2, 3, 4)), "batch heads head_dim")
+    >>> merge_dims(x, "heads head_dim", "hidden").sizes
+    {'batch': 2, 'hidden': 12}
+    """
+    group = parse_dims(dims)
+    positions = [x.axis(d) for d in group]
+    if positions != list(range(positions[0], positions[0] + len(group))):
+        raise ShapeError(
+            f"merge_dims: {format_dims(group)!r} must be adjacent and in order in {format_dims(x.dims)!r}"
+        )
+    if into in x.dims and into not in group:
+        raise ShapeError(f"merge_dims: dim {into!r} already exists")
+    start = positions[0]
+    out_dims = (*x.dims[:start], into, *x.dims[start + len(group):])
+    value = x.value.reshape(*x.shape[:start], -1, *x.shape[start + len(group):])
+    result = (*x.dims[:start], group[0], *x.dims[start + len(group):])
+    index = IndexForm(loop=tuple(x.sizes.items()), operands=(x.dims,), result=result, whole=group[1:])
+    return emit("merge_dims", [x], NamedArray(value, out_dims), index, {"dims": group, "into": into}, name)
+
+
+def rename(x: NamedArray, mapping: Mapping[str, str], *, name=None) -> NamedArray:
+    """Rename dims: ``rename(x, {"seq": "key_seq"})``."""
+    for old in mapping:
+        x.size(old)
+    out_dims = tuple(mapping.get(d, d) for d in x.dims)
+    parse_dims(out_dims, what="rename result")
+    index = IndexForm(loop=tuple(x.sizes.items()), operands=(x.dims,), result=x.dims)
+    return emit("rename", [x], NamedArray(x.value, out_dims), index, {"mapping": dict(mapping)}, name)
+
+
+def arange(dim: str, size: int, *, dtype=jnp.int32, name=None) -> NamedArray:
+    """``0, 1, ..., size-1`` along ``dim`` (for masks and positions)."""
+    value = jnp.arange(size, dtype=dtype)
+    index = IndexForm(loop=((dim, size),), operands=(), result=(dim,))
+    return emit("arange", [], NamedArray(value, (dim,)), index, {}, name)
+
+
+__all__ += ["named"]

@@ -1,0 +1,122 @@
+"""A scan over a stacked dim (``layers``): the repeated block is traced, costed and laid out once.
+
+Example::
+
+    >>> def block(h, w):                        # doctest: +SKIP
+    ...     return relu(einsum("batch embed, embed embed2 -> batch embed2", h, w)), None
+    >>> h, _ = scan(block, x, stacked_w, dim="layers")   # stacked_w: "layers embed embed2"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from meshjax import context
+from meshjax.errors import ShapeError
+from meshjax.graph import Block, IndexForm
+from meshjax.named import NamedArray
+
+
+def _leaves(tree: Any, what: str) -> tuple[list[NamedArray], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, NamedArray))
+    for leaf in leaves:
+        if not isinstance(leaf, NamedArray):
+            raise ShapeError(f"scan: every leaf of {what} must be a NamedArray, got {type(leaf).__name__}")
+    return leaves, treedef
+
+
+def _identity_index(dims: tuple[str, ...], sizes: dict[str, int], n_operands: int = 1) -> IndexForm:
+    return IndexForm(loop=tuple((d, sizes[d]) for d in dims), operands=(dims,) * n_operands, result=dims)
+
+
+def scan(
+    body: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any,
+    *,
+    dim: str = "layers",
+    name: str = "layers",
+) -> tuple[Any, Any]:
+    """``jax.lax.scan`` over the ``dim`` axis of every leaf of ``xs``.
+
+    ``body(carry, x) -> (carry, y)`` sees ``x`` without ``dim``; the stacked ``y`` gets ``dim``
+    in front. Tensors made inside are named under the scope ``name``.
+    """
+    carry_leaves, carry_def = _leaves(carry, "the carry")
+    x_leaves, x_def = _leaves(xs, "xs")
+    lengths = {leaf.size(dim) for leaf in x_leaves}
+    if len(lengths) != 1:
+        raise ShapeError(f"scan: the leaves of xs disagree on the size of {dim!r}: {sorted(lengths)}")
+    length = lengths.pop()
+    ctx = context.current()
+    block = Block(name="/".join([*(ctx.scopes if ctx else []), name]), kind="scan", trip_count=length)
+    inner_carry_out: list[NamedArray] = []
+    inner_ys: list[NamedArray] = []
+    y_def_box: list[Any] = [None]
+
+    def step(carry_values, x_values):
+        ctx = context.current()
+        if ctx is not None:
+            ctx.forget_names_under(block.name)
+            ctx.enter_block(block)
+        try:
+            with context.scope(name):
+                c_in, c_names = [], []
+                for outer, value in zip(carry_leaves, carry_values):
+                    index = _identity_index(outer.dims, outer.sizes)
+                    inner, inner_name = context.emit_with_name(
+                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry"
+                    )
+                    c_in.append(inner)
+                    c_names.append(inner_name)
+                x_in = []
+                for outer, value in zip(x_leaves, x_values):
+                    rest = tuple(d for d in outer.dims if d != dim)
+                    index = IndexForm(
+                        loop=tuple(outer.sizes.items()), operands=(outer.dims,), result=rest, whole=(dim,)
+                    )
+                    x_in.append(context.emit("slice", [outer], NamedArray(value, rest), index, name="slice"))
+                new_carry, y = body(
+                    jax.tree_util.tree_unflatten(carry_def, c_in), jax.tree_util.tree_unflatten(x_def, x_in)
+                )
+                out_leaves, out_def = _leaves(new_carry, "the new carry")
+                if out_def != carry_def or sorted(map(sorted, (c.dims for c in out_leaves))) != sorted(
+                    map(sorted, (c.dims for c in carry_leaves))
+                ):
+                    raise ShapeError("scan: the body must return a carry with the same structure and dims as it got")
+                c_out = []
+                for leaf, outer, c_name in zip(out_leaves, carry_leaves, c_names):
+                    if leaf.dims != outer.dims:
+                        leaf = NamedArray(leaf.align_to(outer.dims), outer.dims)
+                    if ctx is not None:
+                        ctx.add_input(c_name, leaf)  # the loop's back edge
+                        leaf = ctx.pin_as(leaf, c_name)  # a loop carry keeps one layout
+                    c_out.append(leaf)
+                y_leaves, y_def = _leaves(y, "y") if y is not None else ([], None)
+                inner_carry_out[:] = c_out
+                inner_ys[:] = y_leaves
+                y_def_box[0] = y_def
+        finally:
+            if ctx is not None:
+                ctx.leave_block()
+        return [c.value for c in c_out], [leaf.value for leaf in y_leaves]
+
+    stacked_x = [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves]
+    final_values, stacked_y = jax.lax.scan(step, [c.value for c in carry_leaves], stacked_x, length=length)
+
+    with context.scope(name):
+        final = [
+            context.emit("scan_carry", [inner], NamedArray(value, outer.dims), _identity_index(outer.dims, outer.sizes), name="final_carry")
+            for inner, outer, value in zip(inner_carry_out, carry_leaves, final_values)
+        ]
+        ys = []
+        for inner, value in zip(inner_ys, stacked_y):
+            out_dims = (dim, *inner.dims)
+            sizes = {dim: length, **inner.sizes}
+            index = IndexForm(loop=tuple((d, sizes[d]) for d in out_dims), operands=(inner.dims,), result=out_dims, whole=(dim,))
+            ys.append(context.emit("stack", [inner], NamedArray(value, out_dims), index, name="stacked"))
+    y_tree = jax.tree_util.tree_unflatten(y_def_box[0], ys) if y_def_box[0] is not None else None
+    return jax.tree_util.tree_unflatten(carry_def, final), y_tree
