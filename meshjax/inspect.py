@@ -20,25 +20,31 @@ Partition ids and mesh axes
 In an SPMD program, replica-group ids are partition ids. ``jax.jit`` assigns
 partition ``i`` to ``mesh.devices.flat[i]``, so partition ``i`` sits at mesh
 coordinates ``np.unravel_index(i, mesh.devices.shape)``. A collective's
-``axes`` are the mesh axes whose coordinates vary inside its groups.
+``axes`` are the mesh axes whose coordinates vary inside its groups. (Programs
+are assumed to have one replica, so ids without ``use_global_device_ids`` are
+read as partition ids too.)
 ``axes_exact`` is False when the groups are not exactly the full set of groups
 formed by varying those axes (for example, when a collective spans only a
 sub-axis).
 
 Example
 -------
->>> import jax, jax.numpy as jnp
->>> from jax.sharding import NamedSharding, PartitionSpec as P
->>> mesh = jax.make_mesh((4, 2), ("data", "model"))
->>> s = lambda *spec: NamedSharding(mesh, P(*spec))
->>> f = jax.jit(lambda x, w: x @ w, in_shardings=(s(None, "model"), s("model", None)),
-...             out_shardings=s())
->>> compiled = f.lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
->>> report = inspect_compiled(compiled, mesh)           # doctest: +SKIP
->>> [(c.kind, c.axes, c.bytes_per_device) for c in report.collectives]  # doctest: +SKIP
-[('all-reduce', ('model',), 128)]
->>> report.comm_bytes                                   # doctest: +SKIP
-128
+::
+
+    import jax, jax.numpy as jnp, rich
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from meshjax.inspect import inspect_compiled
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    s = lambda *spec: NamedSharding(mesh, P(*spec))
+    f = jax.jit(lambda x, w: x @ w,
+                in_shardings=(s(None, "model"), s("model", None)), out_shardings=s())
+    compiled = f.lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
+    report = inspect_compiled(compiled, mesh)
+    [(c.kind, c.axes, c.bytes_per_device, c.count) for c in report.collectives]
+    # -> [('all-reduce', ('model',), 128, 1)]     f32[8,4] partial sums, summed over "model"
+    report.comm_bytes                             # -> 128
+    rich.print(report.table())
 """
 
 from __future__ import annotations
@@ -152,7 +158,7 @@ class CompiledReport:
             ("comm bytes", "right"),
             ("op_name", "left"),
         ]:
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for c in self.collectives:
             axes = ",".join(c.axes) if c.axes else "-"
             if not c.axes_exact:
@@ -189,7 +195,8 @@ def _dtype_bits(dtype: str) -> int:
 
 
 def _array_bytes(dtype: str, dims: str) -> int:
-    sizes = [int(re.sub(r"\D", "", d)) for d in dims.split(",") if d.strip()]
+    # "<=8" is a bounded dynamic dim (counted at its bound); "?" is unbounded (counted as 0).
+    sizes = [int(re.sub(r"\D", "", d) or 0) for d in dims.split(",") if d.strip()]
     return math.ceil(math.prod(sizes) * _dtype_bits(dtype) / 8)
 
 
@@ -259,7 +266,7 @@ _MESH_RG_RE = re.compile(
     r"(?:\s*,\s*device_ids=\((?P<ids>(?:[^()]|\([^()]*\))*)\))?"
     r"\s*\{(?P<group_axes>[^}]*)\}"
 )
-_MAXIMAL_RG_RE = re.compile(r"maximal_mesh\[device_id=(\d+)\]")
+_MAXIMAL_RG_RE = re.compile(r"maximal_mesh\[device_id=(\d+)\](?:\s*\{[^}]*\})?")
 
 
 def _parse_iota_groups(match: re.Match[str]) -> Groups:
@@ -457,6 +464,8 @@ def _parse_instr(line: str) -> _Instr | None:
     if not head:
         return None
     pos = head.end()
+    if pos >= len(line):
+        return None
     if line[pos] == "(":
         end = _matching(line, pos)
     else:
@@ -621,11 +630,7 @@ def _groups_attr(attrs: str) -> str | None:
     if value.startswith("{"):
         return value[: _matching(value, 0)]
     for regex in (_MESH_RG_RE, _MAXIMAL_RG_RE, _IOTA_RG_RE):
-        match = regex.match(value)
-        if match:
-            if regex is _MAXIMAL_RG_RE:
-                brace = re.match(r"maximal_mesh\[[^\]]*\]\s*\{[^}]*\}", value)
-                return brace.group(0) if brace else match.group(0)
+        if match := regex.match(value):
             return match.group(0)
     raise ValueError(f"unrecognised replica_groups syntax: {value[:120]!r}")
 
