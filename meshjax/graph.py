@@ -130,6 +130,19 @@ class Graph:
                 out[name].append(op)
         return dict(out)
 
+    @cached_property
+    def requires_grad(self) -> frozenset[str]:
+        """Tensors whose value depends on a param: the ones a backward pass computes gradients of."""
+        out = {t.name for t in self.tensors.values() if t.role == "param"}
+        changed = True
+        while changed:  # loops (scan carries) need more than one topological pass
+            changed = False
+            for op in self.ops:
+                if op.output not in out and any(i in out for i in op.inputs):
+                    out.add(op.output)
+                    changed = True
+        return frozenset(out)
+
     def by_role(self, role: str) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == role]
 

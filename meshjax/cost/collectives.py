@@ -1,0 +1,58 @@
+"""Alpha-beta (latency + bytes / bandwidth) costs of ring collectives over mesh axes.
+
+``nbytes`` is always the collective's *result* bytes per device, the same quantity
+:mod:`meshjax.inspect` reads from compiled HLO, so predicted and compiled comm bytes compare
+directly. A collective over several axes runs as one ring over their product at the slowest
+axis's speed.
+
+Example::
+
+    >>> hw = PROFILES["h100-node"]
+    >>> t = collective_time("all-reduce", 2**20, ("model",), {"model": 8}, hw)
+    >>> 0 < t < 1e-3
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshjax.cost.hardware import PROFILES, Hardware  # noqa: F401  (PROFILES for the doctest)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A predicted collective: its kind, mesh axes, result bytes per device, and runs per step."""
+
+    kind: str
+    axes: tuple[str, ...]
+    nbytes: float
+    count: int = 1
+
+    @property
+    def comm_bytes(self) -> float:
+        return self.nbytes * self.count
+
+
+def collective_time(
+    kind: str, nbytes: float, axes: Sequence[str], mesh_shape: Mapping[str, int], hw: Hardware
+) -> float:
+    """Seconds for one ``kind`` collective over ``axes`` with ``nbytes`` of result per device."""
+    n = math.prod(mesh_shape[a] for a in axes)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    links = [hw.link(mesh_shape, a) for a in axes]
+    bandwidth = min(link.bandwidth for link in links)
+    latency = max(link.latency for link in links)
+    steps = n - 1
+    if kind == "all-reduce":  # reduce-scatter then all-gather of the result
+        return 2 * steps / n * nbytes / bandwidth + 2 * steps * latency
+    if kind == "all-gather":  # result is the gathered array
+        return steps / n * nbytes / bandwidth + steps * latency
+    if kind == "reduce-scatter":  # result is one shard of an n times larger input
+        return steps * nbytes / bandwidth + steps * latency
+    if kind == "all-to-all":
+        return steps / n * nbytes / bandwidth + steps * latency
+    raise ValueError(f"unknown collective kind {kind!r}")

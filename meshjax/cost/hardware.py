@@ -1,0 +1,121 @@
+"""Hardware profiles: per-mesh-axis bandwidth and latency, peak flops per dtype, device memory.
+
+A mesh laid out row-major over devices keeps its last axes inside a node: an axis stays on the
+fast intra-node link when it and every later axis fit in ``devices_per_node``; otherwise it
+crosses nodes and runs at the inter-node link's speed. Sources for the numbers are in
+``docs/cost_model.md``.
+
+Example::
+
+    >>> hw = PROFILES["h100-2node"]
+    >>> hw.link({"data": 2, "model": 8}, "model").bandwidth > hw.link({"data": 2, "model": 8}, "data").bandwidth
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshjax.errors import MeshjaxError
+
+GB = 1e9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a ring over a mesh axis: bytes per second per device, and latency per step."""
+
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A device type and how devices connect.
+
+    ``axis_links`` overrides the node rule for named mesh axes (e.g. a TPU torus where every
+    axis has its own ICI links).
+    """
+
+    name: str
+    flops: Mapping[str, float]  # dtype name -> peak flops per second per device
+    memory_bytes: float
+    intra_node: Link
+    inter_node: Link
+    devices_per_node: int
+    axis_links: Mapping[str, Link] = field(default_factory=dict)
+    description: str = ""
+    # XLA's GPU and TPU pipelines turn all-reduce + slice into reduce-scatter; its CPU
+    # pipeline keeps the all-reduce, so a reduce-scatter costs (and moves) an all-reduce there.
+    fuses_reduce_scatter: bool = True
+
+    def link(self, mesh_shape: Mapping[str, int], axis: str) -> Link:
+        """The link a collective over ``axis`` runs on."""
+        if axis in self.axis_links:
+            return self.axis_links[axis]
+        names = list(mesh_shape)
+        span = math.prod(mesh_shape[a] for a in names[names.index(axis):])
+        return self.intra_node if span <= self.devices_per_node else self.inter_node
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.flops.get(dtype, self.flops.get("float32", min(self.flops.values())))
+
+
+H100_NVLINK = Link(bandwidth=450 * GB, latency=5e-6)  # NVLink 4: 900 GB/s bidirectional per GPU
+H100_IB = Link(bandwidth=50 * GB, latency=15e-6)  # one 400 Gb/s NDR InfiniBand NIC per GPU
+H100_FLOPS = {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "float8_e4m3fn": 1979e12}  # dense; f32 as TF32
+
+PROFILES: dict[str, Hardware] = {
+    "h100-node": Hardware(
+        name="h100-node",
+        flops=H100_FLOPS,
+        memory_bytes=80 * GB,
+        intra_node=H100_NVLINK,
+        inter_node=H100_NVLINK,
+        devices_per_node=8,
+        description="one 8x H100 SXM node, NVLink 4 / NVSwitch",
+    ),
+    "h100-2node": Hardware(
+        name="h100-2node",
+        flops=H100_FLOPS,
+        memory_bytes=80 * GB,
+        intra_node=H100_NVLINK,
+        inter_node=H100_IB,
+        devices_per_node=8,
+        description="8x H100 nodes joined by 400 Gb/s InfiniBand per GPU (any number of nodes)",
+    ),
+    "tpu-v5p": Hardware(
+        name="tpu-v5p",
+        flops={"bfloat16": 459e12, "float32": 459e12 / 2},
+        memory_bytes=95 * GB,
+        # 4,800 Gb/s of ICI per chip over 6 links of a 3D torus: ~100 GB/s per link and
+        # direction; a ring on one torus axis uses both directions of its two links.
+        intra_node=Link(bandwidth=200 * GB, latency=2e-6),
+        inter_node=Link(bandwidth=200 * GB, latency=2e-6),
+        devices_per_node=4096,
+        description="TPU v5p pod slice, 3D torus ICI",
+    ),
+    "cpu-sim": Hardware(
+        name="cpu-sim",
+        flops={"float32": 20e9, "bfloat16": 5e9},
+        memory_bytes=24 * GiB / 8,
+        intra_node=Link(bandwidth=5 * GB, latency=20e-6),
+        inter_node=Link(bandwidth=5 * GB, latency=20e-6),
+        devices_per_node=1024,
+        description="simulated CPU devices sharing one 2-core host",
+        fuses_reduce_scatter=False,
+    ),
+}
+
+
+def get_hardware(name: str | Hardware) -> Hardware:
+    """A profile by name; the error lists the known ones."""
+    if isinstance(name, Hardware):
+        return name
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise MeshjaxError(f"unknown hardware profile {name!r}; known: {', '.join(PROFILES)}") from None

@@ -1,0 +1,198 @@
+"""How an op can run on a mesh, and what each way costs.
+
+A *strategy* assigns each mesh axis to at most one loop dim of the op's
+:class:`~meshjax.graph.IndexForm` (or to none). It fixes the layout each operand must arrive in,
+the layout of the result, the collectives the op itself needs (partial sums over split reduced
+dims, statistics of softmax/norms, and with ``train=True`` the partial gradients of the
+backward pass) and the compute time per device. Moving a tensor between the layout its producer
+made and the layout a consumer needs is a :func:`reshard`.
+
+Example::
+
+    >>> strategies = op_strategies(op, graph, {"model": 8}, hw)          # doctest: +SKIP
+    >>> best = min(strategies, key=lambda s: s.time)
+    >>> str(best.result_layout)
+    '[batch, embed]'
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshjax.cost.collectives import Collective, collective_time
+from meshjax.cost.hardware import Hardware
+from meshjax.graph import Graph, Op, Tensor
+from meshjax.layout import Layout
+
+MeshShape = Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to run an op."""
+
+    assign: tuple[tuple[str, tuple[str, ...]], ...]  # loop dim -> mesh axes (split dims only)
+    operand_layouts: tuple[Layout, ...]
+    result_layout: Layout
+    collectives: tuple[Collective, ...]
+    comm_time: float
+    compute_time: float
+
+    @property
+    def time(self) -> float:
+        return self.comm_time + self.compute_time
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{d}:{'+'.join(a)}" for d, a in self.assign) or "replicated"
+
+
+def _layout_for(tensor_dims: tuple[str, ...], loop_dims: tuple[str, ...], assign: Mapping[str, tuple[str, ...]]) -> Layout:
+    return Layout(tuple(tensor_dims), tuple(assign.get(ld, ()) for ld in loop_dims))
+
+
+def per_device_bytes(tensor: Tensor, layout: Layout, mesh_shape: MeshShape) -> float:
+    return tensor.nbytes / math.prod(mesh_shape[a] for a in layout.used_axes)
+
+
+def enumerate_assignments(
+    loop: Mapping[str, int], mesh_shape: MeshShape, whole: tuple[str, ...] = ()
+) -> list[dict[str, tuple[str, ...]]]:
+    """Every way to give each mesh axis to at most one splittable loop dim, with divisibility.
+    Axes on one dim keep mesh order."""
+    axes = [a for a, n in mesh_shape.items() if n > 1]
+    targets = [None, *(d for d in loop if d not in whole)]
+    out = []
+    for choice in itertools.product(targets, repeat=len(axes)):
+        assign: dict[str, tuple[str, ...]] = {}
+        for axis, dim in zip(axes, choice):
+            if dim is not None:
+                assign[dim] = (*assign.get(dim, ()), axis)
+        if all(loop[d] % math.prod(mesh_shape[a] for a in ax) == 0 for d, ax in assign.items()):
+            out.append(assign)
+    return out
+
+
+def enumerate_layouts(tensor: Tensor, mesh_shape: MeshShape) -> list[Layout]:
+    """Every valid layout of a tensor (each axis at most once, divisibility)."""
+    loop = dict(zip(tensor.dims, tensor.shape))
+    return [_layout_for(tensor.dims, tensor.dims, a) for a in enumerate_assignments(loop, mesh_shape)]
+
+
+def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
+    return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+
+
+def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
+    """Every strategy of ``op`` with its own (not resharding) costs, per single execution."""
+    index = op.index
+    loop = index.loop_sizes
+    result_tensor = graph.tensors[op.output]
+    operand_tensors = [graph.tensors[n] for n in op.inputs]
+    peak = hw.peak_flops(result_tensor.dtype if result_tensor.dtype != "bool" else "float32")
+    strategies = []
+    for assign in enumerate_assignments(loop, mesh_shape, index.whole):
+        partial = tuple(a for d in index.reduced for a in assign.get(d, ()))
+        partial = tuple(a for a in mesh_shape if a in partial)  # mesh order
+        kept = {d: ax for d, ax in assign.items() if d not in index.reduced}
+        operand_layouts = tuple(
+            _layout_for(t.dims, dims, assign) for t, dims in zip(operand_tensors, index.operands)
+        )
+        n_split = math.prod(mesh_shape[a] for ax in assign.values() for a in ax)
+        compute = index.flops / n_split / peak * (3 if train else 1)
+        base = _layout_for(result_tensor.dims, index.result, kept)
+        result_bytes = per_device_bytes(result_tensor, base, mesh_shape)
+        fixed: list[Collective] = []
+        for dim, count in index.stats:
+            axes = assign.get(dim, ())
+            if axes:
+                stat_bytes = result_bytes / (loop[dim] / math.prod(mesh_shape[a] for a in axes))
+                stat_bytes *= 4 / result_tensor.itemsize  # statistics are kept in float32
+                fixed += [Collective("all-reduce", axes, stat_bytes)] * (count * (2 if train else 1))
+        if train:
+            for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
+                grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
+                if grad_partial and _needs_grad(t, graph):
+                    axes = tuple(a for a in mesh_shape if a in grad_partial)
+                    fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape)))
+        options: list[tuple[Layout, list[Collective]]] = []
+        if not partial:
+            options.append((base, []))
+        else:
+            n_reductions = 2 if index.reduction == "lse" else 1
+            options.append((base, [Collective("all-reduce", partial, result_bytes)] * n_reductions))
+            factor = math.prod(mesh_shape[a] for a in partial)
+            if index.reduction == "sum":
+                for k, ld in enumerate(index.result):
+                    have = kept.get(ld, ())
+                    if ld in index.whole or result_tensor.shape[k] % (math.prod(mesh_shape[a] for a in have) * factor):
+                        continue
+                    scattered = dict(kept)
+                    scattered[ld] = (*have, *partial)
+                    layout = _layout_for(result_tensor.dims, index.result, scattered)
+                    if hw.fuses_reduce_scatter:
+                        colls = [Collective("reduce-scatter", partial, result_bytes / factor)]
+                    else:
+                        colls = [Collective("all-reduce", partial, result_bytes)]
+                    if train:  # the backward pass needs the whole cotangent back: all-gather it
+                        colls.append(Collective("all-gather", partial, result_bytes))
+                    options.append((layout, colls))
+        for layout, colls in options:
+            all_colls = tuple(colls + fixed)
+            comm = sum(collective_time(c.kind, c.nbytes, c.axes, mesh_shape, hw) for c in all_colls)
+            strategies.append(
+                Strategy(
+                    assign=tuple((d, assign[d]) for d in loop if d in assign),
+                    operand_layouts=operand_layouts,
+                    result_layout=layout,
+                    collectives=all_colls,
+                    comm_time=comm,
+                    compute_time=compute,
+                )
+            )
+    return strategies
+
+
+def _moves(tensor: Tensor, src: Layout, dst: Layout, mesh_shape: MeshShape) -> list[Collective]:
+    src_dim = {a: d for d, ax in zip(src.dims, src.axes) for a in ax}
+    dst_dim = {a: d for d, ax in zip(dst.dims, dst.axes) for a in ax}
+    moved = tuple(a for a in mesh_shape if a in src_dim and a in dst_dim and src_dim[a] != dst_dim[a])
+    gathered = tuple(a for a in mesh_shape if a in src_dim and a not in dst_dim)
+    src_bytes = per_device_bytes(tensor, src, mesh_shape)
+    colls = []
+    if moved:
+        colls.append(Collective("all-to-all", moved, src_bytes))
+    if gathered:
+        colls.append(Collective("all-gather", gathered, src_bytes * math.prod(mesh_shape[a] for a in gathered)))
+    return colls
+
+
+def reshard(
+    tensor: Tensor,
+    src: Layout,
+    dst: Layout,
+    mesh_shape: MeshShape,
+    hw: Hardware,
+    *,
+    train: bool = False,
+    needs_grad: bool = True,
+) -> tuple[float, tuple[Collective, ...]]:
+    """Time and collectives to move ``tensor`` from layout ``src`` to ``dst``.
+
+    An axis that splits the same dim in both costs nothing; one that moves to another dim is an
+    all-to-all; one that ``dst`` drops is an all-gather; one only ``dst`` has is a local slice.
+    With ``train=True`` (and ``needs_grad``) the cotangent makes the trip back, ``dst -> src``:
+    the backward of a free slice is an all-gather.
+    """
+    if src == dst:
+        return 0.0, ()
+    colls = _moves(tensor, src, dst, mesh_shape)
+    if train and needs_grad:
+        colls += _moves(tensor, Layout(src.dims, dst.axes), Layout(dst.dims, src.axes), mesh_shape)
+    time = sum(collective_time(c.kind, c.nbytes, c.axes, mesh_shape, hw) for c in colls)
+    return time, tuple(colls)

@@ -1,0 +1,34 @@
+"""Exhaustive search over every combination of node options: the reference the ILP is tested
+against. It scores choices with the same :class:`~meshjax.solver.problem.Problem` methods.
+
+Example::
+
+    >>> best = solve_exhaustive(problem)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from meshjax.errors import InfeasibleError
+from meshjax.solver.ilp import Solution
+from meshjax.solver.problem import Problem
+
+
+def solve_exhaustive(problem: Problem, *, memory_budget: float | None = None, max_combinations: int = 2_000_000) -> Solution:
+    """The best choice by brute force; refuses problems with more than ``max_combinations``."""
+    sizes = [len(n.options) for n in problem.nodes]
+    total = math.prod(sizes)
+    if total > max_combinations:
+        raise ValueError(f"{total} combinations: too many for exhaustive search")
+    best, best_time = None, math.inf
+    for choice in itertools.product(*(range(s) for s in sizes)):
+        if memory_budget is not None and problem.memory(choice) > memory_budget * (1 + 1e-9):
+            continue
+        t = problem.total_time(choice)
+        if t < best_time:
+            best, best_time = choice, t
+    if best is None:
+        raise InfeasibleError("no combination fits the memory budget")
+    return Solution(tuple(best), best_time, problem.memory(best), 0.0, "optimal")

@@ -1,0 +1,238 @@
+"""The decision problem the ILP and the exhaustive oracle both solve.
+
+One *node* per decision: the layout of each param or input (a source), and the strategy of each
+op (which fixes its result's layout). One *edge* per (producer, consumer, operand): the reshard
+cost between the producer's result layout and the layout the consumer's strategy needs.
+Strategies and layouts are grouped by the layout they imply, so an edge's cost is a small matrix
+over distinct layouts.
+
+Repeated blocks cost nothing extra to solve: a scan body is in the graph once and its costs are
+multiplied by the trip count; identical unrolled blocks are tied to their first instance, which
+carries the costs of every instance.
+
+Example::
+
+    >>> problem = build_problem(graph, {"data": 4, "model": 2}, PROFILES["h100-node"])   # doctest: +SKIP
+    >>> problem.total_time([0] * len(problem.nodes))
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshjax.cost.hardware import Hardware
+from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
+from meshjax.errors import InfeasibleError
+from meshjax.graph import Graph, Op, Tensor
+from meshjax.layout import Layout, Rules, as_layout, check_rules, parse_rules
+
+MeshShape = Mapping[str, int]
+
+
+@dataclass
+class Constraints:
+    """What the user fixed: dims split exactly as a rule says (``()``: never split), tensors
+    pinned to a layout, and dims limited to a set of candidate axis tuples."""
+
+    rules: Rules = field(default_factory=dict)
+    pins: dict[str, Layout] = field(default_factory=dict)
+    candidates: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, graph: Graph, mesh_shape: MeshShape, rules=None, pins=None, candidates=None) -> Constraints:
+        parsed = parse_rules(rules)
+        check_rules(parsed, graph, mesh_shape)
+        pinned = {name: as_layout(graph.tensor(name), value) for name, value in (pins or {}).items()}
+        cands = {}
+        for dim, options in (candidates or {}).items():
+            check_rules({dim: tuple(a for o in options for a in ((o,) if isinstance(o, str) else tuple(o or ())))}, graph, mesh_shape)
+            cands[dim] = [tuple((o,) if isinstance(o, str) else tuple(o or ())) for o in options]
+        return cls(parsed, pinned, cands)
+
+    def allows(self, layout: Layout) -> bool:
+        for dim, axes in zip(layout.dims, layout.axes):
+            if dim in self.rules and self.rules[dim] != axes:
+                return False
+            if dim in self.candidates and axes not in self.candidates[dim]:
+                return False
+        return True
+
+
+@dataclass
+class Node:
+    key: str
+    tensor: Tensor  # the source tensor, or the op's result
+    op: Op | None
+    options: list  # Strategy (op) or Layout (source)
+    result_layouts: list[Layout]
+    time: np.ndarray  # per option, already times the multiplicity
+    memory: np.ndarray  # per option: bytes per device this node keeps resident
+    peak: np.ndarray  # per option: bytes of a transient (inference activations), else 0
+    multiplicity: int
+    members: list[str]  # every tensor name this node decides
+
+
+@dataclass
+class Edge:
+    src: int
+    dst: int
+    operand: int
+    tensor: Tensor
+    src_group: np.ndarray  # option of src -> row
+    dst_group: np.ndarray  # option of dst -> column
+    src_layouts: list[Layout]
+    dst_layouts: list[Layout]
+    cost: np.ndarray  # rows x columns, times the multiplicity
+    multiplicity: int
+    needs_grad: bool = True
+
+
+@dataclass
+class Problem:
+    graph: Graph
+    mesh_shape: dict[str, int]
+    hardware: Hardware
+    train: bool
+    nodes: list[Node]
+    edges: list[Edge]
+    node_of: dict[str, int]  # tensor name -> node index
+
+    def total_time(self, choice: Sequence[int]) -> float:
+        t = sum(float(n.time[c]) for n, c in zip(self.nodes, choice))
+        for e in self.edges:
+            t += float(e.cost[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
+        return t
+
+    def memory(self, choice: Sequence[int]) -> float:
+        resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
+        peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
+        return resident + peak
+
+    def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
+        """The layout of every tensor of the graph under ``choice``."""
+        out = {}
+        for name, tensor in self.graph.tensors.items():
+            node = self.nodes[self.node_of[name]]
+            layout = node.result_layouts[choice[self.node_of[name]]]
+            out[name] = Layout(tensor.dims, layout.axes)
+        return out
+
+
+def _grouped(layouts: list[Layout]) -> tuple[np.ndarray, list[Layout]]:
+    distinct: dict[Layout, int] = {}
+    groups = np.array([distinct.setdefault(l, len(distinct)) for l in layouts], dtype=np.int64)
+    return groups, list(distinct)
+
+
+def canonical_names(graph: Graph) -> dict[str, str]:
+    """Tensor name -> the name of its twin in the first instance of an unrolled block."""
+    out = {name: name for name in graph.tensors}
+    for block in graph.blocks.values():
+        if block.kind != "unrolled":
+            continue
+        template = block.instances[0]
+        for name, tensor in graph.tensors.items():
+            for prefix in block.instances[1:]:
+                if name.startswith(prefix):
+                    twin = template + name[len(prefix):]
+                    other = graph.tensors.get(twin)
+                    if other is not None and other.shape == tensor.shape and other.dims == tensor.dims:
+                        out[name] = out.get(twin, twin)
+                    break
+    return out
+
+
+def build_problem(
+    graph: Graph,
+    mesh_shape: MeshShape,
+    hardware: Hardware,
+    *,
+    train: bool = False,
+    constraints: Constraints | None = None,
+    optimizer_state_factor: float = 2.0,
+) -> Problem:
+    """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
+
+    ``optimizer_state_factor``: optimizer-state bytes per parameter byte (Adam keeps two moments).
+    """
+    mesh_shape = dict(mesh_shape)
+    constraints = constraints or Constraints()
+    canon = canonical_names(graph)
+    members: dict[str, list[str]] = defaultdict(list)
+    for name, key in canon.items():
+        members[key].append(name)
+
+    nodes: list[Node] = []
+    node_of: dict[str, int] = {}
+    op_count: dict[str, int] = defaultdict(int)
+    for op in graph.ops:
+        op_count[canon[op.output]] += graph.trip_count(op.block)
+
+    for key, names in members.items():
+        tensor = graph.tensors[key]
+        op = graph.producer.get(key)
+        pin = next((constraints.pins[n] for n in names if n in constraints.pins), None)
+        per_instance = len(names)
+        if op is None:
+            layouts = [l for l in enumerate_layouts(tensor, mesh_shape) if constraints.allows(l)]
+            if pin is not None:
+                layouts = [l for l in layouts if l == pin]
+            if not layouts:
+                raise InfeasibleError(f"tensor {key!r}: no layout meets the rules/pins ({_describe(constraints, tensor)})")
+            keep = 1.0 + ((1.0 + optimizer_state_factor) if train and tensor.role == "param" else 0.0)
+            memory = np.array([per_device_bytes(tensor, l, mesh_shape) * keep * per_instance for l in layouts])
+            nodes.append(Node(key, tensor, None, layouts, layouts, np.zeros(len(layouts)), memory, np.zeros(len(layouts)), per_instance, names))
+        else:
+            strategies = [
+                s
+                for s in op_strategies(op, graph, mesh_shape, hardware, train=train)
+                if constraints.allows(s.result_layout) and all(constraints.allows(l) for l in s.operand_layouts)
+                and (pin is None or s.result_layout == pin)
+            ]
+            if not strategies:
+                raise InfeasibleError(f"op {op.name!r} ({op.kind}): no strategy meets the rules/pins ({_describe(constraints, tensor)})")
+            mult = op_count[key]
+            act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
+            if train:
+                memory, peak = act * mult, np.zeros(len(strategies))
+            else:
+                memory, peak = np.zeros(len(strategies)), act
+            time = np.array([s.time for s in strategies]) * mult
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names))
+        for name in names:
+            node_of[name] = len(nodes) - 1
+
+    edge_mult: dict[tuple[int, int, int, str], int] = defaultdict(int)
+    for op in graph.ops:
+        dst = node_of[op.output]
+        for i, name in enumerate(op.inputs):
+            edge_mult[(node_of[name], dst, i, canon[name])] += graph.trip_count(op.block)
+
+    edges: list[Edge] = []
+    for (src, dst, i, tname), mult in edge_mult.items():
+        tensor = graph.tensors[tname]
+        needs_grad = tname in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        src_group, src_layouts = _grouped(nodes[src].result_layouts)
+        dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
+        src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
+        cost = np.array(
+            [[reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad)[0] for b in dst_layouts] for a in src_layouts]
+        ) * mult
+        if src == dst:
+            node = nodes[src]
+            node.time = node.time + cost[src_group, dst_group]
+            continue
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
+    return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
+
+
+def _describe(constraints: Constraints, tensor: Tensor) -> str:
+    parts = [f"{d}:{'+'.join(constraints.rules[d]) or 'none'}" for d in tensor.dims if d in constraints.rules]
+    parts += [f"{d} in {constraints.candidates[d]}" for d in tensor.dims if d in constraints.candidates]
+    if tensor.name in constraints.pins:
+        parts.append(f"pinned {constraints.pins[tensor.name]}")
+    return "; ".join(parts) or "no constraint on its dims: check divisibility by the mesh axes"
