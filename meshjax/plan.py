@@ -247,14 +247,14 @@ def _op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad,
         )
-        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity) for c in colls)))
+        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
     out = []
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         if node.op is None:
             continue
         s = node.options[c]
         mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult) for x in s.collectives)
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in s.collectives)
         comm = s.comm_time * mult
         for t, extra in incoming.get(k, []):
             comm += t

@@ -30,6 +30,7 @@ class Collective:
     axes: tuple[str, ...]
     nbytes: float
     count: int = 1
+    latency_share: float = 1.0  # < 1 where XLA combines it with its siblings (gradient sync)
 
     @property
     def comm_bytes(self) -> float:
@@ -37,15 +38,21 @@ class Collective:
 
 
 def collective_time(
-    kind: str, nbytes: float, axes: Sequence[str], mesh_shape: Mapping[str, int], hw: Hardware
+    kind: str,
+    nbytes: float,
+    axes: Sequence[str],
+    mesh_shape: Mapping[str, int],
+    hw: Hardware,
+    latency_share: float = 1.0,
 ) -> float:
-    """Seconds for one ``kind`` collective over ``axes`` with ``nbytes`` of result per device."""
+    """Seconds for one ``kind`` collective over ``axes`` with ``nbytes`` of result per device.
+    ``latency_share`` scales the latency term for collectives XLA merges with others."""
     n = math.prod(mesh_shape[a] for a in axes)
     if n <= 1 or nbytes <= 0:
         return 0.0
     links = [hw.link(mesh_shape, a) for a in axes]
     bandwidth = min(link.bandwidth for link in links)
-    latency = max(link.latency for link in links)
+    latency = max(link.latency for link in links) * latency_share
     steps = n - 1
     if kind == "all-reduce":  # reduce-scatter then all-gather of the result
         return 2 * steps / n * nbytes / bandwidth + 2 * steps * latency
@@ -56,3 +63,8 @@ def collective_time(
     if kind == "all-to-all":
         return steps / n * nbytes / bandwidth + steps * latency
     raise ValueError(f"unknown collective kind {kind!r}")
+
+
+def time_of(collective: Collective, mesh_shape: Mapping[str, int], hw: Hardware) -> float:
+    """:func:`collective_time` of one run of ``collective``."""
+    return collective_time(collective.kind, collective.nbytes, collective.axes, mesh_shape, hw, collective.latency_share)

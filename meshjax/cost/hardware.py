@@ -51,6 +51,8 @@ class Hardware:
     # XLA's GPU and TPU pipelines turn all-reduce + slice into reduce-scatter; its CPU
     # pipeline keeps the all-reduce, so a reduce-scatter costs (and moves) an all-reduce there.
     fuses_reduce_scatter: bool = True
+    # Each step's inputs reach the devices from the host (PCIe 5 x16: ~50 GB/s per direction).
+    host_bandwidth: float = 50 * GB
 
     def link(self, mesh_shape: Mapping[str, int], axis: str) -> Link:
         """The link a collective over ``axis`` runs on."""

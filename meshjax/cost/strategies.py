@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshjax.cost.collectives import Collective, collective_time
+from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.graph import Graph, Op, Tensor
 from meshjax.layout import Layout
@@ -89,7 +89,12 @@ def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
 
 
 def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
-    """Every strategy of ``op`` with its own (not resharding) costs, per single execution."""
+    """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
+
+    Parameter-gradient all-reduces pay a share of the latency only: XLA's all-reduce combiner
+    merges a step's gradient syncs into a few large collectives.
+    """
+    grad_latency_share = 1.0 / max(1, len(graph.params))
     index = op.index
     loop = index.loop_sizes
     result_tensor = graph.tensors[op.output]
@@ -119,7 +124,8 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                 grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
                 if grad_partial and _needs_grad(t, graph):
                     axes = tuple(a for a in mesh_shape if a in grad_partial)
-                    fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape)))
+                    share = grad_latency_share if t.role == "param" else 1.0
+                    fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))
         options: list[tuple[Layout, list[Collective]]] = []
         if not partial:
             options.append((base, []))
@@ -144,7 +150,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     options.append((layout, colls))
         for layout, colls in options:
             all_colls = tuple(colls + fixed)
-            comm = sum(collective_time(c.kind, c.nbytes, c.axes, mesh_shape, hw) for c in all_colls)
+            comm = sum(time_of(c, mesh_shape, hw) for c in all_colls)
             strategies.append(
                 Strategy(
                     assign=tuple((d, assign[d]) for d in loop if d in assign),
@@ -194,5 +200,5 @@ def reshard(
     colls = _moves(tensor, src, dst, mesh_shape)
     if train and needs_grad:
         colls += _moves(tensor, Layout(src.dims, dst.axes), Layout(dst.dims, src.axes), mesh_shape)
-    time = sum(collective_time(c.kind, c.nbytes, c.axes, mesh_shape, hw) for c in colls)
+    time = sum(time_of(c, mesh_shape, hw) for c in colls)
     return time, tuple(colls)

@@ -184,8 +184,11 @@ def build_problem(
             if not layouts:
                 raise InfeasibleError(f"tensor {key!r}: no layout meets the rules/pins ({_describe(constraints, tensor)})")
             keep = 1.0 + ((1.0 + optimizer_state_factor) if train and tensor.role == "param" else 0.0)
-            memory = np.array([per_device_bytes(tensor, l, mesh_shape) * keep * per_instance for l in layouts])
-            nodes.append(Node(key, tensor, None, layouts, layouts, np.zeros(len(layouts)), memory, np.zeros(len(layouts)), per_instance, names))
+            nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts])
+            memory = nbytes * keep * per_instance
+            # Inputs are fed from the host every step, so each device should receive only its shard.
+            time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
+            nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
         else:
             strategies = [
                 s

@@ -1,0 +1,241 @@
+"""The layout solver: exact against brute force, the layouts the literature says win, budgets,
+constraints, and predictions checked against what XLA compiles."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import meshjax as mj
+from meshjax import models
+from meshjax.cost import get_hardware
+from meshjax.devices import make_mesh
+from meshjax.errors import InfeasibleError, LayoutError
+from meshjax.plan import factorisations, search_meshes, solve
+from meshjax.solver import build_problem, solve_exhaustive, solve_ilp
+from meshjax.solver.problem import Constraints
+from meshjax.verify import verify
+
+DIM_SIZES = {"a": 4, "b": 8, "c": 2, "d": 4, "e": 6}
+
+
+@st.composite
+def einsum_graphs(draw):
+    """A random chain: x -> einsum with w1 -> elementwise -> (einsum with w2) -> sum."""
+    names = list(DIM_SIZES)
+    x_dims = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    w1_dims = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    all1 = list(dict.fromkeys(x_dims + w1_dims))
+    out1 = draw(st.lists(st.sampled_from(all1), min_size=1, max_size=min(3, len(all1)), unique=True))
+    second = draw(st.booleans())
+    w2_dims = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)) if second else []
+    all2 = list(dict.fromkeys(out1 + w2_dims))
+    out2 = draw(st.lists(st.sampled_from(all2), min_size=1, max_size=2, unique=True)) if second else []
+    unary = draw(st.sampled_from(["gelu", "tanh", "square"]))
+
+    def spec(a, b, out):
+        return f"{' '.join(a)}, {' '.join(b)} -> {' '.join(out)}"
+
+    decls = {"w1": mj.param(" ".join(w1_dims))}
+    if second:
+        decls["w2"] = mj.param(" ".join(w2_dims))
+
+    def loss(params, x):
+        h = mj.einsum(spec(x_dims, w1_dims, out1), x, params["w1"], name="h")
+        h = mj.elementwise(unary, h, name="act")
+        if second:
+            h = mj.einsum(spec(out1, w2_dims, out2), h, params["w2"], name="y")
+        return mj.sum(h, h.dims, name="loss")
+
+    params = mj.abstract_params(decls, DIM_SIZES)
+    x = mj.abstract(" ".join(x_dims), DIM_SIZES)
+    return mj.trace(loss, params, x)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    graph=einsum_graphs(),
+    mesh=st.sampled_from([{"x": 4}, {"x": 2}, {"x": 2, "y": 2}]),
+    train=st.booleans(),
+    hardware=st.sampled_from(["h100-node", "cpu-sim", "h100-2node"]),
+    budget_fraction=st.sampled_from([None, 0.6]),
+)
+def test_ilp_equals_exhaustive_optimum(graph, mesh, train, hardware, budget_fraction):
+    problem = build_problem(graph, mesh, get_hardware(hardware), train=train)
+    assume(math.prod(len(n.options) for n in problem.nodes) <= 30_000)
+    budget = None
+    if budget_fraction is not None:
+        most = problem.memory([int(np.argmax(n.memory + n.peak)) for n in problem.nodes])
+        least = solve_ilp(problem, objective="memory").memory
+        budget = least + budget_fraction * (most - least)
+    best = solve_exhaustive(problem, memory_budget=budget)
+    ilp = solve_ilp(problem, memory_budget=budget)
+    assert ilp.objective == pytest.approx(best.objective, rel=1e-6, abs=1e-15)
+    if budget is not None:
+        assert ilp.memory <= budget * (1 + 1e-9)
+
+
+# --- layouts that are known to win -----------------------------------------------------------
+
+MEGATRON_GPT = dict(batch=2, seq=2048, embed=4096, heads=32, head_dim=128, mlp=16384, vocab=1024, layers=2)
+
+
+def _gpt(**overrides):
+    ex = models.example("gpt-tiny", abstract=True, **overrides)
+    return ex, mj.trace(ex.loss, ex.params, *ex.batch)
+
+
+def test_megatron_layout_for_small_batch_training_on_model_axis():
+    ex, graph = _gpt(**MEGATRON_GPT)
+    plan = solve(graph, {"model": 8}, hardware="h100-node", train=True)
+    lay = plan.layouts
+    for layer in range(MEGATRON_GPT["layers"]):
+        for w in ("w_q", "w_k", "w_v"):
+            assert lay[f"block_{layer}/attn/{w}"].mapping == {"heads": ("model",)}
+        assert lay[f"block_{layer}/attn/w_o"].mapping == {"heads": ("model",)}
+        assert lay[f"block_{layer}/mlp/w_in"].mapping == {"mlp": ("model",)}
+        assert lay[f"block_{layer}/mlp/w_out"].mapping == {"mlp": ("model",)}
+    assert all(layout.of("embed") == () for layout in lay.values() if "embed" in layout.dims)
+
+    mesh = make_mesh({"model": 8})
+    check = verify(plan, ex.loss, mesh, ex.params, *ex.batch)
+    activation_bytes = MEGATRON_GPT["batch"] * MEGATRON_GPT["seq"] * MEGATRON_GPT["embed"] * 4
+    forward = [c for c in check.compiled.collectives if "transpose" not in c.op_name]
+    backward = [c for c in check.compiled.collectives if "transpose" in c.op_name]
+    assert all(c.kind == "all-reduce" and c.axes == ("model",) for c in check.compiled.collectives)
+    # Two activation-sized all-reduces per layer forward (after attention and after the MLP).
+    assert [c.bytes_per_device for c in forward] == [activation_bytes] * (2 * MEGATRON_GPT["layers"])
+    # Backward: the MLP input gradient, and the q/k/v input gradients, which XLA's all-reduce
+    # combiner fuses into one tuple all-reduce (three activation sizes) per layer.
+    assert sorted(c.bytes_per_device for c in backward) == sorted(
+        [activation_bytes, 3 * activation_bytes] * MEGATRON_GPT["layers"]
+    )
+    assert check.comm_ratio == pytest.approx(1.0, rel=0.10)
+
+
+def test_pure_data_parallel_for_large_batch_small_model():
+    ex, graph = _gpt(batch=4096, seq=128, embed=64, heads=4, head_dim=16, mlp=256, vocab=256, layers=2)
+    plan = solve(graph, {"data": 4, "model": 2}, hardware="h100-2node", train=True)
+    for name, tensor in graph.tensors.items():
+        layout = plan.layouts[name]
+        if tensor.role == "param":
+            assert layout.used_axes == (), f"{name} is split: {layout}"
+        elif "batch" in tensor.dims:
+            assert set(layout.mapping) == {"batch"}, f"{name}: {layout}"
+            assert set(layout.of("batch")) == {"data", "model"}
+
+
+def test_memory_budget_moves_weights_onto_both_axes_and_compiles_within_budget():
+    ex, graph = _gpt(batch=16, seq=128, embed=1024, heads=16, head_dim=64, mlp=4096, vocab=1024, layers=2)
+    mesh_shape = {"data": 4, "model": 2}
+    free = solve(graph, mesh_shape, hardware="h100-node", train=True)
+    megatron_dp = solve(graph, mesh_shape, hardware="h100-node", train=True, rules="batch:data;heads:model;mlp:model;embed:none")
+    budget = 0.6 * megatron_dp.peak_memory_bytes
+    tight = solve(graph, mesh_shape, hardware="h100-node", train=True, memory_budget=budget)
+    assert tight.peak_memory_bytes <= budget
+    assert free.peak_memory_bytes > budget or free.step_time_s <= tight.step_time_s
+    w_in = tight.layouts["block_0/mlp/w_in"]
+    assert set(w_in.used_axes) == {"data", "model"}, f"w_in kept a replica: {w_in}"
+    check = verify(tight, ex.loss, make_mesh(mesh_shape), ex.params, *ex.batch)
+    # The compiled gradient program holds params, grads and activations; the plan also counts
+    # Adam's two moments, so the compiled footprint must sit below the budget.
+    assert check.compiled.memory["peak_bytes"] <= budget
+
+
+def test_infeasible_budget_names_the_least_memory_and_the_tensors_that_dominate():
+    ex, graph = _gpt()
+    with pytest.raises(InfeasibleError, match=r"least memory any layout needs is .* dominated by .*token_embed|unembed|w_"):
+        solve(graph, {"data": 4, "model": 2}, hardware="h100-node", train=True, memory_budget=1024)
+
+
+def test_rules_pins_and_candidates_are_honoured():
+    ex, graph = _gpt(batch=64, seq=64, embed=64, heads=4, head_dim=16, mlp=256, vocab=256)
+    plan = solve(graph, {"data": 4, "model": 2}, train=True, rules="batch:data;embed:none")
+    for name, t in graph.tensors.items():
+        if "batch" in t.dims:
+            assert plan.layouts[name].of("batch") == ("data",), name
+        if "embed" in t.dims:
+            assert plan.layouts[name].of("embed") == (), name
+    pinned = solve(graph, {"data": 4, "model": 2}, train=True, pins={"block_0/mlp/w_in": {"embed": "data", "mlp": "model"}})
+    assert pinned.layouts["block_0/mlp/w_in"].mapping == {"embed": ("data",), "mlp": ("model",)}
+    only = solve(graph, {"data": 4, "model": 2}, train=True, candidates={"mlp": [(), ("model",)]})
+    assert all(only.layouts[n].of("mlp") in ((), ("model",)) for n, t in graph.tensors.items() if "mlp" in t.dims)
+
+
+def test_bad_constraints_get_errors_that_name_them():
+    _, graph = _gpt()
+    with pytest.raises(LayoutError, match="'btch'"):
+        solve(graph, {"data": 8}, rules="btch:data")
+    with pytest.raises(LayoutError, match="unknown mesh axis 'modle'"):
+        solve(graph, {"data": 4, "model": 2}, rules="mlp:modle")
+    with pytest.raises(InfeasibleError, match="heads"):
+        solve(graph, {"model": 8}, rules="heads:model")  # 4 heads cannot split 8 ways
+
+
+def test_scan_body_is_solved_once_and_predictions_count_loop_trips():
+    cfg = {**MEGATRON_GPT, "layers": 4}
+    ex, graph = _gpt(scan_layers=True, **cfg)
+    plan = solve(graph, {"model": 8}, hardware="h100-node", train=True)
+    unrolled_ex, unrolled = _gpt(**cfg)
+    unrolled_plan = solve(unrolled, {"model": 8}, hardware="h100-node", train=True)
+    _, deeper = _gpt(scan_layers=True, **{**cfg, "layers": 16})
+    assert len(build_problem(deeper, {"model": 8}, get_hardware("h100-node")).nodes) == len(plan.problem.nodes)
+    assert plan.step_time_s == pytest.approx(unrolled_plan.step_time_s, rel=0.05)
+    check = verify(plan, ex.loss, make_mesh({"model": 8}), ex.params, *ex.batch)
+    assert any(c.count == cfg["layers"] for c in check.compiled.collectives)
+    assert check.comm_ratio == pytest.approx(1.0, rel=0.10)
+
+
+def test_unrolled_identical_blocks_share_one_decision():
+    _, shallow = _gpt(layers=2)
+    _, deep = _gpt(layers=8)
+    a = build_problem(shallow, {"model": 4}, get_hardware("h100-node"))
+    b = build_problem(deep, {"model": 4}, get_hardware("h100-node"))
+    assert len(a.nodes) == len(b.nodes)
+    plan = solve(deep, {"model": 4}, train=True)
+    for layer in range(1, 8):
+        assert plan.layouts[f"block_{layer}/mlp/w_in"] == plan.layouts["block_0/mlp/w_in"]
+
+
+def test_mesh_search_covers_every_factorisation():
+    assert sorted(factorisations(8, 2)) == sorted([(8,), (1, 8), (2, 4), (4, 2), (8, 1)])
+    _, graph = _gpt(batch=8, seq=32, embed=64, heads=4, head_dim=16, mlp=256, vocab=256)
+    results = search_meshes(graph, 8, train=True)
+    assert sorted(tuple(m.values()) for m, _ in results) == sorted([(8,), (1, 8), (2, 4), (4, 2), (8, 1)])
+    times = [p.step_time_s for _, p in results if not isinstance(p, Exception)]
+    assert times == sorted(times)
+
+
+def test_time_limit_returns_a_layout_with_its_gap():
+    _, graph = _gpt(layers=2)
+    plan = solve(graph, {"data": 4, "model": 2}, train=True, time_limit=30)
+    assert plan.solution.status in ("optimal", "time limit")
+    assert plan.solution.gap >= 0
+    assert set(plan.layouts) == set(graph.tensors)
+
+
+def test_explain_ranks_the_chosen_layout_first_and_plan_serialises():
+    _, graph = _gpt(**MEGATRON_GPT)
+    plan = solve(graph, {"model": 8}, hardware="h100-node", train=True)
+    rows = plan.explain("block_0/mlp/w_in")
+    assert rows[0]["chosen"] and rows[0]["step_time_s"] <= rows[1]["step_time_s"]
+    data = plan.to_json()
+    assert {t["name"] for t in data["tensors"]} == set(graph.tensors)
+    w_in = next(t for t in data["tensors"] if t["name"] == "block_0/mlp/w_in")
+    assert w_in["spec"] == [None, "model"]
+    assert data["predicted"]["comm_bytes"] == pytest.approx(plan.comm_bytes)
+
+
+def test_plan_runs_and_matches_unsharded_values():
+    ex = models.example("gpt-tiny", key=jax.random.key(0))
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    plan = solve(graph, {"data": 4, "model": 2}, hardware="cpu-sim", train=True, rules="batch:data;heads:model;mlp:model")
+    loss, grads = plan.program(ex.loss, make_mesh({"data": 4, "model": 2})).jit(grad=True)(ex.params, *ex.batch)
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: ex.loss(p, *ex.batch).value)(ex.params)
+    np.testing.assert_allclose(loss.value, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(jnp.asarray(g), jnp.asarray(r), rtol=1e-4, atol=1e-5)
