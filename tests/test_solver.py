@@ -125,8 +125,10 @@ def test_pure_data_parallel_for_large_batch_small_model():
         if tensor.role == "param":
             assert layout.used_axes == (), f"{name} is split: {layout}"
         elif "batch" in tensor.dims:
-            assert set(layout.mapping) == {"batch"}, f"{name}: {layout}"
-            assert set(layout.of("batch")) == {"data", "model"}
+            assert set(layout.mapping) <= {"batch"}, f"{name}: {layout}"
+    for op in graph.ops:  # every matmul runs on all 8 devices, each on its slice of the batch
+        if op.kind == "einsum":
+            assert set(plan.layouts[op.output].of("batch")) == {"data", "model"}, op.name
 
 
 def test_memory_budget_moves_weights_onto_both_axes_and_compiles_within_budget():

@@ -62,6 +62,8 @@ def collective_time(
         return steps * nbytes / bandwidth + steps * latency
     if kind == "all-to-all":
         return steps / n * nbytes / bandwidth + steps * latency
+    if kind == "collective-permute":  # every device sends its whole buffer to another
+        return nbytes / bandwidth + latency
     raise ValueError(f"unknown collective kind {kind!r}")
 
 

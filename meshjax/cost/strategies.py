@@ -100,6 +100,9 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     result_tensor = graph.tensors[op.output]
     operand_tensors = [graph.tensors[n] for n in op.inputs]
     peak = hw.peak_flops(result_tensor.dtype if result_tensor.dtype != "bool" else "float32")
+    # XLA reshards on the cheaper side of an op: when the result is smaller than an operand it
+    # computes in the operand's layout and gathers the result. Offer those strategies too.
+    shrinks = result_tensor.nbytes < max((t.nbytes for t in operand_tensors), default=0)
     strategies = []
     for assign in enumerate_assignments(loop, mesh_shape, index.whole):
         partial = tuple(a for d in index.reduced for a in assign.get(d, ()))
@@ -148,6 +151,8 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     if train:  # the backward pass needs the whole cotangent back: all-gather it
                         colls.append(Collective("all-gather", partial, result_bytes))
                     options.append((layout, colls))
+        if shrinks:
+            options += _gathered_after(options, result_tensor, mesh_shape)
         for layout, colls in options:
             all_colls = tuple(colls + fixed)
             comm = sum(time_of(c, mesh_shape, hw) for c in all_colls)
@@ -164,18 +169,51 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     return strategies
 
 
+def _kept_axes(src: Layout, dst: Layout) -> set[str]:
+    """Axes that stay put: on the same dim, within the common leading run of that dim's axes
+    (``batch:data+model`` and ``batch:model+data`` hold different shards on each device)."""
+    kept: set[str] = set()
+    for a_src, a_dst in zip(src.axes, dst.axes):
+        for x, y in zip(a_src, a_dst):
+            if x != y:
+                break
+            kept.add(x)
+    return kept
+
+
 def _moves(tensor: Tensor, src: Layout, dst: Layout, mesh_shape: MeshShape) -> list[Collective]:
-    src_dim = {a: d for d, ax in zip(src.dims, src.axes) for a in ax}
-    dst_dim = {a: d for d, ax in zip(dst.dims, dst.axes) for a in ax}
-    moved = tuple(a for a in mesh_shape if a in src_dim and a in dst_dim and src_dim[a] != dst_dim[a])
-    gathered = tuple(a for a in mesh_shape if a in src_dim and a not in dst_dim)
+    kept = _kept_axes(src, dst)
+    src_axes = {a for ax in src.axes for a in ax} - kept
+    dst_axes = {a for ax in dst.axes for a in ax} - kept
+    moved = tuple(a for a in mesh_shape if a in src_axes and a in dst_axes)
+    gathered = tuple(a for a in mesh_shape if a in src_axes and a not in dst_axes)
     src_bytes = per_device_bytes(tensor, src, mesh_shape)
     colls = []
     if moved:
-        colls.append(Collective("all-to-all", moved, src_bytes))
+        # Same axes, new places: one all-to-all when an axis changes dim, else a permutation.
+        dim_of = lambda layout, a: next(d for d, ax in zip(layout.dims, layout.axes) if a in ax)  # noqa: E731
+        kind = "all-to-all" if any(dim_of(src, a) != dim_of(dst, a) for a in moved) else "collective-permute"
+        colls.append(Collective(kind, moved, src_bytes))
     if gathered:
         colls.append(Collective("all-gather", gathered, src_bytes * math.prod(mesh_shape[a] for a in gathered)))
     return colls
+
+
+def _gathered_after(
+    options: list[tuple[Layout, list[Collective]]], result: Tensor, mesh_shape: MeshShape
+) -> list[tuple[Layout, list[Collective]]]:
+    """Each option followed by an all-gather of some of its result's axes."""
+    out = []
+    for layout, colls in options:
+        used = [a for a in mesh_shape if a in layout.used_axes]
+        for k in range(1, len(used) + 1):
+            for gathered in itertools.combinations(used, k):
+                kept = Layout(layout.dims, tuple(tuple(a for a in ax if a not in gathered) for ax in layout.axes))
+                if any(full[: len(ax)] != ax for ax, full in zip(kept.axes, layout.axes)):
+                    continue  # only trailing axes of a dim gather into contiguous blocks
+                nbytes = per_device_bytes(result, kept, mesh_shape)
+                out.append((kept, [*colls, Collective("all-gather", tuple(gathered), nbytes)]))
+    return out
 
 
 def reshard(

@@ -47,7 +47,6 @@ def solve_ilp(
     edge_offsets = [n_x]
     for e in edges:
         edge_offsets.append(edge_offsets[-1] + e.cost.size)
-    n_y = edge_offsets[-1] - n_x
     has_peak = any(n.peak.any() for n in nodes)
     z = edge_offsets[-1]
     n_vars = z + (1 if has_peak else 0)
@@ -57,8 +56,12 @@ def solve_ilp(
     for k, n in enumerate(nodes):
         c[offsets[k]:offsets[k + 1]] = n.time
         mem[offsets[k]:offsets[k + 1]] = n.memory
+    upper = np.ones(n_vars)
     for e, start in zip(edges, edge_offsets):
-        c[start:start + e.cost.size] = e.cost.ravel()
+        cost = e.cost.ravel()
+        forbidden = ~np.isfinite(cost)
+        c[start:start + e.cost.size] = np.where(forbidden, 0.0, cost)
+        upper[start:start + e.cost.size][forbidden] = 0.0
     if has_peak:
         mem[z] = 1.0
     if objective == "memory":
@@ -99,7 +102,6 @@ def solve_ilp(
     A = sp.csr_array((vals, (rows, cols)), shape=(r, n_vars))
     integrality = np.zeros(n_vars)
     integrality[:n_x] = 1
-    upper = np.ones(n_vars)
     if has_peak:
         upper[z] = np.inf
     options = {"disp": False, "mip_rel_gap": 1e-9}
@@ -114,5 +116,4 @@ def solve_ilp(
     choice = tuple(int(np.argmax(x[offsets[k]:offsets[k + 1]])) for k in range(len(nodes)))
     gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
     status = "optimal" if res.status == 0 else "time limit" if res.status == 1 else res.message
-    del n_y
     return Solution(choice, problem.total_time(choice), problem.memory(choice), gap, status)

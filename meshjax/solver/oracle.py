@@ -27,7 +27,7 @@ def solve_exhaustive(problem: Problem, *, memory_budget: float | None = None, ma
         if memory_budget is not None and problem.memory(choice) > memory_budget * (1 + 1e-9):
             continue
         t = problem.total_time(choice)
-        if t < best_time:
+        if t < best_time:  # inf: a forbidden combination
             best, best_time = choice, t
     if best is None:
         raise InfeasibleError("no combination fits the memory budget")

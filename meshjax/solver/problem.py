@@ -215,6 +215,14 @@ def build_problem(
         for i, name in enumerate(op.inputs):
             edge_mult[(node_of[name], dst, i, canon[name])] += graph.trip_count(op.block)
 
+    cache: dict[tuple, float] = {}
+
+    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool) -> float:
+        key = (tensor.name, a, b, needs_grad)
+        if key not in cache:
+            cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad)[0]
+        return cache[key]
+
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
         tensor = graph.tensors[tname]
@@ -222,15 +230,40 @@ def build_problem(
         src_group, src_layouts = _grouped(nodes[src].result_layouts)
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
+        consumer = nodes[dst].op
         cost = np.array(
-            [[reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad)[0] for b in dst_layouts] for a in src_layouts]
-        ) * mult
+            [
+                [
+                    np.inf
+                    if _gathers_before_reducing(consumer, i, a, b)
+                    else reshard_time(tensor, a, b, needs_grad) * mult
+                    for b in dst_layouts
+                ]
+                for a in src_layouts
+            ]
+        )
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
             continue
         edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
+
+
+_REDUCTIONS = ("sum", "mean", "max", "logsumexp", "cross_entropy")
+
+
+def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:
+    """XLA reduces a split dim locally and all-reduces the (smaller) result; it never gathers
+    the operand first. Plans that would are not what runs, so they are excluded."""
+    if op.kind not in _REDUCTIONS:
+        return False
+    reduced = set(op.index.reduced)
+    loop_dims = op.index.operands[operand]
+    for loop_dim, src_axes, dst_axes in zip(loop_dims, src.axes, dst.axes):
+        if loop_dim in reduced and any(a not in dst_axes for a in src_axes):
+            return True
+    return False
 
 
 def _describe(constraints: Constraints, tensor: Tensor) -> str:

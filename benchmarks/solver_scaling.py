@@ -1,0 +1,218 @@
+"""How long the layout solver takes on paper-size models.
+
+Cases:
+
+- ``gpt3-175b``: GPT-3 175B (96 layers, scanned), 64 devices as an 8x8 (data, model) mesh on the
+  ``h100-2node`` profile (8-GPU NVLink nodes joined by InfiniBand), training, 80 GB per device;
+  bfloat16 at batch 8 and the preset's float32 at batch 1 (the largest batches that fit).
+- ``gpt3-1.3b``: GPT-3 1.3B, 24 *unrolled* layers, 8 devices as 4x2 on ``h100-node``, training.
+
+For each: trace time, problem-build time, ILP time and total ``solve`` time (median of 3 runs),
+problem size (nodes, edges, ILP variables and rows) and the plan's predicted step time and memory.
+Targets: 175B solves in under 1 s, 1.3B unrolled in under 2 s.
+
+Run::
+
+    python benchmarks/solver_scaling.py            # writes benchmarks/results/solver_scaling.{json,md}
+
+Nothing is allocated: params and batches are ``jax.ShapeDtypeStruct``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import scipy
+from rich.console import Console
+from rich.table import Table
+
+import meshjax as mj
+from meshjax import models
+from meshjax.cost.hardware import get_hardware
+from meshjax.plan import solve
+from meshjax.solver.ilp import solve_ilp
+from meshjax.solver.problem import Constraints, build_problem
+
+RESULTS = Path(__file__).parent / "results"
+REPEATS = 3
+
+CASES = [
+    # The memory model keeps every activation of every layer for the backward pass (no
+    # rematerialisation), so at 80 GB per device on 64 devices the paper's batch of 1536 is far
+    # out of reach: the least memory any layout needs is ~19.8 TB at batch 1536. In bfloat16,
+    # batch 8 is the largest power of two that fits (~78.8 GB at least); in the preset's float32
+    # only batch 1 fits (~67.6 GB at least).
+    {
+        "name": "gpt3-175b bf16 batch 8 (scanned)",
+        "preset": "gpt3-175b",
+        "overrides": {"scan_layers": True, "batch": 8, "dtype": "bfloat16"},
+        "mesh": {"data": 8, "model": 8},
+        "hardware": "h100-2node",
+        "memory_budget": 80e9,
+        "target_s": 1.0,
+    },
+    {
+        "name": "gpt3-175b f32 batch 1 (scanned)",
+        "preset": "gpt3-175b",
+        "overrides": {"scan_layers": True, "batch": 1},
+        "mesh": {"data": 8, "model": 8},
+        "hardware": "h100-2node",
+        "memory_budget": 80e9,
+        "target_s": 1.0,
+    },
+    {
+        "name": "gpt3-1.3b (24 unrolled layers)",
+        "preset": "gpt3-1.3b",
+        "overrides": {"scan_layers": False, "layers": 24},
+        "mesh": {"data": 4, "model": 2},
+        "hardware": "h100-node",
+        "memory_budget": None,
+        "target_s": 2.0,
+    },
+]
+
+
+def ilp_size(problem) -> tuple[int, int]:
+    """Variables and constraint rows of the ILP ``solve_ilp`` builds (mirrors its construction)."""
+    n_x = sum(len(n.options) for n in problem.nodes)
+    n_y = sum(e.cost.size for e in problem.edges)
+    has_peak = any(n.peak.any() for n in problem.nodes)
+    rows = len(problem.nodes) + sum(sum(e.cost.shape) for e in problem.edges)
+    rows += sum(1 for n in problem.nodes if n.peak.any()) if has_peak else 0
+    return n_x + n_y + int(has_peak), rows
+
+
+def run_case(case: dict) -> dict:
+    ex = models.example(case["preset"], abstract=True, **case["overrides"])
+    hw = get_hardware(case["hardware"])
+    trace_s, build_s, ilp_s, solve_s = [], [], [], []
+    plan = None
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        graph = mj.trace(ex.loss, ex.params, *ex.batch)
+        trace_s.append(time.perf_counter() - t0)
+
+        # The two phases of solve(), timed separately ...
+        t0 = time.perf_counter()
+        problem = build_problem(graph, case["mesh"], hw, train=True, constraints=Constraints.make(graph, case["mesh"]))
+        build_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        solve_ilp(problem, memory_budget=case["memory_budget"])
+        ilp_s.append(time.perf_counter() - t0)
+
+        # ... and solve() end to end (what a user waits for after tracing).
+        t0 = time.perf_counter()
+        plan = solve(graph, case["mesh"], hardware=hw, train=True, memory_budget=case["memory_budget"])
+        solve_s.append(time.perf_counter() - t0)
+
+    n_vars, n_rows = ilp_size(plan.problem)
+    mem = plan.memory_breakdown()
+    total = statistics.median(solve_s)
+    return {
+        "case": case["name"],
+        "preset": case["preset"],
+        "overrides": case["overrides"],
+        "mesh": case["mesh"],
+        "hardware": case["hardware"],
+        "train": True,
+        "memory_budget_bytes": case["memory_budget"],
+        "graph": {"tensors": len(graph.tensors), "ops": len(graph.ops),
+                  "blocks": {k: {"kind": b.kind, "trip_count": b.trip_count} for k, b in graph.blocks.items()}},
+        "problem": {"nodes": len(plan.problem.nodes), "edges": len(plan.problem.edges),
+                    "options": sum(len(n.options) for n in plan.problem.nodes),
+                    "ilp_variables": n_vars, "ilp_rows": n_rows},
+        "seconds": {
+            "trace": statistics.median(trace_s),
+            "build_problem": statistics.median(build_s),
+            "ilp": statistics.median(ilp_s),
+            "solve_total": total,
+            "runs": {"trace": trace_s, "build_problem": build_s, "ilp": ilp_s, "solve_total": solve_s},
+        },
+        "target_s": case["target_s"],
+        "meets_target": total < case["target_s"],
+        "solver_status": plan.solution.status,
+        "predicted": {
+            "step_time_s": plan.step_time_s,
+            "comm_time_s": plan.comm_time_s,
+            "compute_time_s": plan.compute_time_s,
+            "comm_bytes": plan.comm_bytes,
+            "memory_bytes": mem["total"],
+            "memory": mem,
+        },
+        "rules": {d: list(a) for d, a in plan.rules.items()} if plan.rules is not None else None,
+    }
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "scipy": scipy.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    lines = [
+        "# Solver scaling",
+        "",
+        f"Machine: {info['platform']}, {info['cpu_count']} CPUs, Python {info['python']}, "
+        f"JAX {info['jax']}, SciPy {info['scipy']} (HiGHS via `scipy.optimize.milp`). Median of {REPEATS} runs.",
+        "Produced by `python benchmarks/solver_scaling.py`.",
+        "",
+        "| case | mesh | hardware | tensors / ops | nodes / edges | ILP vars / rows | trace s | build s | ILP s | solve s | target | step ms | comm GB | memory GB/device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s, p, g, pr = r["seconds"], r["problem"], r["graph"], r["predicted"]
+        mesh = "x".join(str(v) for v in r["mesh"].values()) + f" ({','.join(r['mesh'])})"
+        ok = "met" if r["meets_target"] else "**missed**"
+        lines.append(
+            f"| {r['case']} | {mesh} | {r['hardware']} | {g['tensors']} / {g['ops']} | {p['nodes']} / {p['edges']} | "
+            f"{p['ilp_variables']} / {p['ilp_rows']} | {s['trace']:.3f} | {s['build_problem']:.3f} | {s['ilp']:.3f} | "
+            f"{s['solve_total']:.3f} | < {r['target_s']:g} s {ok} | {pr['step_time_s'] * 1e3:.1f} | "
+            f"{pr['comm_bytes'] / 1e9:.2f} | {pr['memory_bytes'] / 1e9:.2f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    console = Console()
+    info = machine()
+    results = []
+    for case in CASES:
+        console.print(f"[bold]{case['name']}[/bold] ...")
+        results.append(run_case(case))
+    table = Table(title=f"solver scaling (median of {REPEATS})")
+    for col in ("case", "mesh", "nodes", "ILP vars", "trace s", "build s", "ILP s", "solve s", "target", "step ms", "GB/device"):
+        table.add_column(col)
+    for r in results:
+        s = r["seconds"]
+        table.add_row(
+            r["case"], "x".join(map(str, r["mesh"].values())), str(r["problem"]["nodes"]), str(r["problem"]["ilp_variables"]),
+            f"{s['trace']:.3f}", f"{s['build_problem']:.3f}", f"{s['ilp']:.3f}", f"{s['solve_total']:.3f}",
+            f"< {r['target_s']:g} s " + ("ok" if r["meets_target"] else "MISSED"),
+            f"{r['predicted']['step_time_s'] * 1e3:.1f}", f"{r['predicted']['memory_bytes'] / 1e9:.2f}",
+        )
+    console.print(table)
+    console.print(info)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "solver_scaling.json").write_text(json.dumps({"machine": info, "repeats": REPEATS, "results": results}, indent=2) + "\n")
+    (RESULTS / "solver_scaling.md").write_text(markdown(results, info))
+    console.print(f"wrote {RESULTS / 'solver_scaling.json'} and {RESULTS / 'solver_scaling.md'}")
+
+
+if __name__ == "__main__":
+    main()
