@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meshjax.errors import TraceError
@@ -43,6 +44,11 @@ class _Context:
     @property
     def block(self) -> str | None:
         return self.blocks[-1] if self.blocks else None
+
+    def reserve(self, names) -> None:
+        """Keep op results from taking the names of inputs and params."""
+        for name in names:
+            self.used[name] = max(self.used[name], 1)
 
     def fresh_name(self, base: str) -> str:
         stem = "/".join([*self.scopes, base])
@@ -108,6 +114,9 @@ class Recorder(_Context):
 
     def emit(self, kind, inputs, output, index, attrs, name) -> NamedArray:
         input_names = tuple(self.name_of(a) for a in inputs)
+        if (id(output.value), output.dims) in self._names:
+            # An op that hands back its input's value (a no-op cast) still gets its own tensor.
+            output = NamedArray.tree_unflatten(output.dims, (jnp.array(output.value, copy=True),))
         out_name = self.fresh_name(name or kind)
         self.register(output, out_name, "activation")
         self.ops[out_name] = Op(

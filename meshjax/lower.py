@@ -98,7 +98,9 @@ class Program:
             values[i] = v
         leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(sig.dims, values)]
         params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
-        with context.active(context.Pinner(self.mesh, self.specs)):
+        pinner = context.Pinner(self.mesh, self.specs)
+        pinner.reserve(sig.names)
+        with context.active(pinner):
             out = self.fn(params, *args)
         return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, NamedArray))
 

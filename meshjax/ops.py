@@ -82,9 +82,19 @@ def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=
         if not isinstance(operand, NamedArray):
             raise EinsumError(f"einsum {spec!r}: operand {i} is not a NamedArray")
         if sorted(term) != sorted(operand.dims):
+            missing = [d for d in term if d not in operand.dims]
+            extra = [d for d in operand.dims if d not in term]
+            detail = "; ".join(
+                part
+                for part in (
+                    f"it lacks dim {', '.join(map(repr, missing))}" if missing else "",
+                    f"it has dim {', '.join(map(repr, extra))} the spec does not name" if extra else "",
+                )
+                if part
+            )
             raise EinsumError(
                 f"einsum {spec!r}: operand {i} has dims {format_dims(operand.dims)!r}, "
-                f"the spec says {format_dims(term)!r}"
+                f"the spec says {format_dims(term)!r} ({detail})"
             )
     loop = _loop_of(operands, f"einsum {spec!r}")
     letters = dict(zip((d for d, _ in loop), string.ascii_letters))

@@ -54,6 +54,7 @@ def scan(
     ctx = context.current()
     block = Block(name="/".join([*(ctx.scopes if ctx else []), name]), kind="scan", trip_count=length)
     inner_carry_out: list[NamedArray] = []
+    inner_carry_names: list[str | None] = []
     inner_ys: list[NamedArray] = []
     y_def_box: list[Any] = [None]
 
@@ -97,6 +98,7 @@ def scan(
                     c_out.append(leaf)
                 y_leaves, y_def = _leaves(y, "y") if y is not None else ([], None)
                 inner_carry_out[:] = c_out
+                inner_carry_names[:] = c_names
                 inner_ys[:] = y_leaves
                 y_def_box[0] = y_def
         finally:
@@ -107,11 +109,17 @@ def scan(
     stacked_x = [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves]
     final_values, stacked_y = jax.lax.scan(step, [c.value for c in carry_leaves], stacked_x, length=length)
 
+    ctx = context.current()
     with context.scope(name):
-        final = [
-            context.emit("scan_carry", [inner], NamedArray(value, outer.dims), _identity_index(outer.dims, outer.sizes), name="final_carry")
-            for inner, outer, value in zip(inner_carry_out, carry_leaves, final_values)
-        ]
+        final = []
+        for inner, carry_name, outer, value in zip(inner_carry_out, inner_carry_names, carry_leaves, final_values):
+            result = NamedArray(value, outer.dims)
+            if ctx is not None and carry_name is not None:
+                # Leave the loop in the carry's own layout, so XLA keeps that layout for the
+                # while loop's state rather than the one the next op wants.
+                result = ctx.pin_as(result, carry_name)
+            index = _identity_index(outer.dims, outer.sizes)
+            final.append(context.emit("scan_carry", [inner], result, index, name="final_carry"))
         ys = []
         for inner, value in zip(inner_ys, stacked_y):
             out_dims = (dim, *inner.dims)

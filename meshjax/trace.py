@@ -101,6 +101,7 @@ def trace(fn: Callable, params: Any, *args: Any, find_repeats: bool = True) -> G
 
     def run(values: Sequence[Any]):
         named_leaves = [NamedArray.tree_unflatten(leaf.dims, (v,)) for leaf, v in zip(leaves, values)]
+        recorder.reserve(sig.names)
         for array, name, role in zip(named_leaves, sig.names, sig.roles):
             recorder.register(array, name, role)
         p, a = jax.tree_util.tree_unflatten(sig.treedef, named_leaves)

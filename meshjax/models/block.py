@@ -1,0 +1,54 @@
+"""One GPT decoder block with a mean-square loss, as a model of its own (the foundation tests'
+smallest model with attention, norms and an MLP). Same :class:`~meshjax.models.transformer.Config`
+as the decoder; ``vocab`` and ``layers`` are unused.
+
+Params: ``ln_1/{scale,bias}``, ``attn/{w_q,w_k,w_v,w_o}``, ``ln_2/{scale,bias}``,
+``mlp/{w_in,w_out}``; input ``x`` "batch seq embed"; activations under ``block/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+import meshjax as mj
+from meshjax.models import transformer
+from meshjax.models._common import host_init
+from meshjax.models.transformer import Config, replace  # noqa: F401  (part of the model interface)
+from meshjax.named import NamedArray
+
+PRESETS: dict[str, Config] = {
+    "block-tiny": transformer.PRESETS["gpt-tiny"],
+    "block-small": transformer.PRESETS["gpt-small"],
+    "block-gpt3-175b": transformer.PRESETS["gpt3-175b"],
+}
+
+
+def sizes(config: Config) -> dict[str, int]:
+    s = transformer.sizes(config)
+    return {d: s[d] for d in ("batch", "seq", "key_seq", "embed", "heads", "head_dim", "mlp")}
+
+
+def decls(config: Config) -> dict[str, Any]:
+    return transformer.block_decls(config)
+
+
+def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
+    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
+    JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
+    return host_init(decls(config), sizes(config), key)
+
+
+def abstract_params(config: Config) -> dict[str, Any]:
+    return mj.abstract_params(decls(config), sizes(config))
+
+
+def forward(params: dict[str, Any], x: NamedArray) -> NamedArray:
+    with mj.scope("block"):
+        return transformer.block(params, x)
+
+
+loss = transformer.transformer_block_loss
+example_batch = transformer.block_example_batch
+abstract_batch = transformer.block_abstract_batch
