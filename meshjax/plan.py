@@ -65,6 +65,17 @@ class Plan:
         return {name: layout.spec() for name, layout in self.layouts.items()}
 
     @property
+    def param_specs(self) -> dict[str, PartitionSpec]:
+        """Spec of every param, by tensor name (``block_0/mlp/w_in``)."""
+        return {t.name: self.layouts[t.name].spec() for t in self.graph.params}
+
+    @property
+    def state_specs(self) -> dict[str, PartitionSpec]:
+        """Spec of each param's gradient and optimizer state (every leaf of its Adam moments):
+        the param's own layout, so the update runs where the param lives."""
+        return self.param_specs
+
+    @property
     def rules(self) -> Rules | None:
         """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name."""
         return rules_of(self.graph, self.layouts)

@@ -1,0 +1,1 @@
+"""The subcommands of ``meshjax``: each module has ``add_parser`` and ``run``."""
