@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware, get_hardware
+from meshjax.cost.memory import saved_for_backward
 from meshjax.cost.strategies import per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
@@ -112,6 +113,7 @@ class Plan:
         """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations."""
         out: dict[str, float] = defaultdict(float)
         peak = 0.0
+        saved = saved_for_backward(self.graph) if self.train else frozenset()
         for name, tensor in self.graph.tensors.items():
             b = per_device_bytes(tensor, self.layouts[name], self.mesh_shape)
             if tensor.role == "param":
@@ -123,11 +125,12 @@ class Plan:
                 out["inputs"] += b
             elif tensor.role != "constant":
                 if self.train:
-                    out["activations"] += b * self.graph.trip_count(tensor.block)
+                    if name in saved:
+                        out["activations"] += b * self.graph.trip_count(tensor.block)
+                    peak = max(peak, 2 * b)
                 else:
                     peak = max(peak, b)
-        if not self.train:
-            out["activations"] = peak
+        out["backward_peak" if self.train else "activations"] = peak
         out["total"] = sum(out.values())
         return dict(out)
 
@@ -328,13 +331,14 @@ def solve(
 def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     least = solve_ilp(problem, objective="memory")
     plan = plan_from_choice(problem, least, 0.0)
+    saved = saved_for_backward(problem.graph) if problem.train else frozenset()
     per_tensor = []
     for name, tensor in problem.graph.tensors.items():
         b = per_device_bytes(tensor, plan.layouts[name], problem.mesh_shape)
         if tensor.role == "param" and problem.train:
-            b *= 4
+            b *= 4  # param, gradient, two Adam moments
         elif tensor.role not in ("param", "input") and problem.train:
-            b *= problem.graph.trip_count(tensor.block)
+            b *= problem.graph.trip_count(tensor.block) if name in saved else 0
         per_tensor.append((b, name))
     per_tensor.sort(reverse=True)
     top = ", ".join(f"{n} ({b / 2**30:.2f} GiB)" for b, n in per_tensor[:3])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
+from meshjax.cost.memory import saved_for_backward
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
@@ -168,6 +169,7 @@ def build_problem(
 
     nodes: list[Node] = []
     node_of: dict[str, int] = {}
+    saved = saved_for_backward(graph) if train else frozenset()
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
@@ -201,7 +203,10 @@ def build_problem(
             mult = op_count[key]
             act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
             if train:
-                memory, peak = act * mult, np.zeros(len(strategies))
+                # Saved activations stay resident; the backward pass also holds, at its peak,
+                # the largest activation's cotangent and one temporary of its size.
+                kept = key in saved
+                memory, peak = act * mult * kept, 2 * act
             else:
                 memory, peak = np.zeros(len(strategies)), act
             time = np.array([s.time for s in strategies]) * mult
