@@ -19,12 +19,20 @@ from collections.abc import Sequence
 
 from meshjax.errors import MeshjaxError
 
-COMMANDS = ("plan",)
+COMMANDS = ("plan", "compare", "train")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other meshjax error."""
+
+    def error(self, message: str):
+        print(f"meshjax: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshjax", description="Plan, lower and check sharding layouts for JAX meshes.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="meshjax", description="Plan, lower and check sharding layouts for JAX meshes.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"meshjax.commands.{name}").add_parser(commands)
     return parser

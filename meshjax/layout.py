@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from difflib import get_close_matches
 from typing import Any
 
@@ -62,7 +63,7 @@ class Layout:
         """Split dims only: ``{"batch": ("data",)}``."""
         return {d: a for d, a in zip(self.dims, self.axes) if a}
 
-    @property
+    @cached_property
     def used_axes(self) -> tuple[str, ...]:
         return tuple(a for axes in self.axes for a in axes)
 

@@ -88,8 +88,21 @@ class Program:
         """Compile for concrete or abstract (``ShapeDtypeStruct``) arguments."""
         return self.lower(params, *args, grad=grad).compile()
 
+    def pinned_fn(self) -> Callable:
+        """``fn(params, *args)`` with every tensor pinned to its planned layout, for use while
+        JAX traces (inside ``jax.jit`` / ``jax.grad``)."""
+        sig = self.graph.signature
+
+        def pinned(params: Any, *args: Any) -> Any:
+            pinner = context.Pinner(self.mesh, self.specs)
+            pinner.reserve(sig.names)
+            with context.active(pinner):
+                return self.fn(params, *args)
+
+        return pinned
+
     def _run(self, param_values: list, arg_values: list) -> list[NamedArray]:
-        """The user's function on flat values, every tensor pinned (runs while JAX traces)."""
+        """:meth:`pinned_fn` on flat values; returns the output leaves."""
         sig = self.graph.signature
         values: list[Any] = [None] * len(sig.names)
         for i, v in zip(self._param_idx, param_values):
@@ -98,10 +111,7 @@ class Program:
             values[i] = v
         leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(sig.dims, values)]
         params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
-        pinner = context.Pinner(self.mesh, self.specs)
-        pinner.reserve(sig.names)
-        with context.active(pinner):
-            out = self.fn(params, *args)
+        out = self.pinned_fn()(params, *args)
         return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, NamedArray))
 
 

@@ -31,6 +31,7 @@ from meshjax.graph import Graph
 from meshjax.layout import Layout, Rules, rules_of
 from meshjax.solver.ilp import Solution, solve_ilp
 from meshjax.solver.problem import Constraints, Problem, build_problem
+from meshjax.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -341,10 +342,10 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
             b *= problem.graph.trip_count(tensor.block) if name in saved else 0
         per_tensor.append((b, name))
     per_tensor.sort(reverse=True)
-    top = ", ".join(f"{n} ({b / 2**30:.2f} GiB)" for b, n in per_tensor[:3])
+    top = ", ".join(f"{n} ({format_bytes(b)})" for b, n in per_tensor[:3])
     return InfeasibleError(
-        f"no layout fits {budget / 2**30:.2f} GiB per device on mesh {problem.mesh_shape}; "
-        f"the least memory any layout needs is {least.memory / 2**30:.2f} GiB, dominated by {top}"
+        f"no layout fits {format_bytes(budget)} per device on mesh {problem.mesh_shape}; "
+        f"the least memory any layout needs is {format_bytes(least.memory)}, dominated by {top}"
     )
 
 

@@ -21,3 +21,11 @@ def parse_bytes(text: str) -> float:
     if not match or match.group(2).lower() not in _UNITS:
         raise MeshjaxError(f"memory limit {text!r}: expected a size like 16GiB, 80GB or 8e10")
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def format_bytes(n: float) -> str:
+    """``format_bytes(1536) -> '1.50 KiB'``: the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -17,7 +17,6 @@ from meshjax.devices import make_mesh
 from meshjax.errors import InfeasibleError, LayoutError
 from meshjax.plan import factorisations, search_meshes, solve
 from meshjax.solver import build_problem, solve_exhaustive, solve_ilp
-from meshjax.solver.problem import Constraints
 from meshjax.verify import verify
 
 DIM_SIZES = {"a": 4, "b": 8, "c": 2, "d": 4, "e": 6}

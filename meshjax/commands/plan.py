@@ -1,70 +1,234 @@
-"""``meshjax plan``: solve a layout for a model preset and check it against XLA.
+"""``meshjax plan``: solve a layout for a model and check it against XLA.
 
 Example::
 
     $ meshjax plan                                   # gpt-tiny, 4x2 (data, model), train, verified
+    $ meshjax plan gpt-small --mesh 4x2 --train --verify --json plan.json --hlo plan.hlo
+    $ meshjax plan gpt-tiny --set batch=16,seq=64 --rules batch=data,mlp=model,seq=none
+    $ meshjax plan my_model.py:make --mesh 8 --axes model --inference
     $ meshjax plan gpt3-175b --mesh 8x8 --hardware h100-2node --memory-limit 80GB --no-verify
+
+MODEL is a preset name (``meshjax.models.PRESETS``) or ``path/to/file.py:callable``. The
+callable is called with the ``--set`` overrides as keyword arguments and returns either a
+:class:`meshjax.models.Example` (anything with ``loss``, ``params`` and ``batch``) or a tuple
+``(loss_fn, params, batch)``: ``loss_fn(params, *batch)`` returns a scalar ``NamedArray`` and
+``params`` / ``batch`` hold ``NamedArray`` leaves whose values are concrete arrays or
+``jax.ShapeDtypeStruct`` (abstract values are enough: nothing is run, only compiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
+import sys
+from dataclasses import dataclass
 from typing import Any
 
+from meshjax.errors import MeshjaxError
 from meshjax.units import parse_bytes
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments ``plan`` and ``compare`` share: the model and how to cost it."""
+    parser.add_argument("model", nargs="?", default="gpt-tiny",
+                        help="model preset or path/to/file.py:callable (default: gpt-tiny)")
+    parser.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
+                        help="override model config fields, e.g. batch=8,seq=128")
+    parser.add_argument("--train", dest="train", action="store_true", default=True,
+                        help="plan a training step: loss + gradients + optimizer state (default)")
+    parser.add_argument("--inference", dest="train", action="store_false", help="plan the forward pass only")
+    parser.add_argument("--hardware", default="cpu-sim", help="hardware profile (default: cpu-sim)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
+
+
 def add_parser(commands) -> None:
-    plan = commands.add_parser("plan", help="solve a layout for a model preset and (optionally) check it against XLA")
-    plan.add_argument("model", nargs="?", default="gpt-tiny", help="model preset (default: gpt-tiny)")
+    plan = commands.add_parser("plan", help="solve a layout for a model and (optionally) check it against XLA",
+                               description=__doc__.split("\n\n")[0])
+    add_model_arguments(plan)
     plan.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2, 2x2x2 (default: 4x2)")
     plan.add_argument("--axes", default=None, help="comma-separated mesh axis names (default: data,model for 2D)")
-    plan.add_argument("--train", dest="train", action="store_true", default=True, help="plan a training step (default)")
-    plan.add_argument("--inference", dest="train", action="store_false", help="plan the forward pass only")
-    plan.add_argument("--hardware", default="cpu-sim", help="hardware profile (default: cpu-sim)")
-    plan.add_argument("--rules", default=None, help='dim rules, e.g. "batch:data;seq:none"')
+    plan.add_argument("--devices", type=int, default=None, metavar="N",
+                      help="simulated CPU devices (default: the mesh's size); the mesh must use all N")
+    plan.add_argument("--rules", default=None,
+                      help='dim rules: "batch=data,mlp=model,seq=none" or "batch:data;seq:none"')
     plan.add_argument("--memory-limit", default=None, help="per-device memory budget, e.g. 16GiB")
-    plan.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
+    plan.add_argument("--hlo", default=None, metavar="FILE", help="write the compiled HLO text (implies compiling)")
     plan.add_argument("--top", type=int, default=20, help="rows of the cost table (default: 20)")
 
 
+# --- shared helpers (used by ``compare`` too) -----------------------------------------------
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"batch=8,seq=128,scan_layers=true"`` -> ``{"batch": 8, "seq": 128, "scan_layers": True}``."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier() or not value:
+            raise MeshjaxError(f"--set {text!r}: {item.strip()!r} is not of the form key=value")
+        out[key] = _value(value)
+    return out
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Loaded:
+    """A model ready to trace and compile: ``loss(params, *batch)``."""
+
+    name: str
+    loss: Any
+    params: Any
+    batch: tuple
+
+
+def load_model(spec: str, overrides: dict[str, Any], *, abstract: bool = True) -> Loaded:
+    """A preset (``gpt-tiny``) or ``path/to/file.py:callable`` (see the module docstring)."""
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        return _load_callable(spec, overrides)
+    from meshjax import models
+
+    ex = models.example(spec, abstract=abstract, **overrides)
+    return Loaded(spec, ex.loss, ex.params, tuple(ex.batch))
+
+
+def _load_callable(spec: str, overrides: dict[str, Any]) -> Loaded:
+    path, _, attr = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise MeshjaxError(f"model {spec!r}: no file {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"_meshjax_user_{abs(hash(path))}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise MeshjaxError(f"model {spec!r}: cannot import {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        module_spec.loader.exec_module(module)
+    except MeshjaxError:
+        raise
+    except Exception as err:  # a user's file: report, do not crash
+        raise MeshjaxError(f"model {spec!r}: importing {path!r} failed: {type(err).__name__}: {err}") from None
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise MeshjaxError(f"model {spec!r}: {path!r} has no callable {attr!r}")
+    try:
+        made = fn(**overrides)
+    except TypeError as err:
+        raise MeshjaxError(f"model {spec!r}: calling {attr}({', '.join(overrides)}) failed: {err}") from None
+    if all(hasattr(made, a) for a in ("loss", "params", "batch")):
+        return Loaded(spec, made.loss, made.params, tuple(made.batch))
+    if isinstance(made, tuple) and len(made) == 3 and callable(made[0]):
+        loss, params, batch = made
+        return Loaded(spec, loss, params, tuple(batch) if isinstance(batch, (tuple, list)) else (batch,))
+    raise MeshjaxError(
+        f"model {spec!r}: {attr}() must return a meshjax.models.Example or a tuple (loss_fn, params, batch), "
+        f"got {type(made).__name__}"
+    )
+
+
+def setup_devices(count: int, requested: int | None, what: str) -> None:
+    """Simulate ``requested`` (default ``count``) CPU devices; ``what`` must use all of them."""
+    from meshjax.devices import use_cpu_devices
+
+    if requested is not None:
+        if requested < 1:
+            raise MeshjaxError(f"--devices {requested}: must be positive")
+        if requested != count:
+            raise MeshjaxError(f"{what} has {count} devices but --devices is {requested}")
+    use_cpu_devices(count)
+
+
+def compiled_json(report) -> dict[str, Any]:
+    return {"comm_bytes": report.comm_bytes, "collectives": report.by_kind(), "memory": report.memory}
+
+
+def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
+    """The ``meshjax plan --json`` document (schema in docs/cli.md)."""
+    full = plan.to_json()
+    out: dict[str, Any] = {
+        "model": model,
+        "mesh": full["mesh"],
+        "hardware": full["hardware"],
+        "train": full["train"],
+        "tensors": full["tensors"],
+        "rules": full["rules"],
+        "predicted": {
+            "step_time_s": plan.step_time_s,
+            "comm_bytes": plan.comm_bytes,
+            "peak_memory_bytes": plan.peak_memory_bytes,
+        },
+    }
+    if compiled is not None:
+        out["compiled"] = compiled_json(compiled)
+    out["solve_time_s"] = plan.solve_time_s
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
 def run(args: argparse.Namespace) -> int:
-    # Parse the mesh and configure simulated devices before anything starts a JAX backend.
-    from meshjax.devices import parse_mesh_shape, use_cpu_devices
+    # Check every argument and configure simulated devices before anything starts a JAX backend.
+    from meshjax.cost.hardware import get_hardware
+    from meshjax.devices import parse_mesh_shape
+    from meshjax.layout import parse_rules
 
     axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
     mesh_shape = parse_mesh_shape(args.mesh, axes)
     budget = parse_bytes(args.memory_limit) if args.memory_limit else None
-    verify = True if args.verify is None else args.verify
-    if verify:
-        use_cpu_devices(math.prod(mesh_shape.values()))
+    hardware = get_hardware(args.hardware)
+    rules = parse_rules(args.rules) if args.rules else None
+    overrides = parse_overrides(args.overrides)
+    compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
+    n = math.prod(mesh_shape.values())
+    if compile_it or args.devices is not None:
+        setup_devices(n, args.devices, f"mesh {args.mesh}")
 
     from rich.console import Console
 
     import meshjax as mj
-    from meshjax import models
     from meshjax.plan import solve
 
     console = Console()
-    example = models.example(args.model, abstract=True)
-    graph = mj.trace(example.loss, example.params, *example.batch)
-    plan = solve(graph, mesh_shape, hardware=args.hardware, train=args.train, rules=args.rules, memory_budget=budget)
+    model = load_model(args.model, overrides)
+    graph = mj.trace(model.loss, model.params, *model.batch)
+    plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
 
-    out: dict[str, Any] = {"model": args.model, **plan.to_json()}
-    if verify:
+    report = None
+    if compile_it:
         from meshjax.devices import make_mesh
         from meshjax.inspect import inspect_compiled
 
         mesh = make_mesh(mesh_shape)
-        compiled = plan.program(example.loss, mesh).compile(example.params, *example.batch, grad=args.train)
+        compiled = plan.program(model.loss, mesh).compile(model.params, *model.batch, grad=args.train)
+        if args.hlo:
+            with open(args.hlo, "w") as f:
+                f.write(compiled.as_text())
+            console.print(f"wrote compiled HLO to {args.hlo}")
         report = inspect_compiled(compiled, mesh)
         console.print(report.table())
         # The compiled program is loss + grads: it holds no optimizer state, so leave that out.
@@ -75,9 +239,8 @@ def run(args: argparse.Namespace) -> int:
             f"memory/device:   predicted {predicted_mem:,.0f}, compiled "
             + (f"{compiled_mem:,} (arguments + outputs + temporaries - aliased)" if compiled_mem is not None else "n/a")
         )
-        out["compiled"] = {"comm_bytes": report.comm_bytes, "by_kind": report.by_kind(), "memory": report.memory}
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(plan_json(model.name, plan, report), f, indent=2)
         console.print(f"wrote {args.json_path}")
     return 0

@@ -1,4 +1,9 @@
-"""Alpha-beta (latency + bytes / bandwidth) costs of ring collectives over mesh axes.
+"""Alpha-beta (latency + bytes / bandwidth) costs of collectives over mesh axes.
+
+Bandwidth terms are those of ring algorithms (each byte crosses ``(n-1)/n`` of the ring);
+latency terms are those of tree / recursive-doubling algorithms (``ceil(log2 n)`` steps), which
+is what NCCL and XLA switch to for the small messages where latency matters. An all-to-all
+exchanges with every peer (``n-1`` steps); a collective-permute is one step.
 
 ``nbytes`` is always the collective's *result* bytes per device, the same quantity
 :mod:`meshjax.inspect` reads from compiled HLO, so predicted and compiled comm bytes compare
@@ -54,12 +59,13 @@ def collective_time(
     bandwidth = min(link.bandwidth for link in links)
     latency = max(link.latency for link in links) * latency_share
     steps = n - 1
+    rounds = math.ceil(math.log2(n))
     if kind == "all-reduce":  # reduce-scatter then all-gather of the result
-        return 2 * steps / n * nbytes / bandwidth + 2 * steps * latency
+        return 2 * steps / n * nbytes / bandwidth + 2 * rounds * latency
     if kind == "all-gather":  # result is the gathered array
-        return steps / n * nbytes / bandwidth + steps * latency
+        return steps / n * nbytes / bandwidth + rounds * latency
     if kind == "reduce-scatter":  # result is one shard of an n times larger input
-        return steps * nbytes / bandwidth + steps * latency
+        return steps * nbytes / bandwidth + rounds * latency
     if kind == "all-to-all":
         return steps / n * nbytes / bandwidth + steps * latency
     if kind == "collective-permute":  # every device sends its whole buffer to another

@@ -102,7 +102,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     peak = hw.peak_flops(result_tensor.dtype if result_tensor.dtype != "bool" else "float32")
     # XLA reshards on the cheaper side of an op: when the result is smaller than an operand it
     # computes in the operand's layout and gathers the result. Offer those strategies too.
-    shrinks = result_tensor.nbytes < max((t.nbytes for t in operand_tensors), default=0)
+    shrinks = 2 * result_tensor.nbytes <= max((t.nbytes for t in operand_tensors), default=0)
     strategies = []
     for assign in enumerate_assignments(loop, mesh_shape, index.whole):
         partial = tuple(a for d in index.reduced for a in assign.get(d, ()))

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import jax
 
 from meshjax.errors import MeshjaxError
-from meshjax.models import block, mlp, transformer
+from meshjax.models import block, llama, mlp, moe, transformer
 
-MODULES: dict[str, ModuleType] = {"mlp": mlp, "transformer": transformer, "block": block}
+MODULES: dict[str, ModuleType] = {"mlp": mlp, "transformer": transformer, "block": block, "llama": llama, "moe": moe}
 
 _REGISTRY: dict[str, tuple[ModuleType, Any]] = {
     name: (module, config) for module in MODULES.values() for name, config in module.PRESETS.items()
@@ -87,7 +87,9 @@ def example(name: str, key: jax.Array | int = 0, *, abstract: bool = False, **ov
         params, batch = module.abstract_params(config), module.abstract_batch(config)
     else:
         params, batch = module.init(config, key), module.example_batch(config, key)
-    return Example(name, module, config, module.loss, params, tuple(batch))
+    # A model whose loss depends on its config (MoE routing) builds it from the config.
+    loss = module.make_loss(config) if hasattr(module, "make_loss") else module.loss
+    return Example(name, module, config, loss, params, tuple(batch))
 
 
-__all__ = ["MODULES", "PRESETS", "Example", "UnknownModelError", "example", "get", "block", "mlp", "transformer"]
+__all__ = ["MODULES", "PRESETS", "Example", "UnknownModelError", "example", "get", "block", "llama", "mlp", "moe", "transformer"]

@@ -200,6 +200,7 @@ def build_problem(
             ]
             if not strategies:
                 raise InfeasibleError(f"op {op.name!r} ({op.kind}): no strategy meets the rules/pins ({_describe(constraints, tensor)})")
+            strategies = _cheapest_per_layouts(strategies)
             mult = op_count[key]
             act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
             if train:
@@ -223,7 +224,7 @@ def build_problem(
     cache: dict[tuple, float] = {}
 
     def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool) -> float:
-        key = (tensor.name, a, b, needs_grad)
+        key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad)  # q, k, v share
         if key not in cache:
             cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad)[0]
         return cache[key]
@@ -253,6 +254,17 @@ def build_problem(
             continue
         edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
+
+
+def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
+    """Of strategies that take and give the same layouts (so cost the same memory and reshards),
+    only the fastest can be optimal."""
+    best: dict[tuple, Strategy] = {}
+    for s in strategies:
+        key = (s.result_layout, s.operand_layouts)
+        if key not in best or s.time < best[key].time:
+            best[key] = s
+    return list(best.values())
 
 
 _REDUCTIONS = ("sum", "mean", "max", "logsumexp", "cross_entropy")

@@ -1,0 +1,308 @@
+"""The solver's plan against hand-written strategies, on every 8-device mesh, compiled and run.
+
+For each model x mesh (``8`` as data, ``8`` as model, ``4x2``, ``2x4``) x strategy (the solver's
+plan and each baseline of :mod:`meshjax.baselines`), training step (loss + grads):
+
+- predicted step time under every hardware profile (the solver row is the plan solved for that
+  profile; baselines are priced with the same cost model), predicted memory per device;
+- compiled comm bytes per collective kind and compiled memory per device (XLA's
+  ``memory_analysis``: arguments + outputs + temporaries - aliased), compile time;
+- measured step time on the simulated CPU devices (median of ``--repeats`` runs after a
+  warm-up, concrete params), solve time.
+
+The solver row that is compiled and run is the plan solved for ``cpu-sim``. Rows where the
+solver's plan is worse than the best baseline that fits (predicted time under the profile it was
+solved for, or compiled comm bytes against that same baseline) are flagged.
+
+    $ python benchmarks/compare_meshes.py --quick        # mlp-small, gpt-tiny: minutes on 2 cores
+    $ python benchmarks/compare_meshes.py                # + gpt-small, llama-tiny, moe-tiny (if present)
+
+Writes ``benchmarks/results/compare_meshes{,_quick}.{json,md}`` and ``compare_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import meshjax.devices
+
+meshjax.devices.use_cpu_devices(8)
+
+import jax  # noqa: E402
+
+import meshjax as mj  # noqa: E402
+from meshjax import models  # noqa: E402
+from meshjax.baselines import BASELINES, predict  # noqa: E402
+from meshjax.commands.compare import mesh_label  # noqa: E402
+from meshjax.cost.hardware import PROFILES  # noqa: E402
+from meshjax.devices import make_mesh  # noqa: E402
+from meshjax.errors import InfeasibleError  # noqa: E402
+from meshjax.inspect import inspect_compiled  # noqa: E402
+from meshjax.lower import Program  # noqa: E402
+from meshjax.plan import solve  # noqa: E402
+from meshjax.solver.problem import build_problem  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
+QUICK_MODELS = ["mlp-small", "gpt-tiny"]
+FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
+HARDWARE = list(PROFILES)
+REL_TOL = 1e-6
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "devices": f"{jax.device_count()} simulated {jax.devices()[0].platform.upper()} devices",
+    }
+
+
+def run_layouts(ex, graph, mesh_shape, layouts, repeats: int) -> dict:
+    """Compile loss + grads under ``layouts``, read the HLO, time ``repeats`` steps."""
+    mesh = make_mesh(mesh_shape)
+    program = Program(ex.loss, graph, mesh, layouts)
+    jitted = program.jit(grad=True)
+    start = time.perf_counter()
+    compiled = jitted.lower(ex.params, *ex.batch).compile()
+    compile_s = time.perf_counter() - start
+    report = inspect_compiled(compiled, mesh)
+    params, batch = program.place(ex.params, *ex.batch)
+    pv, av = jitted._split(params, batch)
+    jax.block_until_ready(compiled(pv, av))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(pv, av))
+        times.append(time.perf_counter() - t)
+    return {
+        "compile_s": compile_s,
+        "comm_bytes": report.comm_bytes,
+        "collectives": report.by_kind(),
+        "memory_bytes": report.memory.get("peak_bytes"),
+        "measured_step_s": statistics.median(times),
+        "measured_steps": len(times),
+    }
+
+
+def bench_model(name: str, repeats: int, log) -> list[dict]:
+    ex = models.example(name)  # concrete: it runs
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    rows = []
+    for mesh_shape in MESHES:
+        label = mesh_label(mesh_shape)
+        solved = {}
+        for hw in HARDWARE:
+            start = time.perf_counter()
+            solved[hw] = solve(graph, mesh_shape, hardware=hw, train=True)
+            solved[hw].solve_time_s = time.perf_counter() - start
+        problems = {hw: build_problem(graph, mesh_shape, PROFILES[hw], train=True) for hw in HARDWARE}
+        strategies = {"solver": (solved["cpu-sim"].layouts, [], False)}
+        for bname, fn in BASELINES.items():
+            base = fn(graph, mesh_shape)
+            strategies[bname] = (base.layouts, list(base.notes), base.partial)
+        compiled_cache: dict[tuple, tuple[str, dict]] = {}
+        for sname, (layouts, notes, partial) in strategies.items():
+            row = {"model": name, "mesh": mesh_shape, "mesh_label": label, "strategy": sname, "notes": notes}
+            predicted = {}
+            for hw in HARDWARE:
+                if sname == "solver":
+                    plan = solved[hw]
+                    extra = []
+                else:
+                    plan, extra = predict(graph, mesh_shape, layouts, hw, True, problem=problems[hw])
+                    if hw == "cpu-sim":
+                        notes.extend(extra)
+                predicted[hw] = {
+                    "step_time_s": plan.step_time_s,
+                    "comm_bytes": plan.comm_bytes,
+                    "memory_bytes": plan.peak_memory_bytes,
+                    "fits": plan.peak_memory_bytes <= PROFILES[hw].memory_bytes,
+                }
+            if sname == "solver":
+                row["solve_time_s"] = {hw: p.solve_time_s for hw, p in solved.items()}
+                row["solver_layouts_differ_by_hardware"] = sorted(
+                    hw for hw, p in solved.items() if p.layouts != solved["cpu-sim"].layouts
+                )
+            if partial:
+                notes.insert(0, "activations left to XLA propagation (predicted: the solver's completion)")
+            row["predicted"] = predicted
+            key = (partial, tuple(sorted((n, l.axes) for n, l in layouts.items())))
+            if key in compiled_cache:
+                same, result = compiled_cache[key]
+                notes.append(f"same layout as {same}")
+            else:
+                result = run_layouts(ex, graph, mesh_shape, layouts, repeats)
+                compiled_cache[key] = (sname, result)
+            row["compiled"] = result
+            rows.append(row)
+            log(f"{name:10s} {label:10s} {sname:9s} pred(cpu-sim) {predicted['cpu-sim']['step_time_s'] * 1e3:8.4f} ms "
+                f"comm {result['comm_bytes']:>9,} B  measured {result['measured_step_s'] * 1e3:7.2f} ms "
+                f"compile {result['compile_s']:.1f} s")
+    return rows
+
+
+def flag(rows: list[dict]) -> list[dict]:
+    """Per (model, mesh, hardware): the solver against the best baseline that fits."""
+    flags = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mesh_label"]), []).append(r)
+    for (model, mesh), group in groups.items():
+        solver = next(r for r in group if r["strategy"] == "solver")
+        bases = [r for r in group if r["strategy"] != "solver"]
+        for hw in HARDWARE:
+            fitting = [r for r in bases if r["predicted"][hw]["fits"]]
+            if not fitting:
+                continue
+            best = min(fitting, key=lambda r: r["predicted"][hw]["step_time_s"])
+            s_time, b_time = solver["predicted"][hw]["step_time_s"], best["predicted"][hw]["step_time_s"]
+            entry = {"model": model, "mesh": mesh, "hardware": hw, "best_baseline": best["strategy"],
+                     "solver_step_s": s_time, "baseline_step_s": b_time}
+            if s_time > b_time * (1 + REL_TOL):
+                flags.append({**entry, "what": "predicted step time"})
+            if hw == "cpu-sim":
+                s_comm, b_comm = solver["compiled"]["comm_bytes"], best["compiled"]["comm_bytes"]
+                if s_comm > b_comm:
+                    flags.append({**entry, "what": "compiled comm bytes", "solver_comm_bytes": s_comm,
+                                  "baseline_comm_bytes": b_comm})
+    return flags
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [
+        f"# Solver vs hand-written strategies on 8 devices{' (quick)' if doc['quick'] else ''}",
+        "",
+        f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, JAX {m['jax']}, {m['devices']}.",
+        f"Training step (loss + grads). Measured: median of {doc['repeats']} CPU steps after a warm-up. "
+        "Predicted times per hardware profile in ms; the solver row's plan is solved for each profile "
+        "(compiled/measured: the cpu-sim plan). Memory: compiled bytes per device (args + outputs + temps - aliased). "
+        "**bold**: fastest predicted on its mesh under h100-node.",
+        "",
+        "| model | mesh | strategy | " + " | ".join(f"pred. {hw} ms" for hw in HARDWARE)
+        + " | compiled comm B | collectives | compiled mem/dev KiB | measured CPU ms | solve s | compile s |",
+        "|" + "---|" * (3 + len(HARDWARE) + 6),
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in doc["rows"]:
+        groups.setdefault((r["model"], r["mesh_label"]), []).append(r)
+    for (model, mesh), group in groups.items():
+        best = min(r["predicted"]["h100-node"]["step_time_s"] for r in group)
+        for r in group:
+            c = r["compiled"]
+            colls = ", ".join(f"{k} {v['count']}x/{v['bytes']:,}B" for k, v in sorted(c["collectives"].items()))
+            preds = []
+            for hw in HARDWARE:
+                t = r["predicted"][hw]["step_time_s"] * 1e3
+                s = f"{t:.4f}"
+                if hw == "h100-node" and r["predicted"][hw]["step_time_s"] <= best * (1 + REL_TOL):
+                    s = f"**{s}**"
+                preds.append(s)
+            solve_s = f"{r['solve_time_s']['cpu-sim']:.2f}" if "solve_time_s" in r else ""
+            mem = f"{c['memory_bytes'] / 1024:,.0f}" if c["memory_bytes"] is not None else "n/a"
+            lines.append(
+                f"| {model} | {mesh} | {r['strategy']} | " + " | ".join(preds)
+                + f" | {c['comm_bytes']:,} | {colls or '-'} | {mem} | {c['measured_step_s'] * 1e3:.2f} | {solve_s} | {c['compile_s']:.1f} |"
+            )
+    lines += ["", "## Where the solver's plan is not the best", ""]
+    if not doc["flags"]:
+        lines.append("Nowhere: on every model, mesh and profile the solver's plan is at least as fast (predicted) "
+                     "as the best baseline that fits, and moves no more compiled bytes than it.")
+    for f in doc["flags"]:
+        if f["what"] == "predicted step time":
+            lines.append(f"- {f['model']} on {f['mesh']} ({f['hardware']}): predicted {f['solver_step_s'] * 1e3:.4f} ms "
+                         f"vs {f['best_baseline']} {f['baseline_step_s'] * 1e3:.4f} ms")
+        else:
+            lines.append(f"- {f['model']} on {f['mesh']}: compiled comm {f['solver_comm_bytes']:,} B vs "
+                         f"{f['best_baseline']} (fastest baseline on cpu-sim) {f['baseline_comm_bytes']:,} B")
+    notes = sorted({(r["strategy"], n) for r in doc["rows"] for n in r["notes"] if not n.startswith("same layout")})
+    if notes:
+        lines += ["", "## Baseline notes", ""] + [f"- {s}: {n}" for s, n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plots(doc: dict, stem: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = []
+    models_ = list(dict.fromkeys(r["model"] for r in doc["rows"]))
+    strategies = list(dict.fromkeys(r["strategy"] for r in doc["rows"]))
+    meshes = list(dict.fromkeys(r["mesh_label"] for r in doc["rows"]))
+    for metric, title, get in (
+        ("comm", "compiled comm bytes per step (KiB)", lambda r: r["compiled"]["comm_bytes"] / 1024),
+        ("predicted", "predicted step time on h100-node (us)", lambda r: r["predicted"]["h100-node"]["step_time_s"] * 1e6),
+        ("measured", "measured CPU step time (ms)", lambda r: r["compiled"]["measured_step_s"] * 1e3),
+    ):
+        fig, axes = plt.subplots(1, len(models_), figsize=(4.5 * len(models_), 3.6), squeeze=False)
+        for ax, model in zip(axes[0], models_):
+            x = np.arange(len(meshes))
+            width = 0.8 / len(strategies)
+            for i, s in enumerate(strategies):
+                vals = []
+                for mesh in meshes:
+                    r = next((r for r in doc["rows"] if r["model"] == model and r["mesh_label"] == mesh and r["strategy"] == s), None)
+                    vals.append(get(r) if r else 0)
+                ax.bar(x + i * width, vals, width, label=s)
+            ax.set_xticks(x + 0.4 - width / 2, meshes, fontsize=8)
+            ax.set_title(model, fontsize=10)
+        axes[0][0].set_ylabel(title, fontsize=9)
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = RESULTS / f"{stem}_{metric}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        out.append(str(path))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"models {', '.join(QUICK_MODELS)}; 5 measured steps")
+    parser.add_argument("--models", default=None, help="comma-separated presets (default: per --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured steps per layout (>= 5)")
+    args = parser.parse_args(argv)
+    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
+    repeats = max(5, args.repeats or (5 if args.quick else 20))
+    start = time.perf_counter()
+    rows, skipped = [], []
+    for name in names:
+        if name not in models.PRESETS:
+            print(f"skipping {name}: not a preset of this meshjax", flush=True)
+            skipped.append(name)
+            continue
+        try:
+            rows += bench_model(name, repeats, lambda s: print(s, flush=True))
+        except InfeasibleError as err:
+            print(f"skipping {name}: {err}", flush=True)
+            skipped.append(name)
+    doc = {"quick": args.quick, "machine": machine(), "repeats": repeats, "hardware": HARDWARE,
+           "models": [n for n in names if n not in skipped], "skipped": skipped, "rows": rows}
+    doc["flags"] = flag(rows)
+    doc["wall_s"] = time.perf_counter() - start
+    RESULTS.mkdir(exist_ok=True)
+    stem = "compare_meshes_quick" if args.quick else "compare_meshes"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(doc))
+    pngs = plots(doc, stem)
+    print(f"wrote {RESULTS / stem}.json, .md and {len(pngs)} plots in {doc['wall_s']:.0f} s; {len(doc['flags'])} flags")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

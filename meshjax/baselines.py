@@ -1,0 +1,310 @@
+"""Hand-written sharding strategies, as layout assignments for a traced graph, and a way to price
+any assignment with the solver's cost model.
+
+Each strategy is a function ``(graph, mesh_shape) -> Baseline``: a layout for the tensors it
+decides (``layouts``, name -> :class:`~meshjax.layout.Layout`) and ``notes`` saying where it had
+to deviate (a dim that no mesh axis divides stays replicated; a rule for an axis the mesh does
+not have is dropped).
+
+Axis roles. ``dp`` and ``fsdp`` use every mesh axis as a data axis (8 devices of data
+parallelism whatever the mesh is called). ``megatron`` and ``xla-prop`` use the axis named
+``model`` (on a 1D mesh: its only axis) for tensor parallelism and every other axis for data.
+``mtf`` and ``gspmd`` are named rules: they use the axes called ``data`` and ``model`` and drop
+rules for an axis the mesh lacks.
+
+=============  ==========================================================================
+``dp``         batch split over all axes, params replicated
+``fsdp``       ZeRO-3: batch over all axes, each param split on its largest dim divisible
+               by the data axes (gathered by XLA before use)
+``megatron``   Megatron-LM tensor parallel: mlp, heads and vocab on ``model`` (column then
+               row parallel), batch on the other axes, the residual stream replicated
+``mtf``        Mesh-TensorFlow rules ``batch:data;mlp:model;heads:model;vocab:model``
+``gspmd``      GSPMD's 2D layout: weights split on both axes (embed on ``data``;
+               mlp/heads/vocab on ``model``), activations batch on ``data`` and
+               mlp/heads/vocab on ``model``
+``xla-prop``   what a typical user writes: inputs batch on the data axes and params
+               Megatron-style; activations are left for XLA's sharding propagation
+=============  ==========================================================================
+
+Example::
+
+    >>> base = BASELINES["fsdp"](graph, {"data": 4, "model": 2})      # doctest: +SKIP
+    >>> plan, notes = predict(graph, {"data": 4, "model": 2}, base.layouts, "h100-node", train=True)
+    >>> plan.step_time_s, plan.comm_bytes, plan.peak_memory_bytes
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from meshjax.cost.hardware import Hardware, get_hardware
+from meshjax.errors import InfeasibleError, MeshjaxError
+from meshjax.graph import Graph, Tensor
+from meshjax.layout import Layout
+from meshjax.solver.ilp import solve_ilp
+from meshjax.solver.problem import Edge, Node, Problem, build_problem
+
+MeshShape = Mapping[str, int]
+Wanted = Mapping[str, tuple[str, ...]]  # dim -> mesh axes a strategy wants for it
+
+
+@dataclass
+class Baseline:
+    """A hand-written strategy's layouts on one mesh. ``partial``: only some tensors are
+    pinned (the rest are left to XLA's propagation when compiled, to the solver when priced)."""
+
+    name: str
+    layouts: dict[str, Layout]
+    notes: list[str] = field(default_factory=list)
+    partial: bool = False
+
+
+# --- building layouts ------------------------------------------------------------------------
+
+
+def _assign(
+    graph: Graph,
+    mesh_shape: MeshShape,
+    want: Callable[[Tensor], Wanted | None],
+    notes: list[str],
+) -> dict[str, Layout]:
+    """A layout per tensor for which ``want`` gives ``{dim: axes}``: axes the mesh lacks are
+    dropped, an axis already used by an earlier dim of the tensor is dropped, and a dim whose
+    size the axes do not divide stays replicated (each such fallback is noted once per dim)."""
+    out: dict[str, Layout] = {}
+    seen_notes: set[str] = set()
+
+    def note(text: str) -> None:
+        if text not in seen_notes:
+            seen_notes.add(text)
+            notes.append(text)
+
+    for name, tensor in graph.tensors.items():
+        wanted = want(tensor)
+        if wanted is None:
+            continue
+        used: set[str] = set()
+        axes_per_dim = []
+        for dim, size in zip(tensor.dims, tensor.shape):
+            axes = tuple(a for a in wanted.get(dim, ()) if a in mesh_shape and mesh_shape[a] > 1 and a not in used)
+            factor = math.prod(mesh_shape[a] for a in axes)
+            if axes and size % factor:
+                note(f"{dim} ({size}) is not divisible by {'+'.join(axes)} ({factor}): replicated")
+                axes = ()
+            used.update(axes)
+            axes_per_dim.append(axes)
+        out[name] = Layout(tensor.dims, tuple(axes_per_dim))
+    return out
+
+
+def _roles(mesh_shape: MeshShape) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(data axes, model axes) for tensor-parallel strategies: ``model`` (on a 1D mesh, its only
+    axis) is the model axis, every other axis a data axis."""
+    names = tuple(mesh_shape)
+    if len(names) == 1:
+        return (), names
+    model = tuple(a for a in names if a == "model") or names[-1:]
+    return tuple(a for a in names if a not in model), model
+
+
+def _all_axes(mesh_shape: MeshShape) -> tuple[str, ...]:
+    return tuple(a for a in mesh_shape if mesh_shape[a] > 1)
+
+
+_TP_DIMS = ("mlp", "heads", "vocab", "experts")
+
+
+def data_parallel(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    notes: list[str] = []
+    axes = _all_axes(mesh_shape)
+    layouts = _assign(graph, mesh_shape, lambda t: {} if t.role == "param" else {"batch": axes}, notes)
+    return Baseline("dp", layouts, notes)
+
+
+def fsdp(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    """ZeRO-3: batch on all axes; every param split on its largest dim the axes divide."""
+    notes: list[str] = []
+    axes = _all_axes(mesh_shape)
+    factor = math.prod(mesh_shape[a] for a in axes)
+
+    def want(t: Tensor) -> Wanted:
+        if t.role != "param":
+            return {"batch": axes}
+        fits = [(size, i) for i, size in enumerate(t.shape) if size % factor == 0]
+        if not fits:
+            if t.shape and max(t.shape) >= factor:
+                notes.append(f"{t.name}: no dim divisible by {factor}: replicated")
+            return {}
+        _, i = max(fits)
+        return {t.dims[i]: axes}
+
+    layouts = _assign(graph, mesh_shape, want, notes)
+    small = [n for n in notes if n.endswith(": replicated") and ": no dim" in n]
+    if len(small) > 3:  # many small params (biases, norms): say it once
+        notes = [n for n in notes if n not in small] + [f"{len(small)} params have no dim divisible by {factor}: replicated"]
+    return Baseline("fsdp", layouts, notes)
+
+
+def _megatron_want(mesh_shape: MeshShape) -> Callable[[Tensor], Wanted]:
+    data, model = _roles(mesh_shape)
+    rules = {d: model for d in _TP_DIMS}
+
+    def want(t: Tensor) -> Wanted:
+        return rules if t.role == "param" else {"batch": data, **rules}
+
+    return want
+
+
+def megatron(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    notes: list[str] = []
+    return Baseline("megatron", _assign(graph, mesh_shape, _megatron_want(mesh_shape), notes), notes)
+
+
+MTF_RULES = {"batch": ("data",), "mlp": ("model",), "heads": ("model",), "vocab": ("model",)}
+
+
+def mesh_tensorflow(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    notes: list[str] = []
+    rules = {d: a for d, a in MTF_RULES.items() if d in graph.dim_names}
+    missing = sorted({a for axes in rules.values() for a in axes} - set(mesh_shape))
+    if missing:
+        notes.append(f"mesh has no axis {', '.join(missing)}: those rules dropped")
+    return Baseline("mtf", _assign(graph, mesh_shape, lambda t: rules, notes), notes)
+
+
+def gspmd_2d(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    notes: list[str] = []
+    model = {d: ("model",) for d in _TP_DIMS}
+    weights = {"embed": ("data",), **model}
+    acts = {"batch": ("data",), **model}
+    if not {"data", "model"} <= set(mesh_shape):
+        notes.append(f"mesh has no axis {', '.join(sorted({'data', 'model'} - set(mesh_shape)))}: those rules dropped")
+    return Baseline("gspmd", _assign(graph, mesh_shape, lambda t: weights if t.role == "param" else acts, notes), notes)
+
+
+def xla_propagation(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    notes: list[str] = []
+    mega = _megatron_want(mesh_shape)
+    layouts = _assign(graph, mesh_shape, lambda t: mega(t) if t.role in ("param", "input") else None, notes)
+    return Baseline("xla-prop", layouts, notes, partial=True)
+
+
+BASELINES: dict[str, Callable[[Graph, MeshShape], Baseline]] = {
+    "dp": data_parallel,
+    "fsdp": fsdp,
+    "megatron": megatron,
+    "mtf": mesh_tensorflow,
+    "gspmd": gspmd_2d,
+    "xla-prop": xla_propagation,
+}
+"""Every baseline by name, in the order tables list them."""
+
+
+def baseline(name: str, graph: Graph, mesh_shape: MeshShape) -> Baseline:
+    try:
+        fn = BASELINES[name]
+    except KeyError:
+        raise MeshjaxError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}") from None
+    return fn(graph, dict(mesh_shape))
+
+
+def all_baselines(graph: Graph, mesh_shape: MeshShape) -> list[Baseline]:
+    return [fn(graph, dict(mesh_shape)) for fn in BASELINES.values()]
+
+
+# --- pricing an assignment -------------------------------------------------------------------
+
+
+def _restrict(problem: Problem, allowed: list[np.ndarray]) -> Problem:
+    """``problem`` with node ``k`` limited to options ``allowed[k]``."""
+    nodes = [
+        replace(
+            n,
+            options=[n.options[i] for i in keep],
+            result_layouts=[n.result_layouts[i] for i in keep],
+            time=n.time[keep],
+            memory=n.memory[keep],
+            peak=n.peak[keep],
+        )
+        for n, keep in zip(problem.nodes, allowed)
+    ]
+    edges = [
+        replace(e, src_group=e.src_group[allowed[e.src]], dst_group=e.dst_group[allowed[e.dst]]) for e in problem.edges
+    ]
+    return Problem(problem.graph, problem.mesh_shape, problem.hardware, problem.train, nodes, edges, problem.node_of)
+
+
+def predict(
+    graph: Graph,
+    mesh_shape: MeshShape,
+    layouts: Mapping[str, Layout],
+    hardware: str | Hardware = "h100-node",
+    train: bool = False,
+    *,
+    strict: bool = False,
+    optimizer_state_factor: float = 2.0,
+    problem: Problem | None = None,
+):
+    """Price a manual assignment with the solver's cost model: ``(plan, notes)``.
+
+    Each decision (a source tensor, or an op's strategy, which fixes its result's layout) is
+    limited to the options whose layout is the one given; where several strategies give that
+    layout (they differ in operand layouts, hence reshards) the cheapest is taken. Tensors with
+    no layout given are left free and chosen by the solver: an optimistic price for what XLA's
+    propagation does with them. A layout that is not among a decision's options is reported in
+    ``notes`` and that decision left free too (``strict=True`` raises instead). ``problem``: an
+    unconstrained :func:`~meshjax.solver.problem.build_problem` of the same graph, mesh,
+    hardware and mode, to reuse across assignments.
+    """
+    start = time.perf_counter()
+    mesh_shape = dict(mesh_shape)
+    hw = get_hardware(hardware)
+    if problem is None:
+        problem = build_problem(graph, mesh_shape, hw, train=train, optimizer_state_factor=optimizer_state_factor)
+    notes: list[str] = []
+    allowed = []
+    for node in problem.nodes:
+        given = [layouts[n] for n in node.members if n in layouts]
+        everything = np.arange(len(node.options))
+        if not given:
+            allowed.append(everything)
+            continue
+        want = given[0]
+        if any(g.axes != want.axes for g in given[1:]):
+            notes.append(f"{node.key}: tied instances have different layouts; priced as {want}")
+        keep = np.array([i for i, l in enumerate(node.result_layouts) if l.axes == want.axes], dtype=np.int64)
+        if keep.size == 0:
+            what = f"op {node.op.name!r} has no strategy giving" if node.op is not None else "no valid layout is"
+            message = f"{node.key}: {what} {want}; priced as the solver's choice"
+            if strict:
+                raise InfeasibleError(message)
+            notes.append(message)
+            keep = everything
+        allowed.append(keep)
+    restricted = _restrict(problem, allowed)
+    solution = solve_ilp(restricted)
+    from meshjax.plan import plan_from_choice
+
+    plan = plan_from_choice(restricted, solution, time.perf_counter() - start)
+    return plan, notes
+
+
+__all__ = [
+    "BASELINES",
+    "Baseline",
+    "MTF_RULES",
+    "all_baselines",
+    "baseline",
+    "data_parallel",
+    "fsdp",
+    "gspmd_2d",
+    "megatron",
+    "mesh_tensorflow",
+    "predict",
+    "xla_propagation",
+]

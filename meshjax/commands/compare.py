@@ -1,0 +1,273 @@
+"""``meshjax compare``: the solver's plan against hand-written strategies on every mesh shape.
+
+Example::
+
+    $ meshjax compare gpt-tiny --devices 8                      # 8, 8 (model), 2x4, 4x2
+    $ meshjax compare gpt-small --devices 8 --meshes 4x2 --hardware h100-node --json cmp.json
+    $ meshjax compare gpt3-1.3b --devices 64 --hardware h100-2node   # large: predictions only
+
+For each mesh (the 1D mesh as ``data`` and as ``model``, then every 2D factorisation
+``data x model`` with both sizes above one) it solves a plan and lays out each baseline of
+:mod:`meshjax.baselines`, prices all of them with the same cost model (predicted step time and
+memory per device under ``--hardware``) and, with ``--verify`` (the default for models under
+10M parameters), compiles each on simulated CPU devices and reads XLA's comm bytes back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshjax.commands.plan import add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices
+from meshjax.errors import MeshjaxError
+
+SMALL_MODEL_PARAMS = 10_000_000
+
+
+def add_parser(commands) -> None:
+    cmp = commands.add_parser("compare", help="the solver's plan against hand-written strategies on every mesh shape",
+                              description=__doc__.split("\n\n")[0])
+    add_model_arguments(cmp)
+    cmp.add_argument("--devices", type=int, default=8, metavar="N", help="device count (default: 8)")
+    cmp.add_argument("--meshes", default=None,
+                     help="comma-separated meshes to compare, e.g. 8,4x2 (1D meshes are named data; "
+                          "write model:8 for a 1D model axis); default: all")
+    cmp.add_argument("--strategies", default=None,
+                     help="comma-separated subset of solver," + ",".join(_baseline_names()) + " (default: all)")
+    cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
+                     help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
+    cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
+
+
+def _baseline_names() -> list[str]:
+    from meshjax.baselines import BASELINES
+
+    return list(BASELINES)
+
+
+def mesh_shapes(n: int) -> list[dict[str, int]]:
+    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every a*b == n, a, b > 1."""
+    out: list[dict[str, int]] = [{"data": n}, {"model": n}] if n > 1 else [{"data": 1}]
+    out += [{"data": a, "model": n // a} for a in range(2, n) if n % a == 0 and n // a > 1]
+    return out
+
+
+def parse_meshes(text: str, n: int) -> list[dict[str, int]]:
+    from meshjax.devices import parse_mesh_shape
+
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" in item:
+            name, _, size = item.partition(":")
+            shape = parse_mesh_shape(size, [name.strip()])
+        else:
+            shape = parse_mesh_shape(item)
+        if math.prod(shape.values()) != n:
+            raise MeshjaxError(f"mesh {item!r} has {math.prod(shape.values())} devices but --devices is {n}")
+        out.append(shape)
+    if not out:
+        raise MeshjaxError(f"--meshes {text!r}: no mesh given")
+    return out
+
+
+def mesh_label(shape: dict[str, int]) -> str:
+    if len(shape) == 1:
+        (name, size), = shape.items()
+        return f"{size} ({name})"
+    return "x".join(str(s) for s in shape.values())
+
+
+@dataclass
+class Entry:
+    """One strategy on one mesh: the layouts to compile and the plan that prices them."""
+
+    strategy: str
+    mesh: dict[str, int]
+    layouts: dict  # name -> Layout: what is pinned when compiled
+    plan: Any  # meshjax.plan.Plan
+    notes: list[str] = field(default_factory=list)
+    partial: bool = False
+    report: Any = None  # CompiledReport once compiled
+    compile_s: float | None = None
+
+    def layout_key(self) -> tuple:
+        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())))
+
+
+def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None) -> list[Entry]:
+    """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware``."""
+    from meshjax.baselines import BASELINES, predict
+    from meshjax.errors import InfeasibleError
+    from meshjax.plan import solve
+
+    wanted = strategies or ["solver", *BASELINES]
+    out = []
+    for name in wanted:
+        if name == "solver":
+            try:
+                plan = solve(graph, mesh_shape, hardware=hardware, train=train)
+            except InfeasibleError as err:
+                out.append(Entry("solver", mesh_shape, {}, None, [str(err)]))
+                continue
+            out.append(Entry("solver", mesh_shape, plan.layouts, plan))
+            continue
+        base = BASELINES[name](graph, mesh_shape)
+        plan, notes = predict(graph, mesh_shape, base.layouts, hardware, train)
+        if base.partial:
+            notes = ["activations: XLA propagation (predicted: solver's completion)", *notes]
+        out.append(Entry(name, mesh_shape, base.layouts, plan, base.notes + notes, base.partial))
+    return out
+
+
+def compile_entry(model, graph, entry: Entry, train: bool) -> None:
+    """Compile ``entry``'s layouts (loss + grads when training) and read the HLO back."""
+    import time
+
+    from meshjax.devices import make_mesh
+    from meshjax.inspect import inspect_compiled
+    from meshjax.lower import Program
+
+    mesh = make_mesh(entry.mesh)
+    start = time.perf_counter()
+    compiled = Program(model.loss, graph, mesh, entry.layouts).compile(model.params, *model.batch, grad=train)
+    entry.compile_s = time.perf_counter() - start
+    entry.report = inspect_compiled(compiled, mesh)
+
+
+def compile_all(model, graph, entries: list[Entry], train: bool, console=None) -> None:
+    """Compile every entry once per distinct layout, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    todo = [e for e in entries if e.plan is not None]
+    done: dict[tuple, Entry] = {}
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("compiling", total=len(todo))
+        for e in todo:
+            progress.update(task, description=f"compiling {e.strategy} on {mesh_label(e.mesh)}")
+            key = e.layout_key()
+            if key in done:
+                e.report, e.compile_s = done[key].report, done[key].compile_s
+                e.notes.append(f"same layout as {done[key].strategy}")
+            else:
+                compile_entry(model, graph, e, train)
+                done[key] = e
+            progress.advance(task)
+
+
+def entry_json(e: Entry, hardware) -> dict[str, Any]:
+    row: dict[str, Any] = {"mesh": e.mesh, "strategy": e.strategy, "notes": e.notes}
+    if e.plan is None:
+        row.update(predicted=None, fits=False, compiled=None)
+        return row
+    row["predicted"] = {
+        "step_time_s": e.plan.step_time_s,
+        "comm_bytes": e.plan.comm_bytes,
+        "peak_memory_bytes": e.plan.peak_memory_bytes,
+    }
+    row["fits"] = e.plan.peak_memory_bytes <= hardware.memory_bytes
+    row["compiled"] = compiled_json(e.report) if e.report is not None else None
+    return row
+
+
+def table(entries: list[Entry], hardware, title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col, justify in (("mesh", "left"), ("strategy", "left"), ("pred. step ms", "right"),
+                         ("pred. mem/dev", "right"), ("pred. comm B", "right"),
+                         ("compiled comm B", "right"), ("notes", "right")):
+        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    footnotes: dict[str, int] = {}
+
+    def refs(notes: list[str]) -> str:
+        return ",".join(str(footnotes.setdefault(n, len(footnotes) + 1)) for n in notes)
+
+    by_mesh: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_mesh.setdefault(mesh_label(e.mesh), []).append(e)
+    for label, group in by_mesh.items():
+        priced = [e for e in group if e.plan is not None and e.plan.peak_memory_bytes <= hardware.memory_bytes]
+        best = min((e.plan.step_time_s for e in priced), default=None)
+        for i, e in enumerate(group):
+            if e.plan is None:
+                t.add_row(label if i == 0 else "", e.strategy, "-", "-", "-", "-", refs(e.notes))
+                continue
+            step = f"{e.plan.step_time_s * 1e3:.4f}"
+            if best is not None and e.plan.step_time_s <= best * (1 + 1e-9):
+                step = f"[bold green]{step}[/]"
+            mem = e.plan.peak_memory_bytes
+            mem_s = f"{mem / 2**20:,.2f} MiB" + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
+            comp = f"{e.report.comm_bytes:,}" if e.report is not None else "-"
+            t.add_row(label if i == 0 else "", e.strategy, step, mem_s, f"{e.plan.comm_bytes:,.0f}", comp,
+                      refs(e.notes))
+        t.add_section()
+    t.caption = "\n".join(f"{i}: {n}" for n, i in footnotes.items()) or None
+    t.caption_justify = "left"
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshjax.cost.hardware import get_hardware
+
+    n = args.devices
+    if n < 1:
+        raise MeshjaxError(f"--devices {n}: must be positive")
+    meshes = parse_meshes(args.meshes, n) if args.meshes else mesh_shapes(n)
+    hardware = get_hardware(args.hardware)
+    overrides = parse_overrides(args.overrides)
+    strategies = None
+    if args.strategies:
+        known = ["solver", *_baseline_names()]
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        for s in strategies:
+            if s not in known:
+                raise MeshjaxError(f"unknown strategy {s!r}; known: {', '.join(known)}")
+    if args.verify is not False:
+        setup_devices(n, None, f"--devices {n}")
+
+    from rich.console import Console
+
+    import meshjax as mj
+
+    console = Console()
+    model = load_model(args.model, overrides)
+    graph = mj.trace(model.loss, model.params, *model.batch)
+    n_params = sum(math.prod(t.shape) for t in graph.params)
+    verify = args.verify if args.verify is not None else n_params <= SMALL_MODEL_PARAMS
+    if args.verify is None and not verify:
+        console.print(f"{n_params:,} params: predictions only (pass --verify to compile anyway)")
+
+    entries: list[Entry] = []
+    for shape in meshes:
+        entries += evaluate(graph, shape, hardware, args.train, strategies)
+    if verify:
+        compile_all(model, graph, entries, args.train, console)
+
+    title = (f"{model.name} on {n} devices, {hardware.name}, {'train' if args.train else 'inference'} "
+             f"(green: fastest predicted on its mesh)")
+    console.print(table(entries, hardware, title))
+    feasible = [e for e in entries if e.plan is not None]
+    if feasible:
+        best = min(feasible, key=lambda e: e.plan.step_time_s)
+        console.print(f"fastest predicted: {best.strategy} on {mesh_label(best.mesh)}, "
+                      f"{best.plan.step_time_s * 1e3:.4f} ms/step")
+    if args.json_path:
+        doc = {
+            "model": model.name,
+            "devices": n,
+            "hardware": hardware.name,
+            "train": args.train,
+            "verified": verify,
+            "rows": [entry_json(e, hardware) for e in entries],
+        }
+        with open(args.json_path, "w") as f:
+            json.dump(doc, f, indent=2)
+        console.print(f"wrote {args.json_path}")
+    return 0

@@ -1,0 +1,143 @@
+"""``meshjax train``: train a model preset on the shipped text under a solved plan.
+
+Example::
+
+    $ meshjax train gpt-tiny --mesh 4x2 --steps 100 --losses-json losses.json
+    $ meshjax train gpt-tiny --mesh 4x2 --steps 50 --checkpoint ckpt --save-every 25
+    $ meshjax train gpt-tiny --mesh 2x4 --steps 100 --resume ckpt     # continues at step 50
+
+Tokens are bytes, so the model's vocab is set to 256. ``--steps`` is the total step count: a
+resumed run continues from the checkpoint's step up to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a model preset on the shipped text under a solved plan")
+    p.add_argument("model", nargs="?", default="gpt-tiny", help="model preset (default: gpt-tiny)")
+    p.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2 (default: 4x2)")
+    p.add_argument("--axes", default=None, help="comma-separated mesh axis names (default: data,model for 2D)")
+    p.add_argument("--steps", type=int, default=100, help="total training steps (default: 100)")
+    p.add_argument("--batch", type=int, default=None, help="global batch size (default: the preset's)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
+    p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
+    p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
+    p.add_argument("--losses-json", dest="losses_json", default=None, metavar="FILE", help="write the losses as JSON")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="save a checkpoint here at the end")
+    p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
+                   help="also save every N steps (needs --checkpoint)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshjax.devices import parse_mesh_shape, use_cpu_devices
+    from meshjax.errors import MeshjaxError
+
+    axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
+    mesh_shape = parse_mesh_shape(args.mesh, axes)
+    if args.steps < 0:
+        raise MeshjaxError(f"--steps must be >= 0, got {args.steps}")
+    if args.save_every is not None and (args.save_every < 1 or not args.checkpoint):
+        raise MeshjaxError("--save-every needs a positive N and --checkpoint DIR")
+    for flag in ("batch", "seq"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MeshjaxError(f"--{flag} must be positive, got {value}")
+    if args.resume and not os.path.isdir(args.resume):
+        raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
+    # Before anything starts a JAX backend.
+    use_cpu_devices(math.prod(mesh_shape.values()))
+
+    import numpy as np
+    import optax
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    import meshjax as mj
+    from meshjax import checkpoint, data, models
+    from meshjax.devices import make_mesh
+    from meshjax.plan import solve
+    from meshjax.train import make_train_step
+
+    console = Console(stderr=True)
+    overrides: dict[str, Any] = {"vocab": data.VOCAB}
+    if args.batch is not None:
+        overrides["batch"] = args.batch
+    if args.seq is not None:
+        overrides["seq"] = args.seq
+    module, config = models.get(args.model, **overrides)
+    if not {"batch", "seq", "vocab"} <= set(module.sizes(config)) or len(module.abstract_batch(config)) != 2:
+        raise MeshjaxError(f"model {args.model!r} is not a language model (tokens, targets); train needs one")
+    example = models.example(args.model, key=args.seed, **overrides)
+    batch, seq = config.batch, config.seq
+
+    graph = mj.trace(example.loss, example.params, *example.batch)
+    plan = solve(graph, mesh_shape, hardware=args.hardware, train=True, rules=args.rules)
+    mesh = make_mesh(mesh_shape)
+    trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
+    console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}; {plan.summary()}")
+
+    if args.resume:
+        state = checkpoint.restore(args.resume, plan, mesh, trainer.abstract_state())
+        console.print(f"resumed from {args.resume} at step {state.step}")
+    else:
+        state = trainer.init(example.params)
+    start = state.step
+
+    losses: list[float] = []
+    times: list[float] = []
+    saved_at: list[int] = []
+    columns = (
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ms]} ms/step"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=args.steps, completed=min(start, args.steps), loss="-", ms="-")
+        for host_batch in data.batches(batch, seq, seed=args.seed, start=start, steps=max(0, args.steps - start)):
+            t = time.perf_counter()
+            state, loss = trainer.step(state, *host_batch)
+            value = float(loss)  # waits for the step
+            dt = time.perf_counter() - t
+            losses.append(value)
+            times.append(dt)
+            progress.update(task, advance=1, loss=f"{value:.4f}", ms=f"{dt * 1e3:.1f}")
+            if args.save_every and state.step % args.save_every == 0 and state.step < args.steps:
+                checkpoint.save(args.checkpoint, state)
+                saved_at.append(state.step)
+    if args.checkpoint and state.step not in saved_at:
+        checkpoint.save(args.checkpoint, state)
+        saved_at.append(state.step)
+        console.print(f"saved step {state.step} to {args.checkpoint}")
+    if losses:
+        console.print(f"steps {start + 1}..{state.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+                      f"median {np.median(times[1:] or times) * 1e3:.1f} ms/step (first step compiles)")
+
+    if args.losses_json:
+        out = {
+            "model": args.model,
+            "mesh": mesh_shape,
+            "batch": batch,
+            "seq": seq,
+            "lr": args.lr,
+            "seed": args.seed,
+            "start_step": start,
+            "steps": list(range(start + 1, state.step + 1)),
+            "losses": losses,
+            "step_time_s": times,
+            "saved_steps": saved_at,
+            "specs": {name: str(spec) for name, spec in plan.param_specs.items()},
+        }
+        with open(args.losses_json, "w") as f:
+            json.dump(out, f, indent=2)
+        console.print(f"wrote {args.losses_json}")
+    return 0

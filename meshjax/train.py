@@ -1,0 +1,341 @@
+"""Training steps from a plan: params, gradients and optimizer state all laid out as planned.
+
+:func:`make_train_step` turns a plan, the loss it was traced from, a mesh and an optax optimizer
+into one ``jax.jit`` step: the loss runs with every tensor pinned (as in
+:class:`~meshjax.lower.Program`), gradients are pinned to their param's layout
+(``plan.state_specs``), and the optimizer update runs where each param lives. Params and
+optimizer state are donated, so a step updates them in place.
+
+Example::
+
+    >>> ex = models.example("gpt-tiny", key=0)                       # doctest: +SKIP
+    >>> plan = solve(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 4, "model": 2}, train=True)
+    >>> trainer = make_train_step(plan, ex.loss, make_mesh({"data": 4, "model": 2}), optax.adam(1e-3))
+    >>> state = trainer.init(ex.params)
+    >>> for tokens, targets in data.batches(8, 16, seed=0):
+    ...     state, loss = trainer.step(state, tokens, targets)     # numpy batches are sharded first
+
+Optimizer state is laid out from the plan: every subtree of the optimizer state with the same
+structure as the params (Adam's ``mu`` and ``nu``) takes each param's spec, scalar leaves (step
+counts) are replicated, and any other leaf is an error naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshjax.devices import auto_axes
+from meshjax.errors import MeshjaxError, TraceError
+from meshjax.named import NamedArray
+from meshjax.params import path_name
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, NamedArray)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Params (the user's pytree of :class:`NamedArray`), optimizer state and steps taken."""
+
+    params: Any
+    opt_state: Any
+    step: int = 0
+
+    def replace(self, **changes: Any) -> TrainState:
+        return TrainState(**{"params": self.params, "opt_state": self.opt_state, "step": self.step, **changes})
+
+
+def state_leaves(state: TrainState) -> dict[str, Any]:
+    """Every array of ``state`` by a readable name: ``params/<tensor>`` and ``opt_state/<path>``
+    (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
+    out: dict[str, Any] = {}
+    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]:
+            name = path_name(path)
+            out[f"{group}/{name}" if name else group] = leaf.value if _is_named(leaf) else leaf
+    return out
+
+
+def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None = None) -> TrainState:
+    """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
+    trees = {}
+    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)
+        new = []
+        for path, leaf in flat:
+            name = path_name(path)
+            value = values[f"{group}/{name}" if name else group]
+            new.append(NamedArray.tree_unflatten(leaf.dims, (value,)) if _is_named(leaf) else value)
+        trees[group] = jax.tree_util.tree_unflatten(treedef, new)
+    return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
+
+
+# --- shardings ---------------------------------------------------------------------------------
+
+
+def _named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
+    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+
+
+def _signature(plan) -> Any:
+    sig = plan.graph.signature
+    if sig is None:
+        raise TraceError("the plan's graph has no signature: make it with meshjax.trace")
+    return sig
+
+
+def _sharding_trees(plan, mesh: Mesh) -> tuple[Any, tuple]:
+    """``(params, args)`` shaped like the traced arguments, with a NamedSharding at each leaf."""
+    sig = _signature(plan)
+    specs = plan.specs
+    leaves = [NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),)) for n, d in zip(sig.names, sig.dims)]
+    params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
+    return params, tuple(args)
+
+
+def param_shardings(plan, mesh: Mesh) -> Any:
+    """The params pytree with each param's planned ``NamedSharding`` in place of its array."""
+    return _sharding_trees(plan, auto_axes(mesh))[0]
+
+
+def input_names(plan) -> list[str]:
+    sig = _signature(plan)
+    return [n for n, r in zip(sig.names, sig.roles) if r == "input"]
+
+
+def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_state: Any) -> Any:
+    """The optimizer state's shardings from the plan.
+
+    A subtree with the params' exact structure (names and dims) mirrors them: each leaf takes its
+    param's ``plan.state_specs`` spec (its shape must be the param's). A scalar leaf is replicated.
+    Anything else raises :class:`MeshjaxError` naming the leaf.
+    """
+    mesh = auto_axes(mesh)
+    sig = _signature(plan)
+    state_specs = plan.state_specs
+    param_names = [n for n, r in zip(sig.names, sig.roles) if r == "param"]
+    param_leaves, params_def = jax.tree_util.tree_flatten(abstract_params, is_leaf=_is_named)
+    full_def = jax.tree_util.tree_structure(abstract_params)
+
+    def mirrors(x: Any) -> bool:
+        return x is not None and jax.tree_util.tree_structure(x) == full_def
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_opt_state, is_leaf=lambda x: _is_named(x) or mirrors(x))
+    out = []
+    for path, leaf in flat:
+        where = path_name(path) or "(root)"
+        if mirrors(leaf):
+            mirror_leaves = jax.tree_util.tree_flatten(leaf, is_leaf=_is_named)[0]
+            shardings = []
+            for name, param, state_leaf in zip(param_names, param_leaves, mirror_leaves):
+                shape = tuple(np.shape(state_leaf.value if _is_named(state_leaf) else state_leaf))
+                if shape != tuple(param.shape):
+                    raise MeshjaxError(
+                        f"optimizer state leaf '{where}/{name}' has shape {shape} but its param {name!r} has "
+                        f"shape {tuple(param.shape)}: it has no layout in the plan"
+                    )
+                sharding = _named_sharding(mesh, state_specs.get(name))
+                shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
+            out.append(jax.tree_util.tree_unflatten(params_def, shardings))
+            continue
+        value = leaf.value if _is_named(leaf) else leaf
+        if np.shape(value) == ():
+            sharding = _named_sharding(mesh, PartitionSpec())
+            out.append(NamedArray.tree_unflatten(leaf.dims, (sharding,)) if _is_named(leaf) else sharding)
+            continue
+        raise MeshjaxError(
+            f"optimizer state leaf '{where}' (shape {tuple(np.shape(value))}) has no layout in the plan: "
+            "only state that mirrors the params (like Adam's moments) or scalars can be placed"
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArray, ...]:
+    """Global arrays for the plan's inputs, built per shard from host arrays.
+
+    ``batch_leaves`` are host arrays (numpy, or NamedArrays around them) in the order of the
+    traced inputs. Each device receives only its own slice (``jax.make_array_from_callback``), so
+    no device holds the whole batch unless the plan replicates it.
+    """
+    mesh = auto_axes(mesh)
+    sig = _signature(plan)
+    names = input_names(plan)
+    if len(batch_leaves) != len(names):
+        raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch_leaves)}")
+    specs = plan.specs
+    dims_of = dict(zip(sig.names, sig.dims))
+    out = []
+    for name, leaf in zip(names, batch_leaves):
+        host = leaf.value if _is_named(leaf) else leaf
+        host = np.asarray(host)
+        tensor = plan.graph.tensors[name]
+        if tuple(host.shape) != tuple(tensor.shape):
+            raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
+        if host.dtype != np.dtype(tensor.dtype):
+            host = host.astype(tensor.dtype)
+        sharding = _named_sharding(mesh, specs.get(name))
+        array = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
+        out.append(NamedArray.tree_unflatten(dims_of[name], (array,)))
+    return tuple(out)
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+
+def pinned_loss(program) -> Any:
+    """``loss(params, *args) -> scalar array``: the program's function with every tensor pinned to
+    its planned layout (for use inside ``jax.jit``/``jax.grad``)."""
+    graph = program.graph
+    sig = _signature(program)
+    if len(graph.outputs) != 1 or graph.tensors[graph.outputs[0]].dims != ():
+        raise TraceError("training needs a function that returns one scalar NamedArray (a loss)")
+    pinned = program.pinned_fn()
+
+    def loss(params: Any, *args: Any) -> jax.Array:
+        sig.flatten(params, *args)  # checks the structure (at trace time)
+        return jax.tree_util.tree_leaves(pinned(params, *args), is_leaf=_is_named)[0].value
+
+    return loss
+
+
+class TrainStep:
+    """A plan's training step: :meth:`init` places params and optimizer state, :meth:`step` runs
+    one update. Built by :func:`make_train_step`."""
+
+    def __init__(self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True):
+        if not plan.train:
+            raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
+        self.plan = plan
+        self.program = plan.program(loss_fn, mesh)
+        self.mesh = self.program.mesh
+        self.optimizer = optimizer
+        self.donate = donate
+        self.param_shardings, self.input_shardings = _sharding_trees(plan, self.mesh)
+        self.loss_sharding = self.program.sharding(plan.graph.outputs[0])
+        self._loss = pinned_loss(self.program)
+        self._opt_shardings: Any = None
+        self._opt_def: Any = None
+        self._step_fn: Any = None
+        self._init_fn: Any = None
+        self._copy_fn: Any = None
+
+    # --- layout ---------------------------------------------------------------------------
+    def abstract_params(self) -> Any:
+        """The params as ``ShapeDtypeStruct`` with their planned shardings."""
+        graph = self.plan.graph
+        sig = _signature(self.plan)
+        specs = self.plan.specs
+        leaves = []
+        for name, dims in zip(sig.names, sig.dims):
+            t = graph.tensors[name]
+            sds = jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype), sharding=_named_sharding(self.mesh, specs.get(name)))
+            leaves.append(NamedArray.tree_unflatten(dims, (sds,)))
+        return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
+
+    def opt_state_shardings(self, params: Any | None = None) -> Any:
+        """The optimizer state's planned shardings (see :func:`opt_state_shardings`)."""
+        if self._opt_shardings is None:
+            abstract = self.abstract_params() if params is None else params
+            abstract_opt = jax.eval_shape(self.optimizer.init, abstract)
+            self._opt_shardings = opt_state_shardings(self.plan, self.mesh, abstract, abstract_opt)
+        return self._opt_shardings
+
+    def abstract_state(self) -> TrainState:
+        """The state as ``ShapeDtypeStruct`` leaves carrying their planned shardings: the target to
+        restore a checkpoint into (:func:`meshjax.checkpoint.restore`)."""
+        params = self.abstract_params()
+        opt = jax.eval_shape(self.optimizer.init, params)
+        shardings = self.opt_state_shardings()
+        opt = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, shardings
+        )
+        return TrainState(params, opt, 0)
+
+    # --- running --------------------------------------------------------------------------
+    def place_params(self, params: Any) -> Any:
+        """Copies of ``params`` with their planned shardings (the originals stay valid even when
+        steps donate the copies)."""
+        if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
+            self.param_shardings, is_leaf=_is_named
+        ):
+            raise TraceError("params do not have the structure the plan was made for")
+        # device_put may hand back (part of) the caller's buffers; a jitted copy never does, so
+        # donating the placed params cannot delete the caller's arrays.
+        placed = jax.device_put(params, self.param_shardings)
+        if self._copy_fn is None:
+            self._copy_fn = jax.jit(
+                lambda p: jax.tree_util.tree_map(lambda x: x.copy(), p),
+                in_shardings=(self.param_shardings,),
+                out_shardings=self.param_shardings,
+            )
+        return self._copy_fn(placed)
+
+    def init(self, params: Any) -> TrainState:
+        """Params placed with the plan's shardings and optimizer state created already sharded."""
+        placed = self.place_params(params)
+        opt_shardings = self.opt_state_shardings()
+        if self._init_fn is None:
+            self._init_fn = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
+        return TrainState(placed, self._init_fn(placed), 0)
+
+    def _build_step(self) -> Any:
+        loss_fn = self._loss
+        optimizer = self.optimizer
+        grad_shardings = self.param_shardings  # plan.state_specs == the param's own spec
+
+        def step(params, opt_state, args):
+            loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, loss
+
+        return jax.jit(
+            step,
+            in_shardings=(self.param_shardings, self.opt_state_shardings(), self.input_shardings),
+            out_shardings=(self.param_shardings, self.opt_state_shardings(), self.loss_sharding),
+            donate_argnums=(0, 1) if self.donate else (),
+        )
+
+    def prepare_batch(self, batch: Sequence[Any]) -> tuple:
+        """Batch leaves as global arrays: host (numpy) leaves are sharded with :func:`shard_batch`;
+        NamedArrays around jax arrays pass through."""
+        if all(_is_named(b) and isinstance(b.value, jax.Array) for b in batch):
+            # Already on devices: move to the planned layout (a no-op when it is already there).
+            return jax.device_put(tuple(batch), self.input_shardings)
+        return shard_batch(self.plan, self.mesh, batch)
+
+    def step(self, state: TrainState, *batch: Any) -> tuple[TrainState, jax.Array]:
+        """One update: ``(new_state, loss)``. With ``donate``, ``state``'s arrays are consumed."""
+        if self._step_fn is None:
+            self._step_fn = self._build_step()
+        args = self.prepare_batch(batch)
+        params, opt_state, loss = self._step_fn(state.params, state.opt_state, args)
+        return TrainState(params, opt_state, state.step + 1), loss
+
+    def lower(self, state: TrainState, *batch: Any) -> jax.stages.Lowered:
+        if self._step_fn is None:
+            self._step_fn = self._build_step()
+        return self._step_fn.lower(state.params, state.opt_state, self.prepare_batch(batch))
+
+
+def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True) -> TrainStep:
+    """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``."""
+    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate)
+
+
+__all__ = [
+    "TrainState", "TrainStep", "make_train_step", "shard_batch", "param_shardings", "opt_state_shardings",
+    "pinned_loss", "state_leaves", "replace_leaves", "input_names",
+]

@@ -1,0 +1,107 @@
+"""The ``meshjax`` command: plan, compare, and one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from meshjax.cli import main
+
+
+def test_console_script_default_plan():
+    exe = shutil.which("meshjax") or os.path.join(os.path.dirname(sys.executable), "meshjax")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["COLUMNS"] = "200"
+    out = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "layout on mesh {'data': 4, 'model': 2}" in out.stdout  # the layout table
+    assert "predicted step" in out.stdout                          # the cost table
+    assert "comm bytes/step: predicted" in out.stdout and "compiled" in out.stdout
+
+
+def test_plan_gpt_small_json(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    hlo = tmp_path / "out.hlo"
+    rc = main(["plan", "gpt-small", "--mesh", "4x2", "--train", "--verify", "--json", str(path), "--hlo", str(hlo),
+               "--rules", "batch=data,seq=none"])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "solve_time_s"]
+    assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
+    assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes"}
+    tensor = next(t for t in doc["tensors"] if t["name"] == "tokens")
+    assert set(tensor) == {"name", "dims", "shape", "role", "spec"}
+    assert tensor["spec"][0] in ("data", ["data"]) and tensor["spec"][1] is None
+    assert all(len(t["spec"]) == len(t["dims"]) for t in doc["tensors"])
+    compiled = doc["compiled"]
+    assert compiled["comm_bytes"] > 0
+    assert sum(v["bytes"] for v in compiled["collectives"].values()) == compiled["comm_bytes"]
+    assert all(set(v) == {"count", "bytes"} for v in compiled["collectives"].values())
+    assert compiled["memory"]["peak_bytes"] > 0
+    assert "HloModule" in hlo.read_text()
+
+
+def test_plan_model_from_file_with_overrides(tmp_path, capsys):
+    (tmp_path / "mymodel.py").write_text(
+        "from meshjax import models\n"
+        "def make(batch=8):\n"
+        "    ex = models.example('mlp-tiny', abstract=True, batch=batch)\n"
+        "    return ex.loss, ex.params, ex.batch\n"
+    )
+    path = tmp_path / "p.json"
+    rc = main(["plan", f"{tmp_path}/mymodel.py:make", "--mesh", "8", "--set", "batch=16", "--no-verify",
+               "--inference", "--json", str(path)])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert "compiled" not in doc and doc["train"] is False
+    assert next(t for t in doc["tensors"] if t["name"] == "x")["shape"] == [16, 16]
+
+
+def test_compare(tmp_path, capsys):
+    path = tmp_path / "cmp.json"
+    assert main(["compare", "gpt-tiny", "--devices", "8", "--no-verify", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    meshes = {tuple(r["mesh"].items()) for r in doc["rows"]}
+    assert meshes == {(("data", 8),), (("model", 8),), (("data", 4), ("model", 2)), (("data", 2), ("model", 4))}
+    strategies = {r["strategy"] for r in doc["rows"]}
+    assert {"solver", "dp", "fsdp", "megatron", "mtf", "gspmd", "xla-prop"} <= strategies
+    for mesh in meshes:
+        rows = [r for r in doc["rows"] if tuple(r["mesh"].items()) == mesh]
+        solver = next(r for r in rows if r["strategy"] == "solver")
+        assert solver["predicted"]["step_time_s"] <= min(r["predicted"]["step_time_s"] for r in rows) * (1 + 1e-9)
+    out = capsys.readouterr().out
+    assert "fastest predicted" in out
+
+
+def test_compare_verified(tmp_path, capsys):
+    path = tmp_path / "cmp.json"
+    assert main(["compare", "mlp-tiny", "--meshes", "4x2", "--strategies", "solver,dp,megatron",
+                 "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["verified"] is True and len(doc["rows"]) == 3
+    assert all(r["compiled"]["comm_bytes"] >= 0 and "collectives" in r["compiled"] for r in doc["rows"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "gpt-tinyy", "--no-verify"], "unknown model"),
+        (["plan", "--mesh", "4x4", "--devices", "8"], "16 devices but --devices is 8"),
+        (["plan", "--rules", "batch", "--no-verify"], "not of the form"),
+        (["plan", "--rules", "batch=data,nosuch=model", "--no-verify"], "no tensor has that dim"),
+        (["plan", "--hardware", "tpu-v9", "--no-verify"], "unknown hardware profile"),
+        (["plan", "--memory-limit", "1KiB", "--no-verify"], "no layout fits"),
+        (["plan", "--set", "nosuch=1", "--no-verify"], "no config field"),
+        (["plan", "nofile.py:make", "--no-verify"], "no file"),
+        (["compare", "mlp-tiny", "--meshes", "4x4"], "16 devices but --devices is 8"),
+        (["compare", "mlp-tiny", "--strategies", "zero-9", "--no-verify"], "unknown strategy"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("meshjax: error: ") and message in err, err
+    assert "Traceback" not in err
