@@ -54,6 +54,7 @@ from meshjax.ops import (
 from meshjax.params import Param, abstract, abstract_params, init_params, param
 from meshjax.scan import scan
 from meshjax.trace import trace
+from meshjax.vmap import vmap
 
 __version__ = "0.1.0"
 
@@ -108,5 +109,6 @@ __all__ = [
     "sum",
     "tanh",
     "trace",
+    "vmap",
     "where",
 ]

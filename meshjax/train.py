@@ -166,7 +166,9 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
 
     ``batch_leaves`` are host arrays (numpy, or NamedArrays around them) in the order of the
     traced inputs. Each device receives only its own slice (``jax.make_array_from_callback``), so
-    no device holds the whole batch unless the plan replicates it.
+    no device holds the whole batch unless the plan replicates it. A leaf may also be a
+    :class:`meshjax.distributed.BlockFetch`: then each process builds only the block of the
+    input its own devices hold (with several processes, none builds the global batch).
     """
     mesh = auto_axes(mesh)
     sig = _signature(plan)
@@ -178,8 +180,12 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
     out = []
     for name, leaf in zip(names, batch_leaves):
         host = leaf.value if _is_named(leaf) else leaf
-        host = np.asarray(host)
         tensor = plan.graph.tensors[name]
+        if callable(host) and hasattr(host, "shape"):
+            # A meshjax.distributed.BlockFetch: this process builds only its devices' block.
+            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, _named_sharding(mesh, specs.get(name))),)))
+            continue
+        host = np.asarray(host)
         if tuple(host.shape) != tuple(tensor.shape):
             raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
         if host.dtype != np.dtype(tensor.dtype):
@@ -188,6 +194,23 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
         array = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
         out.append(NamedArray.tree_unflatten(dims_of[name], (array,)))
     return tuple(out)
+
+
+def _from_block(name: str, fetch: Any, tensor, sharding: NamedSharding) -> jax.Array:
+    """The global array of input ``name`` from the one block of it this process's devices hold."""
+    from meshjax.distributed import local_index, process_block
+
+    shape = tuple(tensor.shape)
+    if tuple(fetch.shape) != shape:
+        raise MeshjaxError(f"input {name!r} has shape {tuple(fetch.shape)}; the plan expects {shape}")
+    block = process_block(sharding, shape)
+    local = np.asarray(fetch(block))
+    want = tuple(b.stop - b.start for b in block)
+    if tuple(local.shape) != want:
+        raise MeshjaxError(f"input {name!r}: the block {block} came back with shape {tuple(local.shape)}, not {want}")
+    if local.dtype != np.dtype(tensor.dtype):
+        local = local.astype(tensor.dtype)
+    return jax.make_array_from_callback(shape, sharding, lambda index: local[local_index(index, block, shape)])
 
 
 # --- the step ----------------------------------------------------------------------------------
