@@ -62,6 +62,10 @@ def solve_ilp(
         forbidden = ~np.isfinite(cost)
         c[start:start + e.cost.size] = np.where(forbidden, 0.0, cost)
         upper[start:start + e.cost.size][forbidden] = 0.0
+    # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
+    # coefficients that large break HiGHS's tolerances.
+    unit = float(memory_budget) if memory_budget else max(float(mem.max()), max((float(n.peak.max()) for n in nodes), default=0.0), 1.0)
+    mem /= unit
     if has_peak:
         mem[z] = 1.0
     if objective == "memory":
@@ -95,9 +99,9 @@ def solve_ilp(
     if has_peak:
         for k, n in enumerate(nodes):
             if n.peak.any():
-                add_row([(z, 1.0)] + [(offsets[k] + s, -float(v)) for s, v in enumerate(n.peak) if v], 0.0, np.inf)
+                add_row([(z, 1.0)] + [(offsets[k] + s, -float(v) / unit) for s, v in enumerate(n.peak) if v], 0.0, np.inf)
     if memory_budget is not None and objective != "memory":
-        add_row([(i, float(v)) for i, v in enumerate(mem) if v], -np.inf, float(memory_budget))
+        add_row([(i, float(v)) for i, v in enumerate(mem) if v], -np.inf, 1.0)
 
     A = sp.csr_array((vals, (rows, cols)), shape=(r, n_vars))
     integrality = np.zeros(n_vars)
