@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from meshjax.errors import MeshjaxError
 
-COMMANDS = ("plan", "compare", "train")
+COMMANDS = ("plan", "compare", "train", "launch")
 
 
 class _Parser(argparse.ArgumentParser):

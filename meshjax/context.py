@@ -56,6 +56,16 @@ class _Context:
         self.used[stem] += 1
         return stem if count == 0 else f"{stem}_{count}"
 
+    def peek_name(self, base: str) -> str:
+        """The name :meth:`fresh_name` will give next, without taking it."""
+        stem = "/".join([*self.scopes, base])
+        count = self.used[stem]
+        return stem if count == 0 else f"{stem}_{count}"
+
+    def operands(self, base: str, arrays: Sequence[NamedArray]) -> list[NamedArray]:
+        """The operands an op about to run should compute with (lowering pins them)."""
+        return list(arrays)
+
     def forget_names_under(self, prefix: str) -> None:
         """Let a re-traced scan body reuse its names (JAX may trace a body twice)."""
         for stem in [s for s in self.used if s == prefix or s.startswith(prefix + "/")]:
@@ -151,10 +161,31 @@ class Recorder(_Context):
 class Pinner(_Context):
     """Applies the planned layout of every tensor as it is computed (``name -> PartitionSpec``)."""
 
-    def __init__(self, mesh: jax.sharding.Mesh, specs: dict[str, jax.sharding.PartitionSpec]):
+    def __init__(
+        self,
+        mesh: jax.sharding.Mesh,
+        specs: dict[str, jax.sharding.PartitionSpec],
+        operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
+    ):
         super().__init__()
         self.mesh = mesh
         self.specs = specs
+        self.operand_specs = operand_specs or {}
+
+    def operands(self, base: str, arrays: Sequence[NamedArray]) -> list[NamedArray]:
+        # Pinning each operand where the op's planned strategy wants it fixes both directions:
+        # the forward reshard into the op, and (transposed) the layout XLA must produce its
+        # gradient in, so the backward pass runs the planned strategy too.
+        specs = self.operand_specs.get(self.peek_name(base))
+        if not specs:
+            return list(arrays)
+        out = []
+        for array, spec in zip(arrays, specs):
+            if spec is not None:
+                sharding = jax.sharding.NamedSharding(self.mesh, spec)
+                array = NamedArray.tree_unflatten(array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),))
+            out.append(array)
+        return out
 
     def pin(self, array: NamedArray, name: str) -> NamedArray:
         spec = self.specs.get(name)
@@ -206,6 +237,12 @@ def scope(name: str) -> Iterator[None]:
         yield
     finally:
         ctx.scopes.pop()
+
+
+def operands_for(kind: str, name: str | None, arrays: Sequence[NamedArray]) -> list[NamedArray]:
+    """Called by an op before it computes: the operands to compute with (pinned when lowering)."""
+    ctx = current()
+    return list(arrays) if ctx is None else ctx.operands(name or kind, arrays)
 
 
 def emit(

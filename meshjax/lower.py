@@ -32,13 +32,25 @@ from meshjax.named import NamedArray
 class Program:
     """``fn`` (as traced into ``graph``) laid out on ``mesh`` by ``layouts`` (name -> Layout)."""
 
-    def __init__(self, fn: Callable, graph: Graph, mesh: Mesh, layouts: Mapping[str, Layout]):
+    def __init__(
+        self,
+        fn: Callable,
+        graph: Graph,
+        mesh: Mesh,
+        layouts: Mapping[str, Layout],
+        operand_layouts: Mapping[str, tuple[Layout, ...]] | None = None,
+    ):
         if graph.signature is None:
             raise TraceError("the graph has no signature: make it with meshjax.trace")
         self.fn = fn
         self.graph = graph
         self.mesh = auto_axes(mesh)
         self.layouts = dict(layouts)
+        # op name -> the layout each operand is computed in (a solved plan's strategies); ops
+        # without an entry compute wherever XLA's propagation puts them.
+        self.operand_specs = {
+            op: tuple(layout.spec() for layout in operand) for op, operand in (operand_layouts or {}).items()
+        }
         shape = mesh_shape(self.mesh)
         for name, layout in self.layouts.items():
             validate(graph.tensor(name), layout, shape)
@@ -94,7 +106,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

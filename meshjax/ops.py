@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshjax.context import emit
+from meshjax.context import emit, operands_for
 from meshjax.errors import EinsumError, ShapeError
 from meshjax.graph import IndexForm
 from meshjax.named import DimsLike, NamedArray, check_sizes, format_dims, named, parse_dims
@@ -97,6 +97,7 @@ def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=
                 f"the spec says {format_dims(term)!r} ({detail})"
             )
     loop = _loop_of(operands, f"einsum {spec!r}")
+    operands = operands_for("einsum", name, operands)
     letters = dict(zip((d for d, _ in loop), string.ascii_letters))
     subscripts = ",".join("".join(letters[d] for d in op.dims) for op in operands)
     subscripts += "->" + "".join(letters[d] for d in out_dims)
@@ -169,6 +170,9 @@ def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArra
             raise ShapeError(f"{kind}: a plain array of shape {np.shape(a)} has no dim names; wrap it with named()")
     loop = _loop_of(arrays, kind)
     out_dims = tuple(d for d, _ in loop)
+    pinned = iter(operands_for(kind, name, arrays))
+    args = [next(pinned) if isinstance(a, NamedArray) else a for a in args]
+    arrays = [a for a in args if isinstance(a, NamedArray)]
     value = func(*(_broadcast_to(a, out_dims) if isinstance(a, NamedArray) else a for a in args))
     index = IndexForm(
         loop=loop,
@@ -236,6 +240,7 @@ def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name
     for d in over:
         x.size(d)  # names a missing dim
     keep = tuple(d for d in x.dims if d not in over)
+    (x,) = operands_for(kind, name, [x])
     value = func(x.value, axis=tuple(x.axis(d) for d in over))
     loop = tuple(x.sizes.items())
     index = IndexForm(
@@ -276,6 +281,7 @@ def logsumexp(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray
 def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
     """Softmax over ``dim``; the result keeps every dim."""
     axis = x.axis(dim)
+    (x,) = operands_for("softmax", name, [x])
     value = jax.nn.softmax(x.value, axis=axis)
     index = IndexForm(
         loop=tuple(x.sizes.items()),
@@ -289,6 +295,10 @@ def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
 
 def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> NamedArray:
     axis = x.axis(dim)
+    pinned = iter(operands_for(kind, name, [x, *(p for p in (scale, bias) if p is not None)]))
+    x = next(pinned)
+    scale = next(pinned) if scale is not None else None
+    bias = next(pinned) if bias is not None else None
     v = x.value.astype(jnp.promote_types(x.dtype, jnp.float32))
     if kind == "layer_norm":
         centered = v - jnp.mean(v, axis=axis, keepdims=True)
@@ -348,6 +358,7 @@ def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str
     clash = set(rest) & set(ids.dims)
     if clash:
         raise ShapeError(f"embed: dims {sorted(clash)} are on both ids and table")
+    ids, table = operands_for("embed", name, [ids, table])
     value = jnp.take(table.align_to((vocab, *rest)), ids.value, axis=0)
     out_dims = (*ids.dims, *rest)
     loop = (*ids.sizes.items(), *table.sizes.items())
@@ -373,6 +384,7 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
             f"cross_entropy: targets have dims {format_dims(targets.dims)!r}, expected {format_dims(keep)!r}"
         )
     check_sizes([logits, targets], context="cross_entropy")
+    logits, targets = operands_for("cross_entropy", name, [logits, targets])
     v = logits.align_to((*keep, vocab)).astype(jnp.promote_types(logits.dtype, jnp.float32))
     t = targets.align_to(keep)
     lse = jax.nn.logsumexp(v, axis=-1)

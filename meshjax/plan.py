@@ -171,7 +171,22 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, self.layouts)
+        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts)
+
+    @property
+    def operand_layouts(self) -> dict[str, tuple[Layout, ...]]:
+        """Op name -> the layout each operand is computed in, by the chosen strategy."""
+        if self.problem is None or self.solution is None:
+            return {}
+        out = {}
+        for op in self.graph.ops:
+            k = self.problem.node_of[op.output]
+            strategy = self.problem.nodes[k].options[self.solution.choice[k]]
+            out[op.name] = tuple(
+                Layout(self.graph.tensors[name].dims, layout.axes)
+                for name, layout in zip(op.inputs, strategy.operand_layouts)
+            )
+        return out
 
     # --- output -------------------------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:

@@ -8,6 +8,11 @@ Example::
 
 Tokens are bytes, so the model's vocab is set to 256. ``--steps`` is the total step count: a
 resumed run continues from the checkpoint's step up to it.
+
+Several processes (``meshjax launch --processes 2 --devices-per-process 4 -- meshjax train ...``,
+or ``--distributed`` on a cluster JAX detects) train one global mesh: each builds only its rows
+of every batch, process 0 alone prints and writes ``--losses-json``, and all of them write their
+shards of a checkpoint (``--checkpoint`` must be on a filesystem every process sees).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def add_parser(commands) -> None:
     p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
                    help="also save every N steps (needs --checkpoint)")
     p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run that JAX detects (SLURM, TPU pods, Kubernetes); "
+                        "runs started by `meshjax launch` join automatically")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +64,27 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
     # Before anything starts a JAX backend.
-    use_cpu_devices(math.prod(mesh_shape.values()))
+    from meshjax import distributed
 
+    total = math.prod(mesh_shape.values())
+    if distributed.env_config() is not None:  # started by `meshjax launch`
+        distributed.initialize(local_devices=distributed.local_cpu_devices(total))
+    elif args.distributed:
+        distributed.initialize()
+    else:
+        use_cpu_devices(total)
+
+    import jax
     import numpy as np
     import optax
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     import meshjax as mj
     from meshjax import checkpoint, data, models
@@ -69,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.plan import solve
     from meshjax.train import make_train_step
 
-    console = Console(stderr=True)
+    multi = jax.process_count() > 1
+    console = Console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
     overrides: dict[str, Any] = {"vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
@@ -82,10 +106,14 @@ def run(args: argparse.Namespace) -> int:
     batch, seq = config.batch, config.seq
 
     graph = mj.trace(example.loss, example.params, *example.batch)
-    plan = solve(graph, mesh_shape, hardware=args.hardware, train=True, rules=args.rules)
-    mesh = make_mesh(mesh_shape)
+    # With several processes the processes span the outer axes, and the solver prices the
+    # axes that cross them on the slow link.
+    mesh = distributed.global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
+    hardware = distributed.hardware_for(args.hardware, mesh) if multi else args.hardware
+    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
     trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
-    console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}; {plan.summary()}")
+    procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
+    console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
 
     if args.resume:
         state = checkpoint.restore(args.resume, plan, mesh, trainer.abstract_state())
@@ -103,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=args.steps, completed=min(start, args.steps), loss="-", ms="-")
-        for host_batch in data.batches(batch, seq, seed=args.seed, start=start, steps=max(0, args.steps - start)):
+        if multi:  # each process builds only the rows its devices hold
+            host_batches = (distributed.lm_batch(i, batch, seq, seed=args.seed) for i in range(start, max(start, args.steps)))
+        else:
+            host_batches = data.batches(batch, seq, seed=args.seed, start=start, steps=max(0, args.steps - start))
+        for host_batch in host_batches:
             t = time.perf_counter()
             state, loss = trainer.step(state, *host_batch)
             value = float(loss)  # waits for the step
@@ -122,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"steps {start + 1}..{state.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
                       f"median {np.median(times[1:] or times) * 1e3:.1f} ms/step (first step compiles)")
 
-    if args.losses_json:
+    if args.losses_json and distributed.is_main_process():
         out = {
             "model": args.model,
             "mesh": mesh_shape,
@@ -136,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             "step_time_s": times,
             "saved_steps": saved_at,
             "specs": {name: str(spec) for name, spec in plan.param_specs.items()},
+            "processes": jax.process_count(),
         }
         with open(args.losses_json, "w") as f:
             json.dump(out, f, indent=2)
