@@ -201,3 +201,34 @@ def test_train_command_errors(tmp_path, capsys):
     assert cli.main(["train", "gpt-tiny", "--save-every", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("meshjax: error: ") for line in err)
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("llama-tiny", {"data": 2, "model": 4}), ("moe-tiny", {"data": 4, "model": 2}), ("moe-tiny", {"model": 8})],
+    ids=["llama-2x4", "moe-4x2", "moe-8"],
+)
+def test_zoo_models_train_under_the_solvers_plan_like_one_device(name, shape):
+    ex = models.example(name, key=jax.random.key(1))
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    plan = solve(graph, shape, hardware="cpu-sim", train=True)
+    opt = optax.adam(LR)
+
+    @jax.jit
+    def one_device_step(params, state, *batch):
+        loss, grads = jax.value_and_grad(lambda p: ex.loss(p, *batch).value)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    params, opt_state, reference = ex.params, opt.init(ex.params), []
+    for _ in range(STEPS):
+        params, opt_state, loss = one_device_step(params, opt_state, *ex.batch)
+        reference.append(float(loss))
+
+    trainer = make_train_step(plan, ex.loss, make_mesh(shape), opt)
+    state, losses = trainer.init(ex.params), []
+    host = [np.asarray(leaf.value) for leaf in ex.batch]
+    for _ in range(STEPS):
+        state, loss = trainer.step(state, *host)
+        losses.append(float(loss))
+    np.testing.assert_allclose(losses, reference, rtol=1e-4)
