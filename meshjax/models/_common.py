@@ -9,6 +9,7 @@ while numpy is instant. Values are deterministic in ``key`` but differ from ``in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +78,9 @@ def host_init(decls: Any, sizes: dict[str, int], key: Any) -> Any:
         rng = np.random.default_rng([*seed, *name.encode()])  # = host_rng(key, name)
         out.append(NamedArray(jnp.asarray(init.host(rng, shape, jnp.dtype(decl.dtype))), decl.dims))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def count_params(params: Any) -> int:
+    """Number of parameters in a pytree of NamedArrays (abstract ones too: nothing is read)."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, NamedArray))
+    return int(sum(math.prod(leaf.shape) for leaf in leaves))

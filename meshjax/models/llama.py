@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, host_init
+from meshjax.models._common import Constant, Normal, count_params, host_init
 from meshjax.models.transformer import MASK_VALUE, block_keys
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
@@ -173,8 +173,7 @@ def abstract_params(config: Config) -> dict[str, Any]:
 
 
 def param_count(config: Config) -> int:
-    leaves = jax.tree_util.tree_leaves(abstract_params(config), is_leaf=lambda x: isinstance(x, NamedArray))
-    return int(sum(math.prod(leaf.shape) for leaf in leaves))
+    return count_params(abstract_params(config))
 
 
 # --- the model -------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import meshjax as mj
 from meshjax.context import emit
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models._common import Constant, Normal, host_init
+from meshjax.models._common import Constant, Normal, count_params, host_init
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -152,8 +152,7 @@ def abstract_params(config: Config) -> dict[str, Any]:
 
 
 def param_count(config: Config) -> int:
-    leaves = jax.tree_util.tree_leaves(abstract_params(config), is_leaf=lambda x: isinstance(x, NamedArray))
-    return int(sum(math.prod(leaf.shape) for leaf in leaves))
+    return count_params(abstract_params(config))
 
 
 # --- routing ---------------------------------------------------------------------------------

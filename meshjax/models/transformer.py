@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, host_init, host_rng
+from meshjax.models._common import Constant, Normal, count_params, host_init, host_rng
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
@@ -160,8 +160,7 @@ def abstract_params(config: Config) -> dict[str, Any]:
 
 def param_count(config: Config) -> int:
     """Number of parameters (computed from the declarations, nothing allocated)."""
-    leaves = jax.tree_util.tree_leaves(abstract_params(config), is_leaf=lambda x: isinstance(x, NamedArray))
-    return int(sum(math.prod(leaf.shape) for leaf in leaves))
+    return count_params(abstract_params(config))
 
 
 # --- the model -------------------------------------------------------------------------------
