@@ -72,10 +72,23 @@ class Plan:
         return {t.name: self.layouts[t.name].spec() for t in self.graph.params}
 
     @property
+    def state_layouts(self) -> dict[str, Layout]:
+        """Layout of each param's optimizer state (and of its gradient once reduced): the param's
+        own, or (ZeRO-1) one sharded over more mesh axes, where the update then runs."""
+        out = {}
+        for t in self.graph.params:
+            option = None
+            if self.problem is not None and self.solution is not None:
+                k = self.problem.node_of[t.name]
+                option = self.problem.nodes[k].options[self.solution.choice[k]]
+            state = getattr(option, "state", None)
+            out[t.name] = Layout(t.dims, state.axes) if state is not None else self.layouts[t.name]
+        return out
+
+    @property
     def state_specs(self) -> dict[str, PartitionSpec]:
-        """Spec of each param's gradient and optimizer state (every leaf of its Adam moments):
-        the param's own layout, so the update runs where the param lives."""
-        return self.param_specs
+        """Spec of each param's gradient and optimizer state (every leaf of its Adam moments)."""
+        return {name: layout.spec() for name, layout in self.state_layouts.items()}
 
     @property
     def rules(self) -> Rules | None:
@@ -115,13 +128,14 @@ class Plan:
         out: dict[str, float] = defaultdict(float)
         peak = 0.0
         saved = saved_for_backward(self.graph) if self.train else frozenset()
+        states = self.state_layouts if self.train else {}
         for name, tensor in self.graph.tensors.items():
             b = per_device_bytes(tensor, self.layouts[name], self.mesh_shape)
             if tensor.role == "param":
                 out["params"] += b
                 if self.train:
-                    out["grads"] += b
-                    out["optimizer_state"] += b * optimizer_state_factor
+                    out["grads"] += b  # computed in the param's layout, whatever the state's
+                    out["optimizer_state"] += per_device_bytes(tensor, states[name], self.mesh_shape) * optimizer_state_factor
             elif tensor.role == "input":
                 out["inputs"] += b
             elif tensor.role != "constant":
@@ -132,6 +146,13 @@ class Plan:
                 else:
                     peak = max(peak, b)
         out["backward_peak" if self.train else "activations"] = peak
+        if self.train and self.problem is not None and self.solution is not None:
+            choice = self.solution.choice
+            out["resharded_copies"] = sum(
+                float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
+                for e in self.problem.edges
+                if e.memory is not None
+            )
         out["total"] = sum(out.values())
         return dict(out)
 
@@ -322,11 +343,13 @@ def solve(
     candidates: Mapping[str, list] | None = None,
     time_limit: float | None = None,
     optimizer_state_factor: float = 2.0,
+    zero: bool = False,
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
     ``rules`` fix dims to mesh axes (``"batch:data;seq:none"``), ``pins`` fix tensors to a
-    layout, ``candidates`` limit a dim to a set of axis tuples. With ``memory_budget`` (bytes
+    layout, ``candidates`` limit a dim to a set of axis tuples. ``zero`` lets training shard
+    gradients and optimizer state over more axes than their param. With ``memory_budget`` (bytes
     per device) layouts that do not fit are excluded; if none fits, the error gives the smallest
     memory any layout reaches and the tensors that dominate it.
     """
@@ -334,7 +357,10 @@ def solve(
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
     hw = get_hardware(hardware)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
-    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer_state_factor=optimizer_state_factor)
+    problem = build_problem(
+        graph, mesh_shape, hw, train=train, constraints=constraints,
+        optimizer_state_factor=optimizer_state_factor, zero=zero,
+    )
     try:
         solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
     except InfeasibleError:

@@ -101,6 +101,17 @@ def _sharding_trees(plan, mesh: Mesh) -> tuple[Any, tuple]:
     return params, tuple(args)
 
 
+def _state_sharding_tree(plan, mesh: Mesh) -> Any:
+    """The params pytree with each param's gradient / optimizer-state sharding at its leaf."""
+    sig = _signature(plan)
+    specs = plan.state_specs
+    leaves = [
+        NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),))
+        for n, d in zip(sig.names, sig.dims)
+    ]
+    return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
+
+
 def param_shardings(plan, mesh: Mesh) -> Any:
     """The params pytree with each param's planned ``NamedSharding`` in place of its array."""
     return _sharding_trees(plan, auto_axes(mesh))[0]
@@ -245,6 +256,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.donate = donate
         self.param_shardings, self.input_shardings = _sharding_trees(plan, self.mesh)
+        self.state_shardings = _state_sharding_tree(plan, self.mesh)
         self.loss_sharding = self.program.sharding(plan.graph.outputs[0])
         self._loss = pinned_loss(self.program)
         self._opt_shardings: Any = None
@@ -315,7 +327,7 @@ class TrainStep:
     def _build_step(self) -> Any:
         loss_fn = self._loss
         optimizer = self.optimizer
-        grad_shardings = self.param_shardings  # plan.state_specs == the param's own spec
+        grad_shardings = self.state_shardings  # ZeRO-1/2: gradients reduce-scatter into the state layout
 
         def step(params, opt_state, args):
             loss, grads = jax.value_and_grad(loss_fn)(params, *args)

@@ -84,6 +84,47 @@ def enumerate_layouts(tensor: Tensor, mesh_shape: MeshShape) -> list[Layout]:
     return [_layout_for(tensor.dims, tensor.dims, a) for a in enumerate_assignments(loop, mesh_shape)]
 
 
+@dataclass(frozen=True)
+class ParamOption:
+    """Where a param lives (``layout``) and where its optimizer state lives (``state``).
+    ``state`` extends ``layout`` with more mesh axes for ZeRO-1 style sharding: the gradient is
+    reduce-scattered into it, the update runs there, and the new param is all-gathered back to
+    ``layout``."""
+
+    layout: Layout
+    state: Layout
+
+    def __str__(self) -> str:
+        return str(self.layout) if self.state == self.layout else f"{self.layout} state {self.state}"
+
+
+def state_layouts(tensor: Tensor, layout: Layout, mesh_shape: MeshShape) -> list[Layout]:
+    """``layout`` itself, then each valid layout that keeps ``layout``'s axes as the leading axes
+    of every dim and adds mesh axes it does not use."""
+    out = [layout]
+    for candidate in enumerate_layouts(tensor, mesh_shape):
+        if candidate == layout:
+            continue
+        if all(c[: len(a)] == a for c, a in zip(candidate.axes, layout.axes)):
+            out.append(candidate)
+    return out
+
+
+def zero_sync_time(tensor: Tensor, option: ParamOption, mesh_shape: MeshShape, hw: Hardware) -> float:
+    """Extra time of a sharded state over a state laid out like its param: a reduce-scatter of
+    the gradient plus an all-gather of the new param, instead of one all-reduce, plus the launch
+    of one more collective."""
+    extra = tuple(a for a in mesh_shape if a in option.state.used_axes and a not in option.layout.used_axes)
+    if not extra:
+        return 0.0
+    full = per_device_bytes(tensor, option.layout, mesh_shape)
+    shard = per_device_bytes(tensor, option.state, mesh_shape)
+    gather = time_of(Collective("all-gather", extra, full), mesh_shape, hw)
+    scatter = time_of(Collective("reduce-scatter", extra, shard), mesh_shape, hw)
+    reduce = time_of(Collective("all-reduce", extra, full), mesh_shape, hw)
+    return max(0.0, gather + scatter - reduce) + max(hw.link(mesh_shape, a).latency for a in extra)
+
+
 def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
     return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import saved_for_backward
+from meshjax.cost.memory import kept_by, saved_for_backward
+from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
@@ -90,6 +91,7 @@ class Edge:
     cost: np.ndarray  # rows x columns, times the multiplicity
     multiplicity: int
     needs_grad: bool = True
+    memory: np.ndarray | None = None  # rows x columns: a resharded copy the backward pass keeps
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Problem:
 
     def memory(self, choice: Sequence[int]) -> float:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
+        for e in self.edges:
+            if e.memory is not None:
+                resident += float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         return resident + peak
 
@@ -155,10 +160,13 @@ def build_problem(
     train: bool = False,
     constraints: Constraints | None = None,
     optimizer_state_factor: float = 2.0,
+    zero: bool = False,
 ) -> Problem:
     """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
 
     ``optimizer_state_factor``: optimizer-state bytes per parameter byte (Adam keeps two moments).
+    ``zero``: in training, let optimizer state be sharded over more mesh axes than its param
+    (ZeRO-1); sharding the param itself (FSDP / ZeRO-3) is always an option.
     """
     mesh_shape = dict(mesh_shape)
     constraints = constraints or Constraints()
@@ -185,12 +193,31 @@ def build_problem(
                 layouts = [l for l in layouts if l == pin]
             if not layouts:
                 raise InfeasibleError(f"tensor {key!r}: no layout meets the rules/pins ({_describe(constraints, tensor)})")
-            keep = 1.0 + ((1.0 + optimizer_state_factor) if train and tensor.role == "param" else 0.0)
-            nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts])
-            memory = nbytes * keep * per_instance
-            # Inputs are fed from the host every step, so each device should receive only its shard.
-            time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
-            nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
+            if train and tensor.role == "param":
+                # Gradient and optimizer state may be sharded over more axes than the param.
+                options = [
+                    ParamOption(layout, state)
+                    for layout in layouts
+                    for state in (state_layouts(tensor, layout, mesh_shape) if zero else [layout])
+                ]
+                # XLA materialises the whole gradient in the param's layout before scattering it,
+                # so a sharded state saves optimizer-state memory only (ZeRO-1).
+                memory = np.array(
+                    [
+                        2.0 * per_device_bytes(tensor, o.layout, mesh_shape)
+                        + optimizer_state_factor * per_device_bytes(tensor, o.state, mesh_shape)
+                        for o in options
+                    ]
+                ) * per_instance
+                time = np.array([zero_sync_time(tensor, o, mesh_shape, hardware) for o in options]) * per_instance
+                result_layouts = [o.layout for o in options]
+                nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names))
+            else:
+                nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts])
+                memory = nbytes * per_instance
+                # Inputs are fed from the host every step, so each device should receive only its shard.
+                time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
+                nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
         else:
             strategies = [
                 s
@@ -248,11 +275,22 @@ def build_problem(
                 for a in src_layouts
             ]
         )
+        # An operand the backward pass reads is kept as the op received it: a resharded copy
+        # (an FSDP weight gathered for its matmul) stays resident until the backward pass.
+        kept_copy = None
+        if train and graph.tensors[consumer.inputs[i]].name in kept_by(consumer, graph):
+            kept_copy = np.array(
+                [[0.0 if a == b else per_device_bytes(tensor, b, mesh_shape) * mult for b in dst_layouts] for a in src_layouts]
+            )
+            if not kept_copy.any():
+                kept_copy = None
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
+            if kept_copy is not None:
+                node.memory = node.memory + kept_copy[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, kept_copy))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
 
 
