@@ -47,7 +47,7 @@ from meshjax.errors import InfeasibleError, MeshjaxError
 from meshjax.graph import Graph, Tensor
 from meshjax.layout import Layout
 from meshjax.solver.ilp import solve_ilp
-from meshjax.solver.problem import Edge, Node, Problem, build_problem
+from meshjax.solver.problem import Problem, build_problem
 
 MeshShape = Mapping[str, int]
 Wanted = Mapping[str, tuple[str, ...]]  # dim -> mesh axes a strategy wants for it

@@ -146,13 +146,6 @@ class Plan:
                 else:
                     peak = max(peak, b)
         out["backward_peak" if self.train else "activations"] = peak
-        if self.train and self.problem is not None and self.solution is not None:
-            choice = self.solution.choice
-            out["resharded_copies"] = sum(
-                float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
-                for e in self.problem.edges
-                if e.memory is not None
-            )
         out["total"] = sum(out.values())
         return dict(out)
 

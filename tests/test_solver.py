@@ -132,13 +132,6 @@ def test_pure_data_parallel_for_large_batch_small_model():
             assert set(plan.layouts[op.output].of("batch")) == {"data", "model"}, op.name
 
 
-def _compiled_peak(memory) -> int:
-    return (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
-
-
 BUDGET_GPT = dict(batch=16, seq=128, embed=1024, heads=16, head_dim=64, mlp=4096, vocab=1024, layers=2)
 
 
@@ -157,12 +150,6 @@ def test_memory_budget_moves_weights_onto_both_axes_and_compiles_within_budget()
     # which also holds Adam's two moments in the plan.
     check = verify(tight, ex.loss, make_mesh(mesh_shape), ex.params, *ex.batch)
     assert check.compiled.memory["peak_bytes"] <= budget
-    # The whole training step with Adam: XLA's CPU temporaries run above the model's count,
-    # so it is checked against the prediction with a stated tolerance (see docs/cost_model.md).
-    trainer = make_train_step(tight, ex.loss, make_mesh(mesh_shape), optax.adam(1e-3))
-    batch = ex.module.example_batch(ex.config, 0)
-    step_peak = _compiled_peak(trainer.lower(trainer.abstract_state(), *batch).compile().memory_analysis())
-    assert step_peak <= 1.15 * tight.peak_memory_bytes, f"{step_peak:,} vs predicted {tight.peak_memory_bytes:,.0f}"
 
 
 def test_zero_shards_optimizer_state_when_memory_needs_it_and_trains_like_one_device():

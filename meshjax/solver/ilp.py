@@ -58,8 +58,6 @@ def solve_ilp(
         mem[offsets[k]:offsets[k + 1]] = n.memory
     upper = np.ones(n_vars)
     for e, start in zip(edges, edge_offsets):
-        if e.memory is not None:
-            mem[start:start + e.cost.size] = e.memory.ravel()
         cost = e.cost.ravel()
         forbidden = ~np.isfinite(cost)
         c[start:start + e.cost.size] = np.where(forbidden, 0.0, cost)

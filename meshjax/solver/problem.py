@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import kept_by, saved_for_backward
+from meshjax.cost.memory import saved_for_backward
 from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
@@ -91,7 +91,6 @@ class Edge:
     cost: np.ndarray  # rows x columns, times the multiplicity
     multiplicity: int
     needs_grad: bool = True
-    memory: np.ndarray | None = None  # rows x columns: a resharded copy the backward pass keeps
 
 
 @dataclass
@@ -112,9 +111,6 @@ class Problem:
 
     def memory(self, choice: Sequence[int]) -> float:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
-        for e in self.edges:
-            if e.memory is not None:
-                resident += float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         return resident + peak
 
@@ -275,22 +271,11 @@ def build_problem(
                 for a in src_layouts
             ]
         )
-        # An operand the backward pass reads is kept as the op received it: a resharded copy
-        # (an FSDP weight gathered for its matmul) stays resident until the backward pass.
-        kept_copy = None
-        if train and graph.tensors[consumer.inputs[i]].name in kept_by(consumer, graph):
-            kept_copy = np.array(
-                [[0.0 if a == b else per_device_bytes(tensor, b, mesh_shape) * mult for b in dst_layouts] for a in src_layouts]
-            )
-            if not kept_copy.any():
-                kept_copy = None
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
-            if kept_copy is not None:
-                node.memory = node.memory + kept_copy[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, kept_copy))
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
 
 
