@@ -205,8 +205,15 @@ def test_train_command_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name, shape",
-    [("llama-tiny", {"data": 2, "model": 4}), ("moe-tiny", {"data": 4, "model": 2}), ("moe-tiny", {"model": 8})],
-    ids=["llama-2x4", "moe-4x2", "moe-8"],
+    [
+        ("llama-tiny", {"data": 8}),
+        ("llama-tiny", {"data": 4, "model": 2}),
+        ("llama-tiny", {"data": 2, "model": 4}),
+        ("moe-tiny", {"model": 8}),
+        ("moe-tiny", {"data": 4, "model": 2}),
+        ("moe-tiny", {"data": 2, "model": 4}),
+    ],
+    ids=["llama-8", "llama-4x2", "llama-2x4", "moe-8", "moe-4x2", "moe-2x4"],
 )
 def test_zoo_models_train_under_the_solvers_plan_like_one_device(name, shape):
     ex = models.example(name, key=jax.random.key(1))
