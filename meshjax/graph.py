@@ -231,7 +231,7 @@ def find_unrolled_blocks(graph: Graph) -> dict[str, Block]:
         if len(groups) < 2:
             continue
         indices = sorted(groups)
-        prefixes = {i: _prefix_of(groups[i][0].name, stem, i) for i in indices}
+        prefixes = {i: f"{stem}{i}/" for i in indices}
         first = signature(prefixes[indices[0]], groups[indices[0]])
         same = [i for i in indices if signature(prefixes[i], groups[i]) == first]
         if len(same) >= 2:
@@ -242,7 +242,3 @@ def find_unrolled_blocks(graph: Graph) -> dict[str, Block]:
                 instances=tuple(prefixes[i] for i in same),
             )
     return blocks
-
-
-def _prefix_of(op_name: str, stem: str, index: int) -> str:
-    return f"{stem}{index}/"

@@ -45,10 +45,7 @@ def _is_decl(x: Any) -> bool:
 
 
 def _shape(decl: Param, sizes: Mapping[str, int], path: str) -> tuple[int, ...]:
-    try:
-        return shape_of(decl.dims, sizes, context=f"param {path!r}")
-    except ShapeError:
-        raise
+    return shape_of(decl.dims, sizes, context=f"param {path!r}")
 
 
 def init_params(decls: Any, sizes: Mapping[str, int], key: jax.Array) -> Any:
