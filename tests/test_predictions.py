@@ -1,8 +1,13 @@
-"""Predicted comm bytes against what XLA compiles, for the solver's own plans.
+"""Predicted comm bytes and memory against what XLA compiles, for the solver's own plans.
 
 Comm bytes are defined once (see :mod:`meshjax.inspect`): each collective's result bytes per
 device, times its runs per step. For every case below the solver's prediction must be within
 10% of the compiled program's.
+
+Memory: a training plan is compiled as the whole Adam step. The prediction is an upper bound by
+design (it holds every kept activation and every gradient at once, where the backward pass frees
+the one as it makes the other), so compiled memory must not exceed it by more than 5% nor fall
+below 85% of it, except where XLA:CPU materialises buffers the model has no term for (below).
 """
 
 import pytest
@@ -33,6 +38,27 @@ CASES = [
 ]
 
 
+# Where compiled memory exceeds the prediction by more than 5%, and why (read from XLA's buffer
+# assignment of these programs).
+MEMORY_ABOVE_PREDICTION = {
+    "scan": (1.25, "XLA:CPU zero-fills each stacked residual of the scanned layers and copies it "
+                   "into the loop, so the forward loop holds the stacked residuals twice"),
+    "infer": (1.30, "XLA:CPU broadcasts the causal mask to the full batch x heads x seq x seq scores "
+                    "once, outside the layers, and keeps it for all of them; the model has no "
+                    "term for a broadcast operand"),
+}
+
+
+def _memory_bound(case) -> tuple[float, str]:
+    name, overrides, mesh, hardware, train = case
+    if overrides.get("seq", 0) >= 1024:
+        if overrides.get("scan_layers") and train:
+            return MEMORY_ABOVE_PREDICTION["scan"]
+        if not train:
+            return MEMORY_ABOVE_PREDICTION["infer"]
+    return 1.05, "within the model"
+
+
 def _id(case):
     name, overrides, mesh, hardware, train = case
     size = "large" if overrides.get("embed") == 2048 else "wide" if overrides.get("batch") == 64 else "tiny"
@@ -42,7 +68,7 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_predicted_comm_bytes_within_ten_percent_of_compiled(case):
+def test_predicted_comm_bytes_and_memory_match_compiled(case):
     name, overrides, mesh_shape, hardware, train = case
     ex = models.example(name, abstract=True, **overrides)
     graph = mj.trace(ex.loss, ex.params, *ex.batch)
@@ -52,3 +78,6 @@ def test_predicted_comm_bytes_within_ten_percent_of_compiled(case):
     assert compiled == pytest.approx(predicted, rel=0.10), (
         f"predicted {check.predicted_by_kind}, compiled {check.compiled_by_kind}"
     )
+    upper, why = _memory_bound(case)
+    ratio = check.compiled.memory["peak_bytes"] / plan.peak_memory_bytes
+    assert 0.85 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"

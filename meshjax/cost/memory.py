@@ -1,8 +1,13 @@
 """Which activations a training step keeps for its backward pass.
 
 Backprop keeps an op's operands only when its derivative needs them: an einsum needs both
-operands, a nonlinearity its input, softmax its output, a norm its input; sums, reshapes,
-renames, additions and scalings need nothing. What no op keeps is freed during the forward pass.
+operands, a nonlinearity its input, softmax its output, a norm its input, an embedding lookup
+its ids; sums, reshapes, renames, additions and scalings need nothing. What no op keeps is freed
+during the forward pass.
+
+An op keeps its operands *as it computes on them*: when its strategy needs an operand in another
+layout than the producer's (a gathered weight under FSDP, a gathered activation), the resharded
+copy is what backprop keeps (:func:`keeps_operand`).
 
 Example::
 
@@ -12,7 +17,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+import math
+
 from meshjax.graph import Graph, Op
+from meshjax.layout import Layout
 
 # Ops whose backward pass needs none of their operands.
 LINEAR = frozenset(
@@ -23,17 +32,42 @@ LINEAR = frozenset(
 )
 # Ops whose derivative is written in terms of their own result.
 KEEP_RESULT = frozenset({"softmax", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"})
+# Ops that also keep an intermediate of their result's size: JAX differentiates gelu's tanh
+# approximation through ``tanh`` and silu through ``sigmoid`` and keeps that value; for softmax,
+# XLA keeps the unnormalised exponentials and recomputes the division in the backward pass.
+EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
+
+
+def extra_residuals(op: Op) -> int:
+    """How many tensors of its result's size ``op``'s backward keeps besides its operands."""
+    return EXTRA_RESIDUALS.get(op.kind, 0)
+
+
+def kept_operands(op: Op) -> tuple[int, ...]:
+    """Positions of the operands ``op``'s backward pass reads."""
+    if op.kind in LINEAR or op.kind in KEEP_RESULT:
+        return ()
+    if op.kind in ("multiply", "divide") and len(op.inputs) == 1:
+        return ()  # scaled by a Python number
+    if op.kind == "embed":
+        return (0,)  # the gradient scatters into the table at the ids; the table is not read
+    return tuple(range(len(op.inputs)))
+
+
+def keeps_operand(op: Op, position: int) -> bool:
+    """Whether ``op``'s backward pass reads its operand at ``position``.
+
+    >>> keeps_operand(graph.producer["block_0/mlp/hidden"], 1)     # doctest: +SKIP
+    True
+    """
+    return position in kept_operands(op)
 
 
 def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
-    if op.kind in LINEAR:
-        return set()
     if op.kind in KEEP_RESULT:
         return {op.output}
-    if op.kind in ("multiply", "divide") and len(op.inputs) == 1:
-        return set()  # scaled by a Python number
-    return set(op.inputs)
+    return {op.inputs[i] for i in kept_operands(op)}
 
 
 def saved_for_backward(graph: Graph) -> frozenset[str]:
@@ -45,3 +79,23 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
         name for name in saved
         if graph.tensors[name].role in ("activation", "output") and name in graph.requires_grad
     )
+
+
+def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+    """Bytes per device an op needs beyond what stays resident: its result and its activation
+    operands in the layouts it computes in (params and inputs are resident already).
+
+    In inference, the peak is the largest working set of any op.
+
+    >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
+    """
+
+    def nbytes(name: str, layout: Layout) -> float:
+        tensor = graph.tensors[name]
+        return tensor.nbytes / math.prod(mesh_shape[a] for a in layout.used_axes)
+
+    total = nbytes(op.output, result)
+    for name, layout in zip(op.inputs, operands):
+        if graph.tensors[name].role in ("activation", "output"):
+            total += nbytes(name, layout)
+    return total

@@ -2,7 +2,9 @@
 
 One *node* per decision: the layout of each param or input (a source), and the strategy of each
 op (which fixes its result's layout). One *edge* per (producer, consumer, operand): the reshard
-cost between the producer's result layout and the layout the consumer's strategy needs.
+cost between the producer's result layout and the layout the consumer's strategy needs, and in
+training the bytes of the resharded copy when the consumer's backward pass keeps that operand
+(a weight gathered for an FSDP matmul stays gathered until its backward).
 Strategies and layouts are grouped by the layout they imply, so an edge's cost is a small matrix
 over distinct layouts.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import saved_for_backward
+from meshjax.cost.memory import extra_residuals, keeps_operand, saved_for_backward, working_set
 from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
@@ -73,7 +75,7 @@ class Node:
     result_layouts: list[Layout]
     time: np.ndarray  # per option, already times the multiplicity
     memory: np.ndarray  # per option: bytes per device this node keeps resident
-    peak: np.ndarray  # per option: bytes of a transient (inference activations), else 0
+    peak: np.ndarray  # per option: bytes of a transient (training: the backward's; inference: the op's working set)
     multiplicity: int
     members: list[str]  # every tensor name this node decides
 
@@ -91,6 +93,7 @@ class Edge:
     cost: np.ndarray  # rows x columns, times the multiplicity
     multiplicity: int
     needs_grad: bool = True
+    memory: np.ndarray | None = None  # rows x columns: bytes per device of a kept resharded copy
 
 
 @dataclass
@@ -111,8 +114,17 @@ class Problem:
 
     def memory(self, choice: Sequence[int]) -> float:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
+        resident += self.copy_memory(choice)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         return resident + peak
+
+    def copy_memory(self, choice: Sequence[int]) -> float:
+        """Bytes per device of the resharded operand copies backprop keeps under ``choice``."""
+        return sum(
+            float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
+            for e in self.edges
+            if e.memory is not None
+        )
 
     def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
         """The layout of every tensor of the graph under ``choice``."""
@@ -229,10 +241,11 @@ def build_problem(
             if train:
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
-                kept = key in saved
+                kept = (key in saved) + extra_residuals(op) * (key in graph.requires_grad)
                 memory, peak = act * mult * kept, 2 * act
             else:
-                memory, peak = np.zeros(len(strategies)), act
+                memory = np.zeros(len(strategies))
+                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names))
         for name in names:
@@ -271,11 +284,20 @@ def build_problem(
                 for a in src_layouts
             ]
         )
+        memory = None
+        if train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad:
+            memory = np.array(
+                [[0.0 if a.axes == b.axes else per_device_bytes(tensor, b, mesh_shape) * mult for b in dst_layouts] for a in src_layouts]
+            )
+            if not memory.any():
+                memory = None
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
+            if memory is not None:
+                node.memory = node.memory + memory[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad))
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, memory))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
 
 
