@@ -20,9 +20,21 @@ from jax.sharding import AxisType, Mesh
 from meshjax.errors import LayoutError
 
 
-def use_cpu_devices(count: int) -> None:
-    """Simulate ``count`` CPU devices. Must run before JAX initialises a backend; afterwards it
-    only checks that enough devices exist."""
+# XLA:CPU's default scheduler orders for concurrency: it hoists work that depends only on
+# params (layout copies of weights) to the start and keeps the results alive until the backward
+# pass. Accelerator schedulers work under a memory limit; this one makes a simulated mesh's
+# compiled memory reflect theirs (2-layer GPT training step on 4x2: 192 MB -> 180 MB).
+MEMORY_OPTIMIZED_CPU_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
+
+def use_cpu_devices(count: int, *, memory_optimized_schedule: bool = True) -> None:
+    """Simulate ``count`` CPU devices, scheduled by XLA:CPU's memory-optimising scheduler unless
+    ``memory_optimized_schedule=False``. Must run before JAX initialises a backend; afterwards it
+    only checks that enough devices exist.
+
+    Both settings also go to ``XLA_FLAGS``, so child processes (launchers, notebook kernels
+    started from here) simulate the same devices.
+    """
     try:
         jax.config.update("jax_num_cpu_devices", int(count))
     except RuntimeError:
@@ -33,8 +45,10 @@ def use_cpu_devices(count: int) -> None:
             ) from None
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        # Child processes (launchers, notebooks started from here) inherit the same count.
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(count)}".strip()
+        flags = f"{flags} --xla_force_host_platform_device_count={int(count)}"
+    if memory_optimized_schedule and "xla_cpu_scheduler_type" not in flags:
+        flags = f"{flags} {MEMORY_OPTIMIZED_CPU_SCHEDULER}"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def parse_mesh_shape(text: str, axis_names: Sequence[str] | None = None) -> dict[str, int]:

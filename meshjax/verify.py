@@ -15,10 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import optax
 from jax.sharding import Mesh
 
+from meshjax.errors import TraceError
 from meshjax.inspect import CompiledReport, inspect_compiled
+from meshjax.named import NamedArray
 from meshjax.plan import Plan
+from meshjax.train import make_train_step
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, NamedArray)
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,30 @@ class Verification:
         return table
 
 
-def verify(plan: Plan, fn: Callable, mesh: Mesh, params: Any, *args: Any) -> Verification:
-    """Compile ``fn`` under ``plan`` (the loss and its gradients when the plan is for training)."""
-    compiled = plan.program(fn, mesh).compile(params, *args, grad=plan.train)
+def verify(
+    plan: Plan,
+    fn: Callable,
+    mesh: Mesh,
+    params: Any,
+    *args: Any,
+    optimizer: optax.GradientTransformation | None = None,
+) -> Verification:
+    """Compile ``fn`` under ``plan`` and read what XLA made of it.
+
+    An inference plan compiles ``fn``; a training plan compiles the whole training step
+    (:func:`~meshjax.train.make_train_step`: loss, gradients and the optimizer update, params and
+    optimizer state donated), so compiled memory counts everything the plan's memory does.
+    ``optimizer`` defaults to Adam, whose two moments the plan's optimizer-state memory assumes.
+    ``params`` and ``args`` may be abstract (``ShapeDtypeStruct`` leaves).
+    """
+    if plan.train:
+        trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
+        state = trainer.abstract_state()
+        if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
+            state.params, is_leaf=_is_named
+        ):
+            raise TraceError("params do not have the structure the plan was made for")
+        compiled = trainer.lower(state, *args).compile()
+    else:
+        compiled = plan.program(fn, mesh).compile(params, *args)
     return Verification(plan, inspect_compiled(compiled, mesh))
