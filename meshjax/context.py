@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,11 @@ class _Context:
     def operands(self, base: str, arrays: Sequence[NamedArray]) -> list[NamedArray]:
         """The operands an op about to run should compute with (lowering pins them)."""
         return list(arrays)
+
+    def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
+        """Run an op's ``fn`` on its operands: ``(operands, value)``."""
+        operands = self.operands(base, arrays)
+        return operands, fn(operands)
 
     def forget_names_under(self, prefix: str) -> None:
         """Let a re-traced scan body reuse its names (JAX may trace a body twice)."""
@@ -166,11 +172,46 @@ class Pinner(_Context):
         mesh: jax.sharding.Mesh,
         specs: dict[str, jax.sharding.PartitionSpec],
         operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
+        recomputed: dict[str, tuple[bool, ...]] | None = None,
     ):
         super().__init__()
         self.mesh = mesh
         self.specs = specs
         self.operand_specs = operand_specs or {}
+        self.recomputed = recomputed or {}
+
+    def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
+        op_name = self.peek_name(base)
+        if not any(self.recomputed.get(op_name, ())):
+            return super().compute(base, arrays, fn)
+        # The op's backward reads an operand it reshards: keep the operands as they came and
+        # redo the reshards in the backward pass (FSDP's second all-gather) instead of keeping
+        # the resharded copies until then.
+        specs = self.operand_specs[op_name]
+        dims = [a.dims for a in arrays]
+
+        def forward(*values):
+            pinned = [
+                v if spec is None else jax.lax.with_sharding_constraint(v, jax.sharding.NamedSharding(self.mesh, spec))
+                for v, spec in zip(values, specs)
+            ]
+            return fn([NamedArray.tree_unflatten(d, (v,)) for d, v in zip(dims, pinned)])
+
+        @jax.custom_vjp
+        def run(*values):
+            return forward(*values)
+
+        def run_fwd(*values):
+            return forward(*values), values
+
+        def run_bwd(values, cotangent):
+            # The barrier keeps XLA from merging the backward's reshards with the forward's
+            # (which would keep the resharded copies alive again).
+            values = jax.lax.optimization_barrier(values)
+            return jax.vjp(forward, *values)[1](cotangent)
+
+        run.defvjp(run_fwd, run_bwd)
+        return list(arrays), run(*(a.value for a in arrays))
 
     def operands(self, base: str, arrays: Sequence[NamedArray]) -> list[NamedArray]:
         # Pinning each operand where the op's planned strategy wants it fixes both directions:
@@ -239,10 +280,18 @@ def scope(name: str) -> Iterator[None]:
         ctx.scopes.pop()
 
 
-def operands_for(kind: str, name: str | None, arrays: Sequence[NamedArray]) -> list[NamedArray]:
-    """Called by an op before it computes: the operands to compute with (pinned when lowering)."""
+def compute(
+    kind: str, name: str | None, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]
+) -> tuple[list[NamedArray], Any]:
+    """How an op computes: ``fn(operands) -> value`` on its operands as the active context wants
+    them (pinned when lowering). Returns ``(operands, value)``; pass the operands to :func:`emit`.
+
+    >>> operands, value = compute("exp", None, [x], lambda ops: jnp.exp(ops[0].value))   # doctest: +SKIP
+    """
     ctx = current()
-    return list(arrays) if ctx is None else ctx.operands(name or kind, arrays)
+    if ctx is None:
+        return list(arrays), fn(list(arrays))
+    return ctx.compute(name or kind, arrays, fn)
 
 
 def emit(

@@ -6,6 +6,11 @@ finds it by the name the trace gave it); outputs leave with their planned shardi
 ``jax.grad`` the constraints transpose onto the cotangents, so the backward pass follows the same
 layouts, and gradients leave with their parameter's sharding.
 
+An op whose backward pass reads an operand it resharded (a weight an FSDP plan gathers for a
+matmul) keeps the operand as it came and reshards it again in the backward pass, rather than
+keeping the gathered copy alive in between (the Pinner wraps the op in a ``jax.custom_vjp``).
+Memory stays what the plan predicts; the cost model charges the second gather.
+
 Example::
 
     >>> program = Program(loss, graph, mesh, layouts)                    # doctest: +SKIP
@@ -22,6 +27,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax import context
+from meshjax.cost.memory import keeps_operand
 from meshjax.devices import auto_axes, mesh_shape
 from meshjax.errors import TraceError
 from meshjax.graph import Graph
@@ -50,6 +56,16 @@ class Program:
         # without an entry compute wherever XLA's propagation puts them.
         self.operand_specs = {
             op: tuple(layout.spec() for layout in operand) for op, operand in (operand_layouts or {}).items()
+        }
+        # op name -> per operand, whether the backward pass re-does its reshard (see module doc).
+        ops = {op.name: op for op in graph.ops}
+        self.recomputed = {
+            name: tuple(
+                keeps_operand(ops[name], i) and layout.axes != self.layouts[src].axes
+                for i, (src, layout) in enumerate(zip(ops[name].inputs, operand))
+            )
+            for name, operand in (operand_layouts or {}).items()
+            if name in ops
         }
         shape = mesh_shape(self.mesh)
         for name, layout in self.layouts.items():
@@ -106,7 +122,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

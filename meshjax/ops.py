@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshjax.context import emit, operands_for
+from meshjax.context import compute, emit
 from meshjax.errors import EinsumError, ShapeError
 from meshjax.graph import IndexForm
 from meshjax.named import DimsLike, NamedArray, check_sizes, format_dims, named, parse_dims
@@ -97,11 +97,12 @@ def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=
                 f"the spec says {format_dims(term)!r} ({detail})"
             )
     loop = _loop_of(operands, f"einsum {spec!r}")
-    operands = operands_for("einsum", name, operands)
     letters = dict(zip((d for d, _ in loop), string.ascii_letters))
     subscripts = ",".join("".join(letters[d] for d in op.dims) for op in operands)
     subscripts += "->" + "".join(letters[d] for d in out_dims)
-    value = jnp.einsum(subscripts, *(op.value for op in operands), precision=precision)
+    operands, value = compute(
+        "einsum", name, operands, lambda ops: jnp.einsum(subscripts, *(op.value for op in ops), precision=precision)
+    )
     reduced = tuple(d for d, _ in loop if d not in out_dims)
     index = IndexForm(
         loop=loop,
@@ -170,10 +171,13 @@ def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArra
             raise ShapeError(f"{kind}: a plain array of shape {np.shape(a)} has no dim names; wrap it with named()")
     loop = _loop_of(arrays, kind)
     out_dims = tuple(d for d, _ in loop)
-    pinned = iter(operands_for(kind, name, arrays))
-    args = [next(pinned) if isinstance(a, NamedArray) else a for a in args]
-    arrays = [a for a in args if isinstance(a, NamedArray)]
-    value = func(*(_broadcast_to(a, out_dims) if isinstance(a, NamedArray) else a for a in args))
+
+    def run(operands: list[NamedArray]):
+        pinned = iter(operands)
+        full = [_broadcast_to(next(pinned), out_dims) if isinstance(a, NamedArray) else a for a in args]
+        return func(*full)
+
+    arrays, value = compute(kind, name, arrays, run)
     index = IndexForm(
         loop=loop,
         operands=tuple(a.dims for a in arrays),
@@ -240,8 +244,8 @@ def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name
     for d in over:
         x.size(d)  # names a missing dim
     keep = tuple(d for d in x.dims if d not in over)
-    (x,) = operands_for(kind, name, [x])
-    value = func(x.value, axis=tuple(x.axis(d) for d in over))
+    axes = tuple(x.axis(d) for d in over)
+    (x,), value = compute(kind, name, [x], lambda ops: func(ops[0].value, axis=axes))
     loop = tuple(x.sizes.items())
     index = IndexForm(
         loop=loop,
@@ -281,8 +285,7 @@ def logsumexp(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray
 def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
     """Softmax over ``dim``; the result keeps every dim."""
     axis = x.axis(dim)
-    (x,) = operands_for("softmax", name, [x])
-    value = jax.nn.softmax(x.value, axis=axis)
+    (x,), value = compute("softmax", name, [x], lambda ops: jax.nn.softmax(ops[0].value, axis=axis))
     index = IndexForm(
         loop=tuple(x.sizes.items()),
         operands=(x.dims,),
@@ -295,16 +298,6 @@ def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
 
 def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> NamedArray:
     axis = x.axis(dim)
-    pinned = iter(operands_for(kind, name, [x, *(p for p in (scale, bias) if p is not None)]))
-    x = next(pinned)
-    scale = next(pinned) if scale is not None else None
-    bias = next(pinned) if bias is not None else None
-    v = x.value.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if kind == "layer_norm":
-        centered = v - jnp.mean(v, axis=axis, keepdims=True)
-        normed = centered * jax.lax.rsqrt(jnp.mean(centered**2, axis=axis, keepdims=True) + eps)
-    else:
-        normed = v * jax.lax.rsqrt(jnp.mean(v**2, axis=axis, keepdims=True) + eps)
     params = [p for p in (scale, bias) if p is not None]
     for p in params:
         if p.dims != (dim,):
@@ -313,11 +306,23 @@ def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> 
             raise ShapeError(f"{kind}: dim {dim!r} has size {x.size(dim)} and {p.size(dim)}")
     shape = [1] * len(x.dims)
     shape[axis] = x.size(dim)
-    if scale is not None:
-        normed = normed * scale.value.reshape(shape)
-    if bias is not None:
-        normed = normed + bias.value.reshape(shape)
-    value = normed.astype(x.dtype)
+
+    def run(operands: list[NamedArray]):
+        x, *rest = operands
+        v = x.value.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if kind == "layer_norm":
+            centered = v - jnp.mean(v, axis=axis, keepdims=True)
+            normed = centered * jax.lax.rsqrt(jnp.mean(centered**2, axis=axis, keepdims=True) + eps)
+        else:
+            normed = v * jax.lax.rsqrt(jnp.mean(v**2, axis=axis, keepdims=True) + eps)
+        rest = iter(rest)
+        if scale is not None:
+            normed = normed * next(rest).value.reshape(shape)
+        if bias is not None:
+            normed = normed + next(rest).value.reshape(shape)
+        return normed.astype(x.dtype)
+
+    (x, *params), value = compute(kind, name, [x, *params], run)
     index = IndexForm(
         loop=tuple(x.sizes.items()),
         operands=(x.dims, *((dim,) for _ in params)),
@@ -358,8 +363,9 @@ def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str
     clash = set(rest) & set(ids.dims)
     if clash:
         raise ShapeError(f"embed: dims {sorted(clash)} are on both ids and table")
-    ids, table = operands_for("embed", name, [ids, table])
-    value = jnp.take(table.align_to((vocab, *rest)), ids.value, axis=0)
+    (ids, table), value = compute(
+        "embed", name, [ids, table], lambda ops: jnp.take(ops[1].align_to((vocab, *rest)), ops[0].value, axis=0)
+    )
     out_dims = (*ids.dims, *rest)
     loop = (*ids.sizes.items(), *table.sizes.items())
     index = IndexForm(
@@ -384,12 +390,14 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
             f"cross_entropy: targets have dims {format_dims(targets.dims)!r}, expected {format_dims(keep)!r}"
         )
     check_sizes([logits, targets], context="cross_entropy")
-    logits, targets = operands_for("cross_entropy", name, [logits, targets])
-    v = logits.align_to((*keep, vocab)).astype(jnp.promote_types(logits.dtype, jnp.float32))
-    t = targets.align_to(keep)
-    lse = jax.nn.logsumexp(v, axis=-1)
-    onehot = jax.nn.one_hot(t, v.shape[-1], dtype=v.dtype)
-    value = lse - jnp.sum(v * onehot, axis=-1)
+
+    def run(operands: list[NamedArray]):
+        logits, targets = operands
+        v = logits.align_to((*keep, vocab)).astype(jnp.promote_types(logits.dtype, jnp.float32))
+        onehot = jax.nn.one_hot(targets.align_to(keep), v.shape[-1], dtype=v.dtype)
+        return jax.nn.logsumexp(v, axis=-1) - jnp.sum(v * onehot, axis=-1)
+
+    (logits, targets), value = compute("cross_entropy", name, [logits, targets], run)
     index = IndexForm(
         loop=tuple(logits.sizes.items()),
         operands=(logits.dims, targets.dims),

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.memory import extra_residuals, saved_for_backward, working_set
+from meshjax.cost.memory import backward_working_set, extra_residuals, saved_for_backward, working_set
 from meshjax.cost.strategies import per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
@@ -124,8 +124,8 @@ class Plan:
         return self.comm_time_s + self.compute_time_s
 
     def memory_breakdown(self, optimizer_state_factor: float = 2.0) -> dict[str, float]:
-        """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations,
-        and in training the resharded operand copies backprop keeps and the backward pass's peak."""
+        """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations
+        (in training, those kept for the backward pass, plus its peak)."""
         out: dict[str, float] = defaultdict(float)
         peak = 0.0
         saved = saved_for_backward(self.graph) if self.train else frozenset()
@@ -144,15 +144,11 @@ class Plan:
                     producer = self.graph.producer.get(name)
                     kept = (name in saved) + (extra_residuals(producer) if producer and name in self.graph.requires_grad else 0)
                     out["activations"] += kept * b * self.graph.trip_count(tensor.block)
-                    peak = max(peak, 2 * b)
-        if not self.train:
-            operand_layouts = self.operand_layouts
-            for op in self.graph.ops:
-                operands = operand_layouts.get(op.name) or tuple(self.layouts[n] for n in op.inputs)
-                peak = max(peak, working_set(op, self.graph, self.layouts[op.output], operands, self.mesh_shape))
-        if self.train and self.problem is not None and self.solution is not None:
-            # Operands resharded for an op whose backward pass keeps them (FSDP's gathered weights).
-            out["resharded_copies"] = self.problem.copy_memory(self.solution.choice)
+        operand_layouts = self.operand_layouts
+        transient = backward_working_set if self.train else working_set
+        for op in self.graph.ops:
+            operands = operand_layouts.get(op.name) or tuple(self.layouts[n] for n in op.inputs)
+            peak = max(peak, transient(op, self.graph, self.layouts[op.output], operands, self.mesh_shape))
         out["backward_peak" if self.train else "activations"] = peak
         out["total"] = sum(out.values())
         return dict(out)
@@ -297,7 +293,7 @@ def _op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
         b = e.dst_group[choice[e.dst]]
         t, colls = reshard(
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
-            train=problem.train, needs_grad=e.needs_grad,
+            train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
         )
         incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
     out = []

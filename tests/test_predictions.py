@@ -6,8 +6,8 @@ device, times its runs per step. For every case below the solver's prediction mu
 
 Memory: a training plan is compiled as the whole Adam step. The prediction is an upper bound by
 design (it holds every kept activation and every gradient at once, where the backward pass frees
-the one as it makes the other), so compiled memory must not exceed it by more than 5% nor fall
-below 85% of it, except where XLA:CPU materialises buffers the model has no term for (below).
+the one as it makes the other, and each op's backward transient as if it held all it reads), so
+compiled memory must not exceed it by more than 5% nor fall below 75% of it, except where XLA:CPU materialises buffers the model has no term for (below).
 """
 
 import pytest
@@ -80,4 +80,4 @@ def test_predicted_comm_bytes_and_memory_match_compiled(case):
     )
     upper, why = _memory_bound(case)
     ratio = check.compiled.memory["peak_bytes"] / plan.peak_memory_bytes
-    assert 0.85 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"
+    assert 0.75 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"

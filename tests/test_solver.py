@@ -146,11 +146,12 @@ def test_memory_budget_moves_weights_onto_both_axes_and_compiles_within_budget()
     assert free.peak_memory_bytes > budget or free.step_time_s <= tight.step_time_s
     w_in = tight.layouts["block_0/mlp/w_in"]
     assert set(w_in.used_axes) == {"data", "model"}, f"w_in kept a replica: {w_in}"
-    # The whole compiled Adam training step (params, grads, both moments, activations, the
-    # gathered weights FSDP keeps for the backward pass) fits the budget.
+    # The whole compiled Adam training step (params, grads, both moments, activations) fits the
+    # budget; gathered weights are gathered again for the backward pass rather than kept, and
+    # the compiled collectives (second all-gathers included) are the predicted ones.
     check = verify(tight, ex.loss, make_mesh(mesh_shape), ex.params, *ex.batch)
-    assert check.compiled.memory["peak_bytes"] <= budget
-    assert check.compiled.memory["peak_bytes"] >= 0.9 * tight.peak_memory_bytes  # and is predicted
+    assert 0.9 * tight.peak_memory_bytes <= check.compiled.memory["peak_bytes"] <= budget
+    assert check.comm_ratio == pytest.approx(1.0, rel=0.10)
 
 
 def test_zero_shards_optimizer_state_when_memory_needs_it_and_trains_like_one_device():

@@ -5,9 +5,10 @@ operands, a nonlinearity its input, softmax its output, a norm its input, an emb
 its ids; sums, reshapes, renames, additions and scalings need nothing. What no op keeps is freed
 during the forward pass.
 
-An op keeps its operands *as it computes on them*: when its strategy needs an operand in another
-layout than the producer's (a gathered weight under FSDP, a gathered activation), the resharded
-copy is what backprop keeps (:func:`keeps_operand`).
+A kept tensor is kept in the layout it was made in. When an op computes on an operand in another
+layout (a weight gathered under FSDP, a gathered activation) and its backward reads that operand
+(:func:`keeps_operand`), the lowering recomputes the reshard in the backward pass instead of
+keeping the copy (see :mod:`meshjax.lower`), and the cost model charges the second reshard.
 
 Example::
 
@@ -81,6 +82,10 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     )
 
 
+def _nbytes(graph: Graph, name: str, layout: Layout, mesh_shape: Mapping[str, int]) -> float:
+    return graph.tensors[name].nbytes / math.prod(mesh_shape[a] for a in layout.used_axes)
+
+
 def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
     """Bytes per device an op needs beyond what stays resident: its result and its activation
     operands in the layouts it computes in (params and inputs are resident already).
@@ -89,13 +94,22 @@ def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout]
 
     >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
     """
-
-    def nbytes(name: str, layout: Layout) -> float:
-        tensor = graph.tensors[name]
-        return tensor.nbytes / math.prod(mesh_shape[a] for a in layout.used_axes)
-
-    total = nbytes(op.output, result)
+    total = _nbytes(graph, op.output, result, mesh_shape)
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
-            total += nbytes(name, layout)
+            total += _nbytes(graph, name, layout, mesh_shape)
+    return total
+
+
+def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+    """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
+    its result, one temporary of that size, and the operands it reads in the layouts it computes
+    in (an FSDP weight is gathered again here).
+
+    In training, the peak on top of what is kept is the largest of these over the ops.
+    """
+    total = 2 * _nbytes(graph, op.output, result, mesh_shape)
+    for i in kept_operands(op):
+        if graph.tensors[op.inputs[i]].role != "constant":
+            total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
     return total

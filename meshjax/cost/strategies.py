@@ -266,17 +266,22 @@ def reshard(
     *,
     train: bool = False,
     needs_grad: bool = True,
+    recompute: bool = False,
 ) -> tuple[float, tuple[Collective, ...]]:
     """Time and collectives to move ``tensor`` from layout ``src`` to ``dst``.
 
     An axis that splits the same dim in both costs nothing; one that moves to another dim is an
     all-to-all; one that ``dst`` drops is an all-gather; one only ``dst`` has is a local slice.
     With ``train=True`` (and ``needs_grad``) the cotangent makes the trip back, ``dst -> src``:
-    the backward of a free slice is an all-gather.
+    the backward of a free slice is an all-gather. With ``train=True`` and ``recompute`` (the
+    consumer's backward reads the operand) the backward pass makes the move again: tensors are
+    kept in the layout they were made in, never as resharded copies (FSDP re-gathers weights).
     """
     if src == dst:
         return 0.0, ()
     colls = _moves(tensor, src, dst, mesh_shape)
+    if train and recompute:
+        colls += colls
     if train and needs_grad:
         colls += _moves(tensor, Layout(src.dims, dst.axes), Layout(dst.dims, src.axes), mesh_shape)
     time = sum(time_of(c, mesh_shape, hw) for c in colls)

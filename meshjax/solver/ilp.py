@@ -3,8 +3,7 @@
 Variables: a binary ``x[n, s]`` per node option; per edge a continuous ``y[a, b]`` per pair of
 (producer layout, consumer layout) whose row sums equal the producer's chosen layout and whose
 column sums equal the consumer's. With the ``x`` binary, the only feasible ``y`` is the chosen
-pair, so the edge cost is exact and the relaxation stays tight. A memory budget adds one row
-(over ``x``, and over ``y`` where a kept resharded copy costs memory);
+pair, so the edge cost is exact and the relaxation stays tight. A memory budget adds one row;
 inference peaks add one continuous ``z >= activation bytes``.
 
 Example::
@@ -63,8 +62,6 @@ def solve_ilp(
         forbidden = ~np.isfinite(cost)
         c[start:start + e.cost.size] = np.where(forbidden, 0.0, cost)
         upper[start:start + e.cost.size][forbidden] = 0.0
-        if e.memory is not None:  # a resharded copy the backward pass keeps
-            mem[start:start + e.cost.size] = e.memory.ravel()
     # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
     # coefficients that large break HiGHS's tolerances.
     unit = float(memory_budget) if memory_budget else max(float(mem.max()), max((float(n.peak.max()) for n in nodes), default=0.0), 1.0)

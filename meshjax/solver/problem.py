@@ -2,9 +2,10 @@
 
 One *node* per decision: the layout of each param or input (a source), and the strategy of each
 op (which fixes its result's layout). One *edge* per (producer, consumer, operand): the reshard
-cost between the producer's result layout and the layout the consumer's strategy needs, and in
-training the bytes of the resharded copy when the consumer's backward pass keeps that operand
-(a weight gathered for an FSDP matmul stays gathered until its backward).
+cost between the producer's result layout and the layout the consumer's strategy needs. In
+training, a tensor is kept for the backward pass in the layout it was made in; a consumer whose
+backward reads a resharded operand re-does the reshard there (FSDP re-gathers its weights), so
+memory stays a sum over nodes.
 Strategies and layouts are grouped by the layout they imply, so an edge's cost is a small matrix
 over distinct layouts.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import extra_residuals, keeps_operand, saved_for_backward, working_set
+from meshjax.cost.memory import backward_working_set, extra_residuals, keeps_operand, saved_for_backward, working_set
 from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
@@ -93,7 +94,7 @@ class Edge:
     cost: np.ndarray  # rows x columns, times the multiplicity
     multiplicity: int
     needs_grad: bool = True
-    memory: np.ndarray | None = None  # rows x columns: bytes per device of a kept resharded copy
+    recompute: bool = False  # the consumer's backward re-does the reshard (it reads the operand)
 
 
 @dataclass
@@ -114,17 +115,8 @@ class Problem:
 
     def memory(self, choice: Sequence[int]) -> float:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
-        resident += self.copy_memory(choice)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         return resident + peak
-
-    def copy_memory(self, choice: Sequence[int]) -> float:
-        """Bytes per device of the resharded operand copies backprop keeps under ``choice``."""
-        return sum(
-            float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]])
-            for e in self.edges
-            if e.memory is not None
-        )
 
     def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
         """The layout of every tensor of the graph under ``choice``."""
@@ -242,7 +234,8 @@ def build_problem(
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
                 kept = (key in saved) + extra_residuals(op) * (key in graph.requires_grad)
-                memory, peak = act * mult * kept, 2 * act
+                memory = act * mult * kept
+                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
             else:
                 memory = np.zeros(len(strategies))
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
@@ -259,10 +252,10 @@ def build_problem(
 
     cache: dict[tuple, float] = {}
 
-    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool) -> float:
-        key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad)  # q, k, v share
+    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool) -> float:
+        key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
         if key not in cache:
-            cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad)[0]
+            cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad, recompute=recompute)[0]
         return cache[key]
 
     edges: list[Edge] = []
@@ -273,31 +266,23 @@ def build_problem(
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
+        recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
         cost = np.array(
             [
                 [
                     np.inf
                     if _gathers_before_reducing(consumer, i, a, b)
-                    else reshard_time(tensor, a, b, needs_grad) * mult
+                    else reshard_time(tensor, a, b, needs_grad, recompute) * mult
                     for b in dst_layouts
                 ]
                 for a in src_layouts
             ]
         )
-        memory = None
-        if train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad:
-            memory = np.array(
-                [[0.0 if a.axes == b.axes else per_device_bytes(tensor, b, mesh_shape) * mult for b in dst_layouts] for a in src_layouts]
-            )
-            if not memory.any():
-                memory = None
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
-            if memory is not None:
-                node.memory = node.memory + memory[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, memory))
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute))
     return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
 
 
