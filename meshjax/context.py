@@ -182,6 +182,12 @@ class Pinner(_Context):
 
     def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
         op_name = self.peek_name(base)
+        # The scope puts the op's name into the HLO metadata of everything it lowers to,
+        # collectives included, so verify can set them beside the op's predicted ones.
+        with jax.named_scope(op_name):
+            return self._compute(op_name, base, arrays, fn)
+
+    def _compute(self, op_name: str, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
         if not any(self.recomputed.get(op_name, ())):
             return super().compute(base, arrays, fn)
         # The op's backward reads an operand it reshards: keep the operands as they came and
@@ -239,7 +245,8 @@ class Pinner(_Context):
 
     def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
         out_name = self.fresh_name(name or kind)
-        return self.pin(output, out_name), out_name
+        with jax.named_scope(out_name):
+            return self.pin(output, out_name), out_name
 
     def pin_as(self, array: NamedArray, name: str) -> NamedArray:
         return self.pin(array, name)

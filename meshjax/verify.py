@@ -1,4 +1,11 @@
-"""Verify a plan: compile it and put predicted collectives and memory beside XLA's.
+"""Verify a plan: compile it and put predicted collectives and memory beside XLA's, in total,
+per collective kind and per op.
+
+Per op: lowering runs every op under a ``jax.named_scope`` of its name, so each compiled
+collective's ``op_name`` metadata names the op it came from (``jvp(block_0/mlp/out)`` forward,
+``transpose(jvp(...))`` backward). When XLA combines collectives of several ops into one, the
+metadata lists them all (``block_1/attn/(q)...:v)...:k)...``) and the combined bytes are shared
+among those ops in proportion to their predicted bytes; such rows are marked ``combined``.
 
 Example::
 
@@ -6,12 +13,13 @@ Example::
     >>> check.comm_ratio          # compiled / predicted comm bytes
     1.0
     >>> console.print(check.table())
+    >>> [row for row in check.per_op() if row.compiled_bytes != row.predicted_bytes]
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +36,57 @@ from meshjax.train import make_train_step
 
 def _is_named(x: Any) -> bool:
     return isinstance(x, NamedArray)
+
+
+def expand_op_names(text: str) -> list[str]:
+    """The op_name paths one HLO metadata string stands for. XLA writes a combined op's names
+    with their common prefix once: ``p/(a:b:c)`` is ``p/a``, ``p/b`` and ``p/c``.
+
+    >>> expand_op_names("jit(f)/jvp(x/(q))/dot:k))/dot)")
+    ['jit(f)/jvp(x/q))/dot', 'jit(f)/jvp(x/k))/dot']
+    """
+    first = text.find(":")
+    if first < 0:
+        return [text]
+    opener = max((i for i in range(first) if text[i] == "(" and i > 0 and text[i - 1] == "/"), default=-1)
+    if opener < 0 or not text.endswith(")"):
+        return [text]
+    prefix, alternatives = text[:opener], text[opener + 1 : -1].split(":")
+    return [prefix + alt for alt in alternatives]
+
+
+def ops_named(text: str, names: Sequence[str]) -> list[str]:
+    """The op names (from ``names``) a collective's ``op_name`` metadata mentions, in order.
+
+    >>> ops_named("jit(step)/transpose(jvp(block_0/mlp/out))/dot_general", ["block_0/mlp/out"])
+    ['block_0/mlp/out']
+    """
+    found: list[str] = []
+    by_length = sorted(names, key=len, reverse=True)
+    for path in expand_op_names(text):
+        for name in by_length:  # the longest match: "a/b_1" before "a/b"
+            at = path.find(name)
+            while at >= 0:
+                before = path[at - 1] if at > 0 else "/"
+                after = path[at + len(name)] if at + len(name) < len(path) else "/"
+                if before in "(/" and after in ")/":
+                    break
+                at = path.find(name, at + 1)
+            if at >= 0:
+                if name not in found:
+                    found.append(name)
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class OpComm:
+    """One op's predicted and compiled comm bytes (all its instances and loop trips)."""
+
+    op: str
+    predicted_bytes: float
+    compiled_bytes: float
+    combined: bool  # some of the compiled bytes are a share of a collective XLA combined
 
 
 @dataclass(frozen=True)
@@ -54,11 +113,46 @@ class Verification:
             return 1.0 if self.compiled.comm_bytes == 0 else float("inf")
         return self.compiled.comm_bytes / predicted
 
+    def per_op(self) -> list[OpComm]:
+        """Predicted beside compiled comm bytes per op (tied unrolled instances count under the
+        first one's name, as the plan's op costs do); compiled collectives whose metadata names
+        no op come last under ``"(unattributed)"``."""
+        plan = self.plan
+        key_of = {op.output: op.output for op in plan.graph.ops}
+        if plan.problem is not None:
+            key_of = {op.output: plan.problem.nodes[plan.problem.node_of[op.output]].key for op in plan.graph.ops}
+        predicted: dict[str, float] = defaultdict(float)
+        for cost in plan.op_costs:
+            predicted[cost.op] += sum(c.comm_bytes for c in cost.collectives)
+        compiled: dict[str, float] = defaultdict(float)
+        combined: set[str] = set()
+        names = list(key_of)
+        for c in self.compiled.collectives:
+            ops = list(dict.fromkeys(key_of[n] for n in ops_named(c.op_name, names)))
+            if not ops:
+                compiled["(unattributed)"] += c.comm_bytes
+                continue
+            weights = [predicted.get(op, 0.0) for op in ops]
+            total = sum(weights)
+            for op, w in zip(ops, weights):
+                compiled[op] += c.comm_bytes * (w / total if total else 1 / len(ops))
+            if len(ops) > 1:
+                combined.update(ops)
+        rows = [
+            OpComm(op, predicted.get(op, 0.0), compiled.get(op, 0.0), op in combined)
+            for op in dict.fromkeys([*predicted, *compiled])
+            if op != "(unattributed)" and (predicted.get(op) or compiled.get(op))
+        ]
+        if compiled.get("(unattributed)"):
+            rows.append(OpComm("(unattributed)", 0.0, compiled["(unattributed)"], False))
+        return rows
+
     def to_json(self) -> dict[str, Any]:
         return {
             "comm_bytes": self.compiled.comm_bytes,
             "predicted_comm_bytes": self.plan.comm_bytes,
             "collectives": self.compiled.by_kind(),
+            "per_op": [row.__dict__ for row in self.per_op()],
             "memory": self.compiled.memory,
         }
 
@@ -80,6 +174,17 @@ class Verification:
         )
         return table
 
+    def op_table(self):
+        """Predicted beside compiled comm bytes, per op."""
+        from rich.table import Table
+
+        table = Table(title="comm bytes per op", caption="combined: XLA merged this op's collective with others'")
+        for col, justify in (("op", "left"), ("predicted", "right"), ("compiled", "right"), ("", "left")):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for row in self.per_op():
+            table.add_row(row.op, f"{row.predicted_bytes:,.0f}", f"{row.compiled_bytes:,.0f}", "combined" if row.combined else "")
+        return table
+
 
 def verify(
     plan: Plan,
@@ -97,14 +202,26 @@ def verify(
     ``optimizer`` defaults to Adam, whose two moments the plan's optimizer-state memory assumes.
     ``params`` and ``args`` may be abstract (``ShapeDtypeStruct`` leaves).
     """
-    if plan.train:
-        trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
-        state = trainer.abstract_state()
-        if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
-            state.params, is_leaf=_is_named
-        ):
-            raise TraceError("params do not have the structure the plan was made for")
-        compiled = trainer.lower(state, *args).compile()
-    else:
-        compiled = plan.program(fn, mesh).compile(params, *args)
+    compiled = compile_plan(plan, fn, mesh, params, *args, optimizer=optimizer)
     return Verification(plan, inspect_compiled(compiled, mesh))
+
+
+def compile_plan(
+    plan: Plan,
+    fn: Callable,
+    mesh: Mesh,
+    params: Any,
+    *args: Any,
+    optimizer: optax.GradientTransformation | None = None,
+) -> jax.stages.Compiled:
+    """The executable :func:`verify` reads: ``fn`` for an inference plan, the whole training
+    step (Adam unless ``optimizer``) for a training plan."""
+    if not plan.train:
+        return plan.program(fn, mesh).compile(params, *args)
+    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
+    state = trainer.abstract_state()
+    if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
+        state.params, is_leaf=_is_named
+    ):
+        raise TraceError("params do not have the structure the plan was made for")
+    return trainer.lower(state, *args).compile()

@@ -81,3 +81,31 @@ def test_predicted_comm_bytes_and_memory_match_compiled(case):
     upper, why = _memory_bound(case)
     ratio = check.compiled.memory["peak_bytes"] / plan.peak_memory_bytes
     assert 0.75 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"
+
+
+def test_per_op_comm_bytes_match_compiled_for_megatron_inference():
+    """Every op's collectives, read back from the HLO by the op name lowering scopes them under,
+    equal the op's predicted ones: the out projections' all-reduces (both layers under the first
+    one's name) and the loss's gather."""
+    ex = models.example("gpt-tiny", abstract=True, **LARGE)
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    plan = solve(graph, {"model": 8}, hardware="cpu-sim", rules="heads:model;mlp:model;embed:none;vocab:none")
+    rows = verify(plan, ex.loss, make_mesh({"model": 8}), ex.params, *ex.batch).per_op()
+    assert {"block_0/attn/out", "block_0/mlp/out"} <= {r.op for r in rows}
+    for row in rows:
+        assert not row.combined and row.op != "(unattributed)", row
+        assert row.compiled_bytes == pytest.approx(row.predicted_bytes), row
+
+
+def test_combined_collective_names_expand_to_every_op():
+    from meshjax.verify import expand_op_names, ops_named
+
+    text = "jit(step)/transpose(jvp(block_1/attn/(q))/abc->ab/dot_general:v))/abc->ab/dot_general:k))/abc->ab/dot_general)"
+    assert [p.split("jvp(")[1].split(")")[0] for p in expand_op_names(text)] == [
+        "block_1/attn/q", "block_1/attn/v", "block_1/attn/k",
+    ]
+    names = ["block_1/attn/q", "block_1/attn/k", "block_1/attn/v", "block_1/attn/q_1", "block_1/attn"]
+    assert ops_named(text, names) == ["block_1/attn/q", "block_1/attn/v", "block_1/attn/k"]
+    assert ops_named("jit(step)/jvp(block_1/attn/q_1)/dot_general", names) == ["block_1/attn/q_1"]
+    assert ops_named("jit(body)/head/xent/sub", ["head/xent", "head"]) == ["head/xent"]
+    assert ops_named("jit(step)/broadcast", names) == []
