@@ -158,7 +158,9 @@ class CompiledReport:
             ("comm bytes", "right"),
             ("op_name", "left"),
         ]:
-            table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+            # XLA's metadata for a combined collective lists every op it came from: cut it short.
+            long = col == "op_name"
+            table.add_column(col, justify=justify, overflow="ellipsis" if long else "fold", no_wrap=long, max_width=60 if long else None)  # type: ignore[arg-type]
         for c in self.collectives:
             axes = ",".join(c.axes) if c.axes else "-"
             if not c.axes_exact:

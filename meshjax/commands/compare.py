@@ -232,11 +232,11 @@ def run(args: argparse.Namespace) -> int:
     if args.verify is not False:
         setup_devices(n, None, f"--devices {n}")
 
-    from rich.console import Console
+    from meshjax import commands
 
     import meshjax as mj
 
-    console = Console()
+    console = commands.console()
     model = load_model(args.model, overrides)
     graph = mj.trace(model.loss, model.params, *model.batch)
     n_params = sum(math.prod(t.shape) for t in graph.params)

@@ -205,12 +205,12 @@ def run(args: argparse.Namespace) -> int:
     if compile_it or args.devices is not None:
         setup_devices(n, args.devices, f"mesh {args.mesh}")
 
-    from rich.console import Console
+    from meshjax import commands
 
     import meshjax as mj
     from meshjax.plan import solve
 
-    console = Console()
+    console = commands.console()
     model = load_model(args.model, overrides)
     graph = mj.trace(model.loss, model.params, *model.batch)
     plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)

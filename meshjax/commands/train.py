@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
     import optax
-    from rich.console import Console
+    from meshjax import commands
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.train import make_train_step
 
     multi = jax.process_count() > 1
-    console = Console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
+    console = commands.console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
     overrides: dict[str, Any] = {"vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
