@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +48,7 @@ from meshjax.graph import Graph, Tensor
 from meshjax.layout import Layout
 from meshjax.solver.ilp import solve_ilp
 from meshjax.solver.problem import Problem, build_problem
+from meshjax.solver.reduce import restrict
 
 MeshShape = Mapping[str, int]
 Wanted = Mapping[str, tuple[str, ...]]  # dim -> mesh axes a strategy wants for it
@@ -220,25 +221,6 @@ def all_baselines(graph: Graph, mesh_shape: MeshShape) -> list[Baseline]:
 # --- pricing an assignment -------------------------------------------------------------------
 
 
-def _restrict(problem: Problem, allowed: list[np.ndarray]) -> Problem:
-    """``problem`` with node ``k`` limited to options ``allowed[k]``."""
-    nodes = [
-        replace(
-            n,
-            options=[n.options[i] for i in keep],
-            result_layouts=[n.result_layouts[i] for i in keep],
-            time=n.time[keep],
-            memory=n.memory[keep],
-            peak=n.peak[keep],
-        )
-        for n, keep in zip(problem.nodes, allowed)
-    ]
-    edges = [
-        replace(e, src_group=e.src_group[allowed[e.src]], dst_group=e.dst_group[allowed[e.dst]]) for e in problem.edges
-    ]
-    return Problem(problem.graph, problem.mesh_shape, problem.hardware, problem.train, nodes, edges, problem.node_of)
-
-
 def predict(
     graph: Graph,
     mesh_shape: MeshShape,
@@ -286,7 +268,7 @@ def predict(
             notes.append(message)
             keep = everything
         allowed.append(keep)
-    restricted = _restrict(problem, allowed)
+    restricted = restrict(problem, allowed).problem
     solution = solve_ilp(restricted)
     from meshjax.plan import plan_from_choice
 

@@ -1,10 +1,20 @@
-"""The exact integer program over a :class:`~meshjax.solver.problem.Problem`, solved by HiGHS.
+"""The exact layout solver: reductions, relaxation bounds, and HiGHS for what is left.
 
-Variables: a binary ``x[n, s]`` per node option; per edge a continuous ``y[a, b]`` per pair of
-(producer layout, consumer layout) whose row sums equal the producer's chosen layout and whose
-column sums equal the consumer's. With the ``x`` binary, the only feasible ``y`` is the chosen
-pair, so the edge cost is exact and the relaxation stays tight. A memory budget adds one row;
-inference peaks add one continuous ``z >= activation bytes``.
+The integer program (:mod:`meshjax.solver.model`) is exact, but when a memory budget binds its
+relaxation mixes fast and lean layouts and HiGHS branches for seconds. So the problem is first
+made smaller without losing its optimum, in rounds:
+
+1. :func:`~meshjax.solver.reduce.reduce_problem` prunes over-budget and dominated options and
+   merges adjacent nodes;
+2. the relaxation is solved: the best choice among the few options it uses (found by the same
+   reductions, or a small ILP) is a known solution, and its duals split a lower bound over
+   options and edges (:mod:`meshjax.solver.bound`);
+3. the next reduction drops every option, and every merged pair, whose share of the bound
+   already exceeds the known solution, which lets it merge far more.
+
+Rounds end when one node is left (its best option is the optimum), when the known solution
+meets the bound, or when a round no longer shrinks the problem; HiGHS then solves what is left.
+On GPT-3 175B at 80 GB per device this takes 0.3 s where HiGHS alone takes 5 s.
 
 Example::
 
@@ -14,14 +24,42 @@ Example::
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from meshjax.errors import InfeasibleError
+from meshjax.solver.bound import lp_bounds
+from meshjax.solver.model import build_model, run_milp
 from meshjax.solver.problem import Problem
+from meshjax.solver.reduce import (
+    BUDGET_TOLERANCE,
+    Known,
+    Reduction,
+    reduce_problem,
+    restrict,
+)
+
+# Tuned on GPT-3 175B and 1.3B and on budgeted GPT, Llama, MoE and MLP presets on 8 devices.
+# The first reduction merges nodes while a merge makes at most MAX_PAIRS option pairs; each
+# round after it GROWTH times more (up to MAX_PAIRS_CAP), as the bounds keep merged nodes small.
+MAX_PAIRS = 600
+GROWTH = 2
+MAX_PAIRS_CAP = 4800
+MAX_ROUNDS = 8
+# Two nodes left with at most this many option pairs are solved by trying every pair.
+LAST_PAIRS = 1_000_000
+# What is left goes to HiGHS once a round keeps more than SHRINK of the ILP's variables.
+SHRINK = 0.75
+# ... merged, unless the problem had at most SMALL options.
+SMALL = 300
+# Relative margin on dropping options: the bounds are exact up to floating-point sums.
+MARGIN = 1e-9
+# HiGHS accepts a budget row violated by this much (its MIP feasibility tolerance).
+HIGHS_FEASIBILITY = 1e-6
 
 
 @dataclass(frozen=True)
@@ -41,83 +79,150 @@ def solve_ilp(
     objective: str = "time",
 ) -> Solution:
     """Minimise predicted step time (or, with ``objective="memory"``, bytes per device)."""
-    nodes, edges = problem.nodes, problem.edges
-    offsets = np.cumsum([0] + [len(n.options) for n in nodes])
-    n_x = int(offsets[-1])
-    edge_offsets = [n_x]
-    for e in edges:
-        edge_offsets.append(edge_offsets[-1] + e.cost.size)
-    has_peak = any(n.peak.any() for n in nodes)
-    z = edge_offsets[-1]
-    n_vars = z + (1 if has_peak else 0)
+    deadline = math.inf if time_limit is None else time.perf_counter() + float(time_limit)
+    search = _Search(problem, memory_budget if objective == "time" else None, objective, deadline)
+    return search.solution(proven=search.run(Reduction.identity(problem)))
 
-    c = np.zeros(n_vars)
-    mem = np.zeros(n_vars)
-    for k, n in enumerate(nodes):
-        c[offsets[k]:offsets[k + 1]] = n.time
-        mem[offsets[k]:offsets[k + 1]] = n.memory
-    upper = np.ones(n_vars)
-    for e, start in zip(edges, edge_offsets):
-        cost = e.cost.ravel()
-        forbidden = ~np.isfinite(cost)
-        c[start:start + e.cost.size] = np.where(forbidden, 0.0, cost)
-        upper[start:start + e.cost.size][forbidden] = 0.0
-    # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
-    # coefficients that large break HiGHS's tolerances.
-    unit = float(memory_budget) if memory_budget else max(float(mem.max()), max((float(n.peak.max()) for n in nodes), default=0.0), 1.0)
-    mem /= unit
-    if has_peak:
-        mem[z] = 1.0
-    if objective == "memory":
-        c = mem.copy()
 
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    r = 0
+class _Search:
+    """The rounds of :func:`solve_ilp`, the best choice found so far and the best lower bound
+    on the optimum (both in the problem's units)."""
 
-    def add_row(entries, low, high):
-        nonlocal r
-        for col, val in entries:
-            rows.append(r)
-            cols.append(col)
-            vals.append(val)
-        lo.append(low)
-        hi.append(high)
-        r += 1
+    def __init__(self, problem: Problem, budget: float | None, objective: str, deadline: float):
+        self.problem = problem
+        self.budget = budget
+        self.objective = objective
+        self.deadline = deadline
+        self.best: tuple[int, ...] | None = None
+        self.best_value = math.inf
+        self.lower = -math.inf
+        self.message = ""
 
-    for k, n in enumerate(nodes):
-        add_row([(offsets[k] + s, 1.0) for s in range(len(n.options))], 1.0, 1.0)
-    for e, start in zip(edges, edge_offsets):
-        n_rows, n_cols = e.cost.shape
-        for a in range(n_rows):
-            entries = [(start + a * n_cols + b, 1.0) for b in range(n_cols)]
-            entries += [(offsets[e.src] + s, -1.0) for s in np.flatnonzero(e.src_group == a)]
-            add_row(entries, 0.0, 0.0)
-        for b in range(n_cols):
-            entries = [(start + a * n_cols + b, 1.0) for a in range(n_rows)]
-            entries += [(offsets[e.dst] + s, -1.0) for s in np.flatnonzero(e.dst_group == b)]
-            add_row(entries, 0.0, 0.0)
-    if has_peak:
-        for k, n in enumerate(nodes):
-            if n.peak.any():
-                add_row([(z, 1.0)] + [(offsets[k] + s, -float(v) / unit) for s, v in enumerate(n.peak) if v], 0.0, np.inf)
-    if memory_budget is not None and objective != "memory":
-        add_row([(i, float(v)) for i, v in enumerate(mem) if v], -np.inf, 1.0)
+    def run(self, current: Reduction) -> bool:
+        """Search ``current`` (which keeps an optimum); True when the best found is proven optimal."""
+        # HiGHS is often slower on merged nodes than on the nodes they replace: a small problem
+        # goes to it unmerged if the rounds do not finish it.
+        unmerged = self._reduce(current, 0) if sum(len(n.options) for n in current.problem.nodes) <= SMALL else None
+        current = self._reduce(current, MAX_PAIRS)
+        stalled = False
+        for step in range(1, MAX_ROUNDS + 1):
+            if _enumerable(current.problem):
+                self._offer_last(current)
+                return True
+            if stalled or self._remaining() <= 0:
+                break
+            model = build_model(current.problem, memory_budget=self.budget, objective=self.objective)
+            lp = lp_bounds(model, self._remaining())
+            if lp is None:
+                break
+            per_node = list(pairwise(model.offsets))
+            self._incumbent(current.then(restrict(current.problem, [np.flatnonzero(lp.x[a:b] > 1e-9) for a, b in per_node])))
+            lower = lp.lower / model.factor
+            self._bound(lower)
+            if self._proven():
+                return True
+            known = Known(
+                [p / model.factor for p in lp.node_penalty], [p / model.factor for p in lp.edge_penalty],
+                self.best_value - lower + MARGIN * abs(self.best_value),
+            )
+            try:
+                reduced = self._reduce(current, min(MAX_PAIRS * GROWTH**step, MAX_PAIRS_CAP), known)
+            except InfeasibleError:
+                return self.best is not None  # nothing beats the best found
+            stalled = _size(reduced.problem) > SHRINK * len(model.c)
+            current = reduced
+        return self._milp(unmerged or current, complete=True) or self._proven()
 
-    A = sp.csr_array((vals, (rows, cols)), shape=(r, n_vars))
-    integrality = np.zeros(n_vars)
-    integrality[:n_x] = 1
-    if has_peak:
-        upper[z] = np.inf
-    options = {"disp": False, "mip_rel_gap": 1e-9}
-    if time_limit is not None:
-        options["time_limit"] = float(time_limit)
-    # Scale so HiGHS's absolute tolerances do not swallow microsecond differences.
-    scale = 1.0 / max(np.abs(c).max(), 1e-30)
-    res = milp(c * scale, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(0, upper), options=options)
-    if res.x is None:
-        raise InfeasibleError(f"the layout ILP has no solution ({res.message})")
-    x = res.x
-    choice = tuple(int(np.argmax(x[offsets[k]:offsets[k + 1]])) for k in range(len(nodes)))
-    gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
-    status = "optimal" if res.status == 0 else "time limit" if res.status == 1 else res.message
-    return Solution(choice, problem.total_time(choice), problem.memory(choice), gap, status)
+    def _reduce(self, current: Reduction, max_pairs: int, known: Known | None = None) -> Reduction:
+        return current.then(
+            reduce_problem(current.problem, memory_budget=self.budget, objective=self.objective, max_pairs=max_pairs, known=known)
+        )
+
+    def _remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def _incumbent(self, restricted: Reduction) -> None:
+        """Offer the best choice of a few options (those the relaxation uses), if any fits."""
+        try:
+            restricted = self._reduce(restricted, MAX_PAIRS)
+        except InfeasibleError:
+            return
+        if _enumerable(restricted.problem):
+            self._offer_last(restricted)
+        else:
+            self._milp(restricted, complete=False)
+
+    def _offer(self, choice: tuple[int, ...], tolerance: float = BUDGET_TOLERANCE) -> None:
+        if self.budget is not None and self.problem.memory(choice) > self.budget * (1 + tolerance):
+            return
+        value = self.problem.total_time(choice) if self.objective == "time" else self.problem.memory(choice)
+        if value < self.best_value:
+            self.best, self.best_value = choice, value
+
+    def _offer_last(self, reduction: Reduction) -> None:
+        """Offer the best choice of a problem reduced to one node, or to two (every pair of
+        their options is tried)."""
+        nodes = reduction.problem.nodes
+        if len(nodes) == 1:
+            choices = [np.arange(len(nodes[0].options))]
+            step_time, memory, peak = nodes[0].time, nodes[0].memory, nodes[0].peak
+        else:
+            choices = list(np.divmod(np.arange(len(nodes[0].options) * len(nodes[1].options)), len(nodes[1].options)))
+            step_time = nodes[0].time[choices[0]] + nodes[1].time[choices[1]]
+            for e in reduction.problem.edges:
+                step_time = step_time + e.cost[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
+            memory = nodes[0].memory[choices[0]] + nodes[1].memory[choices[1]]
+            peak = np.maximum(nodes[0].peak[choices[0]], nodes[1].peak[choices[1]])
+        total = memory + peak
+        fits = np.isfinite(step_time)
+        if self.budget is not None:
+            fits &= total <= self.budget * (1 + BUDGET_TOLERANCE)
+        if fits.any():
+            value = step_time if self.objective == "time" else total
+            best = np.flatnonzero(fits)[np.argmin(value[fits])]
+            self._offer(reduction.expand([int(c[best]) for c in choices]))
+
+    def _bound(self, lower: float) -> None:
+        """Take a lower bound on the optimum of a problem that keeps every choice better than
+        the best so far: the optimum is at least the smaller of the two."""
+        self.lower = max(self.lower, min(lower, self.best_value))
+
+    def _milp(self, reduction: Reduction, *, complete: bool) -> bool:
+        """Solve ``reduction``'s problem with HiGHS and offer its answer. ``complete``: the
+        problem keeps every choice better than the best so far, so HiGHS's bound is one on the
+        optimum, and a proven answer proves the optimum (returns True)."""
+        model = build_model(reduction.problem, memory_budget=self.budget, objective=self.objective)
+        res = run_milp(model, self._remaining())
+        self.message = res.message
+        if res.x is not None:
+            self._offer(reduction.expand(model.choice(res.x)), HIGHS_FEASIBILITY)
+        if not complete:
+            return False
+        bound = getattr(res, "mip_dual_bound", None)
+        if bound is not None and np.isfinite(bound):
+            self._bound(float(bound) / model.factor)
+        return res.status == 0 or (res.status == 2 and self.best is not None)  # 2: nothing better
+
+    def _proven(self) -> bool:
+        return self.best_value <= self.lower + MARGIN * abs(self.lower)
+
+    def solution(self, proven: bool) -> Solution:
+        if self.best is None:
+            raise InfeasibleError(f"the layout ILP has no solution ({self.message or 'no choice fits the memory budget'})")
+        if proven or self.best_value == 0:
+            gap = 0.0
+        else:
+            gap = max(0.0, (self.best_value - self.lower) / abs(self.best_value))  # inf: no bound yet
+        status = "optimal" if proven else "time limit"
+        return Solution(self.best, self.problem.total_time(self.best), self.problem.memory(self.best), gap, status)
+
+
+def _size(problem: Problem) -> int:
+    """Variables of ``problem``'s ILP, less the one for the peak."""
+    return sum(len(n.options) for n in problem.nodes) + sum(e.cost.size for e in problem.edges)
+
+
+def _enumerable(problem: Problem) -> bool:
+    """One node left, or two with few enough option pairs to try them all."""
+    sizes = [len(n.options) for n in problem.nodes]
+    return len(sizes) == 1 or (len(sizes) == 2 and sizes[0] * sizes[1] <= LAST_PAIRS)
