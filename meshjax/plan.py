@@ -24,7 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.memory import backward_working_set, extra_residuals, saved_for_backward, working_set
+from meshjax.cost.memory import backward_working_set, kept_copies, working_set
 from meshjax.cost.strategies import per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
@@ -128,7 +128,7 @@ class Plan:
         (in training, those kept for the backward pass, plus its peak)."""
         out: dict[str, float] = defaultdict(float)
         peak = 0.0
-        saved = saved_for_backward(self.graph) if self.train else frozenset()
+        kept = kept_copies(self.graph) if self.train else {}
         states = self.state_layouts if self.train else {}
         for name, tensor in self.graph.tensors.items():
             b = per_device_bytes(tensor, self.layouts[name], self.mesh_shape)
@@ -141,9 +141,7 @@ class Plan:
                 out["inputs"] += b
             elif tensor.role != "constant":
                 if self.train:
-                    producer = self.graph.producer.get(name)
-                    kept = (name in saved) + (extra_residuals(producer) if producer and name in self.graph.requires_grad else 0)
-                    out["activations"] += kept * b * self.graph.trip_count(tensor.block)
+                    out["activations"] += kept.get(name, 0) * b * self.graph.trip_count(tensor.block)
         operand_layouts = self.operand_layouts
         transient = backward_working_set if self.train else working_set
         for op in self.graph.ops:
@@ -370,14 +368,14 @@ def solve(
 def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     least = solve_ilp(problem, objective="memory")
     plan = plan_from_choice(problem, least, 0.0)
-    saved = saved_for_backward(problem.graph) if problem.train else frozenset()
+    kept = kept_copies(problem.graph) if problem.train else {}
     per_tensor = []
     for name, tensor in problem.graph.tensors.items():
         b = per_device_bytes(tensor, plan.layouts[name], problem.mesh_shape)
         if tensor.role == "param" and problem.train:
             b *= 4  # param, gradient, two Adam moments
         elif tensor.role not in ("param", "input") and problem.train:
-            b *= problem.graph.trip_count(tensor.block) if name in saved else 0
+            b *= problem.graph.trip_count(tensor.block) * kept.get(name, 0)
         per_tensor.append((b, name))
     per_tensor.sort(reverse=True)
     top = ", ".join(f"{n} ({format_bytes(b)})" for b, n in per_tensor[:3])

@@ -298,13 +298,18 @@ class TrainStep:
         return TrainState(params, opt, 0)
 
     # --- running --------------------------------------------------------------------------
-    def place_params(self, params: Any) -> Any:
-        """Copies of ``params`` with their planned shardings (the originals stay valid even when
-        steps donate the copies)."""
+    def check_structure(self, params: Any) -> None:
+        """Raise :class:`TraceError` unless ``params`` (concrete or abstract) have the pytree
+        structure the plan was traced with."""
         if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
             self.param_shardings, is_leaf=_is_named
         ):
             raise TraceError("params do not have the structure the plan was made for")
+
+    def place_params(self, params: Any) -> Any:
+        """Copies of ``params`` with their planned shardings (the originals stay valid even when
+        steps donate the copies)."""
+        self.check_structure(params)
         # device_put may hand back (part of) the caller's buffers; a jitted copy never does, so
         # donating the placed params cannot delete the caller's arrays.
         placed = jax.device_put(params, self.param_shardings)

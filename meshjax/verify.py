@@ -27,15 +27,9 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from meshjax.errors import TraceError
 from meshjax.inspect import CompiledReport, inspect_compiled
-from meshjax.named import NamedArray
 from meshjax.plan import Plan
 from meshjax.train import make_train_step
-
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 def expand_op_names(text: str) -> list[str]:
@@ -118,9 +112,11 @@ class Verification:
         first one's name, as the plan's op costs do); compiled collectives whose metadata names
         no op come last under ``"(unattributed)"``."""
         plan = self.plan
-        key_of = {op.output: op.output for op in plan.graph.ops}
-        if plan.problem is not None:
-            key_of = {op.output: plan.problem.nodes[plan.problem.node_of[op.output]].key for op in plan.graph.ops}
+        problem = plan.problem
+        key_of = {
+            op.output: problem.nodes[problem.node_of[op.output]].key if problem is not None else op.output
+            for op in plan.graph.ops
+        }
         predicted: dict[str, float] = defaultdict(float)
         for cost in plan.op_costs:
             predicted[cost.op] += sum(c.comm_bytes for c in cost.collectives)
@@ -219,9 +215,5 @@ def compile_plan(
     if not plan.train:
         return plan.program(fn, mesh).compile(params, *args)
     trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
-    state = trainer.abstract_state()
-    if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
-        state.params, is_leaf=_is_named
-    ):
-        raise TraceError("params do not have the structure the plan was made for")
-    return trainer.lower(state, *args).compile()
+    trainer.check_structure(params)
+    return trainer.lower(trainer.abstract_state(), *args).compile()

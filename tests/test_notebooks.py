@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom (a fresh kernel each, 8 simulated CPU devices)."""
 
-import os
 from pathlib import Path
 
 import pytest

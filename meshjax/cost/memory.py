@@ -19,8 +19,8 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-import math
 
+from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
@@ -82,8 +82,24 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     )
 
 
+def kept_copies(graph: Graph) -> dict[str, int]:
+    """Activation name -> how many tensors of its size a training step keeps for the backward
+    pass: itself when some op's backward reads it, plus its producer's extra residuals.
+
+    >>> kept_copies(graph)["block_0/mlp/act"]        # gelu's result and its tanh    # doctest: +SKIP
+    2
+    """
+    saved = saved_for_backward(graph)
+    out = {}
+    for op in graph.ops:
+        count = (op.output in saved) + (extra_residuals(op) if op.output in graph.requires_grad else 0)
+        if count:
+            out[op.output] = count
+    return out
+
+
 def _nbytes(graph: Graph, name: str, layout: Layout, mesh_shape: Mapping[str, int]) -> float:
-    return graph.tensors[name].nbytes / math.prod(mesh_shape[a] for a in layout.used_axes)
+    return per_device_bytes(graph.tensors[name], layout, mesh_shape)
 
 
 def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:

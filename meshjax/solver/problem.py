@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_working_set, extra_residuals, keeps_operand, saved_for_backward, working_set
+from meshjax.cost.memory import backward_working_set, keeps_operand, kept_copies, working_set
 from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
@@ -177,7 +177,7 @@ def build_problem(
 
     nodes: list[Node] = []
     node_of: dict[str, int] = {}
-    saved = saved_for_backward(graph) if train else frozenset()
+    kept = kept_copies(graph) if train else {}
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
@@ -233,8 +233,7 @@ def build_problem(
             if train:
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
-                kept = (key in saved) + extra_residuals(op) * (key in graph.requires_grad)
-                memory = act * mult * kept
+                memory = act * mult * kept.get(key, 0)
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
             else:
                 memory = np.zeros(len(strategies))
