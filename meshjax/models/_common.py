@@ -10,6 +10,7 @@ while numpy is instant. Values are deterministic in ``key`` but differ from ``in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,3 +85,15 @@ def count_params(params: Any) -> int:
     """Number of parameters in a pytree of NamedArrays (abstract ones too: nothing is read)."""
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, NamedArray))
     return int(sum(math.prod(leaf.shape) for leaf in leaves))
+
+
+def layer_decls(config: Any, block_decls: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """A decoder's block declarations: ``{"blocks": stacked}`` when ``config.scan_layers``,
+    else ``{"block_0": ..., "block_1": ...}`` (``config.layers`` of them).
+
+    >>> list(layer_decls(gpt.Config(layers=2), gpt.block_decls))     # doctest: +SKIP
+    ['block_0', 'block_1']
+    """
+    if config.scan_layers:
+        return {"blocks": block_decls(config, stacked=True)}
+    return {f"block_{i}": block_decls(config) for i in range(config.layers)}

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init
+from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
 from meshjax.models.transformer import MASK_VALUE, block_keys
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
@@ -152,11 +152,7 @@ def decls(config: Config) -> dict[str, Any]:
     _check(config)
     dt = config.dtype
     tree: dict[str, Any] = {"token_embed": mj.param("vocab embed", Normal(0.02), dt)}
-    if config.scan_layers:
-        tree["blocks"] = block_decls(config, stacked=True)
-    else:
-        for i in range(config.layers):
-            tree[f"block_{i}"] = block_decls(config)
+    tree.update(layer_decls(config, block_decls))
     tree["norm_f"] = {"scale": mj.param("embed", Constant(1.0), dt)}
     tree["unembed"] = mj.param("embed vocab", Normal(0.02), dt)
     return tree

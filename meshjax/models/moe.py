@@ -54,7 +54,7 @@ import meshjax as mj
 from meshjax.context import emit
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models._common import Constant, Normal, count_params, host_init
+from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -132,11 +132,7 @@ def decls(config: Config) -> dict[str, Any]:
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
         "pos_embed": mj.param("seq embed", Normal(0.01), dt),
     }
-    if config.scan_layers:
-        tree["blocks"] = block_decls(config, stacked=True)
-    else:
-        for i in range(config.layers):
-            tree[f"block_{i}"] = block_decls(config)
+    tree.update(layer_decls(config, block_decls))
     tree["ln_f"] = {"scale": mj.param("embed", Constant(1.0), dt), "bias": mj.param("embed", Constant(0.0), dt)}
     tree["unembed"] = mj.param("embed vocab", Normal(0.02), dt)
     return tree

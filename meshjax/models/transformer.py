@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, host_rng
+from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls, host_rng
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
@@ -134,11 +134,7 @@ def decls(config: Config) -> dict[str, Any]:
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
         "pos_embed": mj.param("seq embed", Normal(0.01), dt),
     }
-    if config.scan_layers:
-        tree["blocks"] = block_decls(config, stacked=True)
-    else:
-        for i in range(config.layers):
-            tree[f"block_{i}"] = block_decls(config)
+    tree.update(layer_decls(config, block_decls))
     tree["ln_f"] = {
         "scale": mj.param("embed", Constant(1.0), dt),
         "bias": mj.param("embed", Constant(0.0), dt),
