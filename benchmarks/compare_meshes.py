@@ -44,7 +44,7 @@ from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
 from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
-from meshjax.inspect import inspect_compiled  # noqa: E402
+from meshjax.hlo import inspect_compiled  # noqa: E402
 from meshjax.lower import Program  # noqa: E402
 from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402

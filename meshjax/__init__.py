@@ -8,6 +8,9 @@ Example::
     >>> h = mj.einsum("batch embed, embed mlp -> batch mlp", x, w)
 """
 
+import sys as _sys
+
+from meshjax import hlo as _hlo
 from meshjax.context import scope
 from meshjax.errors import (
     EinsumError,
@@ -55,6 +58,9 @@ from meshjax.params import Param, abstract, abstract_params, init_params, param
 from meshjax.scan import scan
 from meshjax.trace import trace
 from meshjax.vmap import vmap
+
+# ``meshjax.inspect`` is the former name of ``meshjax.hlo``; imports of it keep working.
+_sys.modules.setdefault("meshjax.inspect", _hlo)
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from meshjax.inspect import (  # noqa: E402
+from meshjax.hlo import (  # noqa: E402
     Collective,
     CompiledReport,
     inspect_compiled,

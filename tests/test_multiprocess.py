@@ -295,7 +295,7 @@ def _cross_process_report(plan, mesh, hw, trainer, state, batch) -> dict:
     """Axes of the compiled step's collectives that leave a process, and of the plan's
     collectives on axes that span processes (the ones it priced on the inter-node link)."""
     from meshjax import distributed
-    from meshjax.inspect import inspect_compiled
+    from meshjax.hlo import inspect_compiled
 
     report = inspect_compiled(trainer.lower(state, *batch).compile(), mesh)
     spanning = set(distributed.process_axes(mesh))

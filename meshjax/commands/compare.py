@@ -130,7 +130,7 @@ def compile_entry(model, graph, entry: Entry, train: bool) -> None:
     import time
 
     from meshjax.devices import make_mesh
-    from meshjax.inspect import inspect_compiled
+    from meshjax.hlo import inspect_compiled
     from meshjax.lower import Program
 
     mesh = make_mesh(entry.mesh)

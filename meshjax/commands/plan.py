@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     report = None
     if compile_it:
         from meshjax.devices import make_mesh
-        from meshjax.inspect import inspect_compiled
+        from meshjax.hlo import inspect_compiled
         from meshjax.verify import Verification, compile_plan
 
         mesh = make_mesh(mesh_shape)
