@@ -23,6 +23,7 @@ from meshjax.errors import (
 from meshjax.graph import Graph, IndexForm, Op, Tensor
 from meshjax.named import NamedArray, named, parse_dims
 from meshjax.ops import (
+    attention,
     arange,
     cast,
     cross_entropy,
@@ -80,6 +81,7 @@ __all__ = [
     "abstract",
     "abstract_params",
     "arange",
+    "attention",
     "cast",
     "cross_entropy",
     "einsum",

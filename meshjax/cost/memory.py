@@ -37,10 +37,23 @@ KEEP_RESULT = frozenset({"softmax", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"})
 # approximation through ``tanh`` and silu through ``sigmoid`` and keeps that value; for softmax,
 # XLA keeps the unnormalised exponentials and recomputes the division in the backward pass.
 EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
+# Ops whose backward reads their operands AND their result: memory-efficient attention keeps q,
+# k, v, its output and the per-row log-sum-exp of the scores (float32, the output's size over
+# head_dim), and recomputes each block of probabilities from them (meshjax.flash).
+KEEP_OPERANDS_AND_RESULT = frozenset({"attention"})
 
 
-def extra_residuals(op: Op) -> int:
-    """How many tensors of its result's size ``op``'s backward keeps besides its operands."""
+def _lse_fraction(op: Op, graph: Graph) -> float:
+    """Attention's log-sum-exp over its output, in bytes: one float32 per row of ``head_dim``."""
+    result = graph.tensors[op.output]
+    return 4 / (result.itemsize * op.index.loop_sizes[op.attrs["head_dim"]])
+
+
+def extra_residuals(op: Op, graph: Graph | None = None) -> float:
+    """How many tensors of its result's size ``op``'s backward keeps besides its operands (a
+    fraction for attention's per-row statistics)."""
+    if op.kind == "attention" and graph is not None:
+        return _lse_fraction(op, graph)
     return EXTRA_RESIDUALS.get(op.kind, 0)
 
 
@@ -68,7 +81,8 @@ def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
     if op.kind in KEEP_RESULT:
         return {op.output}
-    return {op.inputs[i] for i in kept_operands(op)}
+    kept = {op.inputs[i] for i in kept_operands(op)}
+    return kept | {op.output} if op.kind in KEEP_OPERANDS_AND_RESULT else kept
 
 
 def saved_for_backward(graph: Graph) -> frozenset[str]:
@@ -82,7 +96,7 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     )
 
 
-def kept_copies(graph: Graph) -> dict[str, int]:
+def kept_copies(graph: Graph) -> dict[str, float]:
     """Activation name -> how many tensors of its size a training step keeps for the backward
     pass: itself when some op's backward reads it, plus its producer's extra residuals.
 
@@ -92,7 +106,7 @@ def kept_copies(graph: Graph) -> dict[str, int]:
     saved = saved_for_backward(graph)
     out = {}
     for op in graph.ops:
-        count = (op.output in saved) + (extra_residuals(op) if op.output in graph.requires_grad else 0)
+        count = (op.output in saved) + (extra_residuals(op, graph) if op.output in graph.requires_grad else 0)
         if count:
             out[op.output] = count
     return out
@@ -128,4 +142,19 @@ def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequenc
     for i in kept_operands(op):
         if graph.tensors[op.inputs[i]].role != "constant":
             total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
+    if op.kind == "attention":
+        total += _attention_backward_extra(op, graph, result, operands, mesh_shape)
     return total
+
+
+def _attention_backward_extra(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+    """Blockwise attention's backward also holds the gradients of q, k and v (q's accumulated in
+    float32) and one float32 tile of probabilities and one of their gradients, ``[..., seq, block]``
+    per device: never a whole ``[..., seq, key_seq]``."""
+    grads = sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
+    q = graph.tensors[op.inputs[0]]
+    grads += _nbytes(graph, op.inputs[0], operands[0], mesh_shape) * (4 / q.itemsize - 1)
+    out = graph.tensors[op.output]
+    rows = _nbytes(graph, op.output, result, mesh_shape) / out.itemsize / op.index.loop_sizes[op.attrs["head_dim"]]
+    tiles = 2 * rows * op.attrs["block"] * 4
+    return grads + tiles

@@ -50,5 +50,16 @@ def forward(params: dict[str, Any], x: NamedArray) -> NamedArray:
 
 
 loss = transformer.transformer_block_loss
+
+
+def make_loss(config: Config):
+    """The block's loss with ``config``'s attention form."""
+    form = transformer.check_form(config.attention)
+
+    def config_loss(params, x):
+        return loss(params, x, form=form)
+
+    return config_loss
+
 example_batch = transformer.block_example_batch
 abstract_batch = transformer.block_abstract_batch

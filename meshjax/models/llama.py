@@ -57,7 +57,7 @@ import numpy as np
 
 import meshjax as mj
 from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
-from meshjax.models.transformer import MASK_VALUE, block_keys
+from meshjax.models.transformer import MASK_VALUE, block_keys, check_form
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
 
@@ -80,6 +80,7 @@ class Config:
     batch: int = 8
     scan_layers: bool = False
     dtype: str = "float32"
+    attention: str = "flash"  # one of transformer.ATTENTION_FORMS
 
 
 PRESETS: dict[str, Config] = {
@@ -87,6 +88,11 @@ PRESETS: dict[str, Config] = {
     # Paper sizes (Touvron et al. 2023), for abstract tracing and planning only.
     "llama-7b": Config(
         vocab=32000, seq=4096, embed=4096, heads=32, kv_heads=32, head_dim=128, mlp=11008, layers=32, batch=512
+    ),
+    # Llama 3 8B (Grattafiori et al. 2024): 8 key/value heads, a 128K vocabulary, rope theta
+    # 500000 in the paper (this model's rotary base is fixed; it does not change costs).
+    "llama3-8b": Config(
+        vocab=128256, seq=8192, embed=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32, batch=8
     ),
     "llama-70b": Config(
         vocab=32000, seq=4096, embed=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80, batch=512
@@ -215,8 +221,11 @@ def apply_rotary(x: NamedArray, cos: NamedArray, sin: NamedArray, *, name: str =
         return mj.merge_dims(rotated, "half pair", "head_dim", name="out")
 
 
-def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: NamedArray) -> NamedArray:
-    """Grouped-query causal self-attention with rotary embeddings, "batch seq embed" -> same."""
+def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Grouped-query causal self-attention with rotary embeddings, "batch seq embed" -> same.
+
+    ``form="flash"``: one :func:`meshjax.attention` op with ``kv_heads``; ``"einsum"``: the
+    grouped scores, mask, softmax and context ops described in the module docstring."""
     seq = x.size("seq")
     kv_heads = p["w_k"].size("kv_heads")
     head_dim = p["w_q"].size("head_dim")
@@ -225,6 +234,13 @@ def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: Nam
     v = mj.einsum("batch seq embed, embed kv_heads head_dim -> batch seq kv_heads head_dim", x, p["w_v"], name="v")
     q = apply_rotary(q, cos, sin, name="q_rope")
     k = apply_rotary(k, cos, sin, name="k_rope")
+    if check_form(form) == "flash":
+        keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
+        values = mj.rename(v, {"seq": "key_seq"}, name="values")
+        ctx = mj.attention(
+            q, keys, values, kv_heads="kv_heads", causal=True, scale=1.0 / math.sqrt(head_dim), name="context"
+        )
+        return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
     q = mj.split_dim(q, "heads", "kv_heads group", {"kv_heads": kv_heads}, name="q_groups")
     keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
     values = mj.rename(v, {"seq": "key_seq"}, name="values")
@@ -253,18 +269,22 @@ def swiglu(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     return mj.einsum("batch seq mlp, mlp embed -> batch seq embed", h, p["w_down"], name="out")
 
 
-def block(p: dict[str, Any], x: NamedArray, cos: NamedArray, sin: NamedArray, *, eps: float = NORM_EPS) -> NamedArray:
+def block(
+    p: dict[str, Any], x: NamedArray, cos: NamedArray, sin: NamedArray, *, eps: float = NORM_EPS, form: str = "flash"
+) -> NamedArray:
     """One pre-norm LLaMA block: ``x + attn(rms(x))``, then ``x + swiglu(rms(x))``."""
     with mj.scope("attn"):
         h = mj.rms_norm(x, "embed", p["attn_norm"]["scale"], eps=eps, name="norm")
-        x = mj.elementwise("add", x, attention(p["attn"], h, cos, sin), name="residual")
+        x = mj.elementwise("add", x, attention(p["attn"], h, cos, sin, form=form), name="residual")
     with mj.scope("mlp"):
         h = mj.rms_norm(x, "embed", p["mlp_norm"]["scale"], eps=eps, name="norm")
         x = mj.elementwise("add", x, swiglu(p["mlp"], h), name="residual")
     return x
 
 
-def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = ROPE_THETA, eps: float = NORM_EPS) -> NamedArray:
+def forward(
+    params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = ROPE_THETA, eps: float = NORM_EPS, form: str = "flash"
+) -> NamedArray:
     """Logits "batch seq vocab" for integer ``tokens`` "batch seq" (scanned or unrolled by the params)."""
     head_dim = (params["blocks"] if "blocks" in params else params[block_keys(params)[0]])["attn"]["w_q"].size("head_dim")
     with mj.scope("embed"):
@@ -274,24 +294,34 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = R
     if "blocks" in params:
 
         def body(h, p):
-            return block(p, h, cos, sin, eps=eps), None
+            return block(p, h, cos, sin, eps=eps, form=form), None
 
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
             with mj.scope(key):
-                x = block(params[key], x, cos, sin, eps=eps)
+                x = block(params[key], x, cos, sin, eps=eps, form=form)
     with mj.scope("head"):
         x = mj.rms_norm(x, "embed", params["norm_f"]["scale"], eps=eps, name="norm")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")
 
 
-def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
+def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, form: str = "flash") -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
+    logits = forward(params, tokens, form=form)
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
+
+
+def make_loss(config: Config):
+    """``loss(params, tokens, targets)`` with ``config``'s attention form."""
+    form = check_form(config.attention)
+
+    def config_loss(params, tokens, targets):
+        return loss(params, tokens, targets, form=form)
+
+    return config_loss
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:
@@ -311,6 +341,6 @@ def replace(config: Config, **changes: Any) -> Config:
 
 __all__ = [
     "Config", "PRESETS", "sizes", "decls", "block_decls", "init", "abstract_params", "param_count",
-    "rotary_tables", "apply_rotary", "attention", "swiglu", "block", "forward", "loss",
+    "rotary_tables", "apply_rotary", "attention", "swiglu", "block", "forward", "loss", "make_loss",
     "example_batch", "abstract_batch",
 ]

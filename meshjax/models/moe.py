@@ -81,6 +81,7 @@ class Config:
     aux_weight: float = AUX_WEIGHT
     scan_layers: bool = False
     dtype: str = "float32"
+    attention: str = "flash"  # one of transformer.ATTENTION_FORMS
 
 
 PRESETS: dict[str, Config] = {
@@ -260,11 +261,14 @@ def moe_ffn(
 # --- the model -------------------------------------------------------------------------------
 
 
-def block(p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR, eps: float = 1e-5):
+def block(
+    p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR, eps: float = 1e-5,
+    form: str = "flash",
+):
     """One pre-norm block: ``x + attn(ln(x))``, then ``x + moe(ln(x))``; returns ``(x, aux)``."""
     with mj.scope("attn"):
         h = mj.layer_norm(x, "embed", p["ln_1"]["scale"], p["ln_1"]["bias"], eps=eps, name="ln")
-        x = mj.elementwise("add", x, transformer.attention(p["attn"], h), name="residual")
+        x = mj.elementwise("add", x, transformer.attention(p["attn"], h, form=form), name="residual")
     with mj.scope("moe"):
         h = mj.layer_norm(x, "embed", p["ln_2"]["scale"], p["ln_2"]["bias"], eps=eps, name="ln")
         h, aux = moe_ffn(p["moe"], h, top_k=top_k, capacity_factor=capacity_factor)
@@ -273,13 +277,14 @@ def block(p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_fact
 
 
 def forward(
-    params: dict[str, Any], tokens: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR
+    params: dict[str, Any], tokens: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR,
+    form: str = "flash",
 ) -> tuple[NamedArray, NamedArray]:
     """``(logits "batch seq vocab", aux)``: aux is the load-balancing loss summed over layers."""
     with mj.scope("embed"):
         x = mj.embed(tokens, params["token_embed"], name="tokens")
         x = mj.elementwise("add", x, params["pos_embed"], name="out")
-    kw = dict(top_k=top_k, capacity_factor=capacity_factor)
+    kw = dict(top_k=top_k, capacity_factor=capacity_factor, form=form)
     if "blocks" in params:
 
         def body(h, p):
@@ -307,9 +312,10 @@ def loss(
     top_k: int = TOP_K,
     capacity_factor: float = CAPACITY_FACTOR,
     aux_weight: float = AUX_WEIGHT,
+    form: str = "flash",
 ) -> NamedArray:
     """Mean next-token cross-entropy plus ``aux_weight`` times the load-balancing loss."""
-    logits, aux = forward(params, tokens, top_k=top_k, capacity_factor=capacity_factor)
+    logits, aux = forward(params, tokens, top_k=top_k, capacity_factor=capacity_factor, form=form)
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
         lm = mj.mean(xent, "batch seq", name="lm_loss")
@@ -318,12 +324,13 @@ def loss(
 
 
 def make_loss(config: Config):
-    """``loss(params, tokens, targets)`` with ``config``'s routing settings."""
+    """``loss(params, tokens, targets)`` with ``config``'s routing settings and attention form."""
+    form = transformer.check_form(config.attention)
 
     def config_loss(params, tokens, targets):
         return loss(
             params, tokens, targets,
-            top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight,
+            top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight, form=form,
         )
 
     return config_loss

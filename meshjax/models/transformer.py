@@ -50,6 +50,9 @@ from meshjax.models._common import Constant, Normal, count_params, host_init, la
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
+ATTENTION_FORMS = ("flash", "einsum")
+"""``flash``: one :func:`meshjax.attention` op (no ``seq x key_seq`` tensor is kept); ``einsum``:
+scores, mask, softmax and context as separate ops (every intermediate visible to the solver)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Config:
     batch: int = 8
     scan_layers: bool = False
     dtype: str = "float32"
+    attention: str = "flash"  # one of ATTENTION_FORMS
 
 
 PRESETS: dict[str, Config] = {
@@ -162,8 +166,18 @@ def param_count(config: Config) -> int:
 # --- the model -------------------------------------------------------------------------------
 
 
-def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
-    """Multi-head causal self-attention, "batch seq embed" -> "batch seq embed" (no residual)."""
+def check_form(form: str) -> str:
+    """``form`` if it is one of :data:`ATTENTION_FORMS`; else a one-line error naming it."""
+    if form not in ATTENTION_FORMS:
+        raise mj.MeshjaxError(f"attention={form!r}: expected one of {', '.join(ATTENTION_FORMS)}")
+    return form
+
+
+def attention(p: dict[str, NamedArray], x: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Multi-head causal self-attention, "batch seq embed" -> "batch seq embed" (no residual).
+
+    ``form="flash"`` computes it as one :func:`meshjax.attention` op, ``"einsum"`` as scores,
+    mask, softmax and context ops."""
     seq = x.size("seq")
     head_dim = p["w_q"].size("head_dim")
     q = mj.einsum("batch seq embed, embed heads head_dim -> batch seq heads head_dim", x, p["w_q"], name="q")
@@ -171,6 +185,9 @@ def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     v = mj.einsum("batch seq embed, embed heads head_dim -> batch seq heads head_dim", x, p["w_v"], name="v")
     keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
     values = mj.rename(v, {"seq": "key_seq"}, name="values")
+    if check_form(form) == "flash":
+        ctx = mj.attention(q, keys, values, causal=True, scale=1.0 / math.sqrt(head_dim), name="context")
+        return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
     scores = mj.einsum(
         "batch seq heads head_dim, batch key_seq heads head_dim -> batch heads seq key_seq", q, keys, name="scores"
     )
@@ -185,11 +202,11 @@ def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
 
 
-def block(p: dict[str, Any], x: NamedArray, *, eps: float = 1e-5) -> NamedArray:
+def block(p: dict[str, Any], x: NamedArray, *, eps: float = 1e-5, form: str = "flash") -> NamedArray:
     """One pre-norm decoder block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
     with mj.scope("attn"):
         h = mj.layer_norm(x, "embed", p["ln_1"]["scale"], p["ln_1"]["bias"], eps=eps, name="ln")
-        x = mj.elementwise("add", x, attention(p["attn"], h), name="residual")
+        x = mj.elementwise("add", x, attention(p["attn"], h, form=form), name="residual")
     with mj.scope("mlp"):
         h = mj.layer_norm(x, "embed", p["ln_2"]["scale"], p["ln_2"]["bias"], eps=eps, name="ln")
         h = mj.einsum("batch seq embed, embed mlp -> batch seq mlp", h, p["mlp"]["w_in"], name="hidden")
@@ -208,8 +225,8 @@ def block_keys(params: dict[str, Any]) -> list[str]:
     return sorted(keys, key=lambda k: int(_BLOCK_KEY.match(k).group(1)))
 
 
-def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
-    """Logits "batch seq vocab" for integer ``tokens`` "batch seq".
+def forward(params: dict[str, Any], tokens: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Logits "batch seq vocab" for integer ``tokens`` "batch seq"; ``form`` is the attention's.
 
     Scanned (``params["blocks"]``) or unrolled (``params["block_i"]``) is read off the params.
     """
@@ -219,24 +236,34 @@ def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
     if "blocks" in params:
 
         def body(h, p):
-            return block(p, h), None
+            return block(p, h, form=form), None
 
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
             with mj.scope(key):
-                x = block(params[key], x)
+                x = block(params[key], x, form=form)
     with mj.scope("head"):
         x = mj.layer_norm(x, "embed", params["ln_f"]["scale"], params["ln_f"]["bias"], name="ln")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")
 
 
-def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
+def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, form: str = "flash") -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
+    logits = forward(params, tokens, form=form)
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
+
+
+def make_loss(config: Config):
+    """``loss(params, tokens, targets)`` with ``config``'s attention form."""
+    form = check_form(config.attention)
+
+    def config_loss(params, tokens, targets):
+        return loss(params, tokens, targets, form=form)
+
+    return config_loss
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:
@@ -255,12 +282,12 @@ def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
 # --- one block on its own --------------------------------------------------------------------
 
 
-def transformer_block_loss(params: dict[str, Any], x: NamedArray) -> NamedArray:
+def transformer_block_loss(params: dict[str, Any], x: NamedArray, *, form: str = "flash") -> NamedArray:
     """One decoder block on ``x`` "batch seq embed" under scope ``block``, then the mean square
     of its output: the smallest model with attention, norms and an MLP. Params: :func:`block_decls`.
     """
     with mj.scope("block"):
-        y = block(params, x)
+        y = block(params, x, form=form)
     return mj.mean(mj.square(y, name="sq"), "batch seq embed", name="loss")
 
 
@@ -281,6 +308,6 @@ def replace(config: Config, **changes: Any) -> Config:
 
 __all__ = [
     "Config", "PRESETS", "sizes", "decls", "block_decls", "init", "abstract_params", "param_count",
-    "attention", "block", "forward", "loss", "example_batch", "abstract_batch",
+    "ATTENTION_FORMS", "check_form", "attention", "block", "forward", "loss", "make_loss", "example_batch", "abstract_batch",
     "transformer_block_loss", "block_example_batch", "block_abstract_batch",
 ]
