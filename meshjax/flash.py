@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("blockwise", "cudnn")
-DEFAULT_BLOCK = 512  # keys per tile of the blockwise kernel
+DEFAULT_BLOCK = 128  # keys per tile of the blockwise kernel
 _MASKED = -1e30  # finite, so a fully masked tile gives exp(-inf - m) = 0 without NaNs
 
 

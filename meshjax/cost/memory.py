@@ -41,6 +41,9 @@ EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
 # k, v, its output and the per-row log-sum-exp of the scores (float32, the output's size over
 # head_dim), and recomputes each block of probabilities from them (meshjax.flash).
 KEEP_OPERANDS_AND_RESULT = frozenset({"attention"})
+# Float32 tiles of scores/probabilities/their gradients blockwise attention's backward holds at
+# once (read from XLA:CPU's buffer assignment: scores, probabilities, dp and ds of one key block).
+ATTENTION_BACKWARD_TILES = 4
 
 
 def _lse_fraction(op: Op, graph: Graph) -> float:
@@ -149,12 +152,13 @@ def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequenc
 
 def _attention_backward_extra(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
     """Blockwise attention's backward also holds the gradients of q, k and v (q's accumulated in
-    float32) and one float32 tile of probabilities and one of their gradients, ``[..., seq, block]``
-    per device: never a whole ``[..., seq, key_seq]``."""
+    float32) and float32 tiles ``[..., seq, block]`` of scores, probabilities and their gradients
+    (:data:`ATTENTION_BACKWARD_TILES` live at once in XLA's schedule), never a whole
+    ``[..., seq, key_seq]``."""
     grads = sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
     q = graph.tensors[op.inputs[0]]
     grads += _nbytes(graph, op.inputs[0], operands[0], mesh_shape) * (4 / q.itemsize - 1)
     out = graph.tensors[op.output]
     rows = _nbytes(graph, op.output, result, mesh_shape) / out.itemsize / op.index.loop_sizes[op.attrs["head_dim"]]
-    tiles = 2 * rows * op.attrs["block"] * 4
+    tiles = ATTENTION_BACKWARD_TILES * rows * op.attrs["block"] * 4
     return grads + tiles
