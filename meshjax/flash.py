@@ -79,9 +79,13 @@ def dot_product_attention(
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     if choose_implementation(q.dtype, implementation) == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
-    qg = q.reshape(batch, t, kv, n // kv, h)
-    out = _blockwise(qg, k, v, scale, causal, block_size(s, block))
-    return out.reshape(batch, t, n, h)
+    return _blockwise(q, k, v, scale, causal, block_size(s, block))
+
+
+def _grouped(q: jax.Array, kv: int) -> jax.Array:
+    """``[B, T, N, H] -> [B, T, K, N/K, H]``: query heads grouped by the key head they read."""
+    b, t, n, h = q.shape
+    return q.reshape(b, t, kv, n // kv, h)
 
 
 def _tiles(x: jax.Array, width: int) -> jax.Array:
@@ -101,6 +105,9 @@ def _scores(q, k_tile, start, scale, causal):
 
 
 def _forward(q, k, v, scale, causal, width):
+    """Output ``[B, T, N, H]`` and log-sum-exp ``[B, K, G, T]`` (float32)."""
+    shape = q.shape
+    q = _grouped(q, k.shape[2])
     b, t, kv, g, h = q.shape
     ks, vs = _tiles(k, width), _tiles(v, width)
     starts = jnp.arange(ks.shape[0]) * width
@@ -123,7 +130,7 @@ def _forward(q, k, v, scale, causal, width):
         jnp.zeros((b, kv, g, t, h), jnp.float32),
     )
     (m, l, acc), _ = jax.lax.scan(step, init, (ks, vs, starts))
-    out = jnp.einsum("bkgth->btkgh", acc / l[..., None]).astype(q.dtype)
+    out = jnp.einsum("bkgth->btkgh", acc / l[..., None]).astype(q.dtype).reshape(shape)
     lse = m + jnp.log(l)
     return out, lse
 
@@ -139,7 +146,11 @@ def _blockwise_fwd(q, k, v, scale, causal, width):
 
 
 def _blockwise_bwd(scale, causal, width, residuals, d_out):
+    # The residuals are the arrays callers see (no reshaped copies), so a scan that also keeps
+    # the output for the next op stacks it once.
     q, k, v, out, lse = residuals
+    shape = q.shape
+    q, out, d_out = (_grouped(x, k.shape[2]) for x in (q, out, d_out))
     ks, vs = _tiles(k, width), _tiles(v, width)
     starts = jnp.arange(ks.shape[0]) * width
     d_out32 = d_out.astype(jnp.float32)
@@ -160,7 +171,7 @@ def _blockwise_bwd(scale, causal, width, residuals, d_out):
     def untile(x):
         return jnp.moveaxis(x, 0, 1).reshape(k.shape)
 
-    return dq.astype(q.dtype), untile(dks), untile(dvs)
+    return dq.astype(q.dtype).reshape(shape), untile(dks), untile(dvs)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

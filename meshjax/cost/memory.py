@@ -42,8 +42,10 @@ EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
 # head_dim), and recomputes each block of probabilities from them (meshjax.flash).
 KEEP_OPERANDS_AND_RESULT = frozenset({"attention"})
 # Float32 tiles of scores/probabilities/their gradients blockwise attention's backward holds at
-# once (read from XLA:CPU's buffer assignment: scores, probabilities, dp and ds of one key block).
-ATTENTION_BACKWARD_TILES = 4
+# once (read from XLA:CPU's buffer assignments: scores, probabilities, their gradients and the
+# copies fusion makes of them, for one key block).
+ATTENTION_BACKWARD_TILES = 6
+ATTENTION_FORWARD_TILES = 2
 
 
 def _lse_fraction(op: Op, graph: Graph) -> float:
@@ -131,7 +133,23 @@ def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout]
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
+    if op.kind == "attention":
+        total += _attention_forward_extra(op, graph, result, mesh_shape)
     return total
+
+
+def _attention_rows(op: Op, graph: Graph, result: Layout, mesh_shape: Mapping[str, int]) -> float:
+    """Query rows (batch x heads x seq) of blockwise attention per device."""
+    out = graph.tensors[op.output]
+    return _nbytes(graph, op.output, result, mesh_shape) / out.itemsize / op.index.loop_sizes[op.attrs["head_dim"]]
+
+
+def _attention_forward_extra(op: Op, graph: Graph, result: Layout, mesh_shape: Mapping[str, int]) -> float:
+    """Blockwise attention's forward also holds a float32 accumulator of its output's shape and
+    :data:`ATTENTION_FORWARD_TILES` float32 tiles ``[..., seq, block]`` of scores and
+    probabilities."""
+    rows = _attention_rows(op, graph, result, mesh_shape)
+    return rows * op.index.loop_sizes[op.attrs["head_dim"]] * 4 + ATTENTION_FORWARD_TILES * rows * op.attrs["block"] * 4
 
 
 def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
@@ -158,7 +176,6 @@ def _attention_backward_extra(op: Op, graph: Graph, result: Layout, operands: Se
     grads = sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
     q = graph.tensors[op.inputs[0]]
     grads += _nbytes(graph, op.inputs[0], operands[0], mesh_shape) * (4 / q.itemsize - 1)
-    out = graph.tensors[op.output]
-    rows = _nbytes(graph, op.output, result, mesh_shape) / out.itemsize / op.index.loop_sizes[op.attrs["head_dim"]]
+    rows = _attention_rows(op, graph, result, mesh_shape)
     tiles = ATTENTION_BACKWARD_TILES * rows * op.attrs["block"] * 4
     return grads + tiles
