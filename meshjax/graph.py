@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numpy as np
+from meshjax.dtypes import is_floating, itemsize
 
 ROLES = ("input", "param", "activation", "output", "constant")
 
@@ -46,7 +46,12 @@ class Tensor:
 
     @property
     def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+        return itemsize(self.dtype)
+
+    @property
+    def floating(self) -> bool:
+        """Whether gradients flow through this tensor's dtype (bfloat16 and float8 included)."""
+        return is_floating(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -143,6 +148,11 @@ class Graph:
                     out.add(op.output)
                     changed = True
         return frozenset(out)
+
+    def needs_grad(self, name: str) -> bool:
+        """Whether a backward pass computes a gradient of tensor ``name``: it depends on a param
+        and its dtype is floating."""
+        return name in self.requires_grad and self.tensors[name].floating
 
     def by_role(self, role: str) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == role]

@@ -22,7 +22,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 
 from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
@@ -125,10 +124,6 @@ def zero_sync_time(tensor: Tensor, option: ParamOption, mesh_shape: MeshShape, h
     return max(0.0, gather + scatter - reduce) + max(hw.link(mesh_shape, a).latency for a in extra)
 
 
-def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
-    return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
-
-
 def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
     """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
 
@@ -166,7 +161,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
         if train:
             for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
                 grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
-                if grad_partial and _needs_grad(t, graph):
+                if grad_partial and graph.needs_grad(t.name):
                     axes = tuple(a for a in mesh_shape if a in grad_partial)
                     share = grad_latency_share if t.role == "param" else 1.0
                     fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))

@@ -260,7 +260,7 @@ def build_problem(
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
         tensor = graph.tensors[tname]
-        needs_grad = tname in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        needs_grad = graph.needs_grad(tname)
         src_group, src_layouts = _grouped(nodes[src].result_layouts)
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
