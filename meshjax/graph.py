@@ -88,8 +88,39 @@ class IndexForm:
 
 
 @dataclass(frozen=True)
+class OpFacts:
+    """What the cost model needs to know of an op beyond its :class:`IndexForm`, declared by the
+    op itself when it is emitted (:func:`meshjax.context.emit`).
+
+    - ``saves``: positions of the operands its backward pass reads (kept until then);
+    - ``saves_result``: its derivative is written in terms of its own result (softmax, exp,
+      tanh), which is kept instead of its operands;
+    - ``residuals``: how many more tensors of its result's size its backward keeps (JAX
+      differentiates gelu's tanh approximation through ``tanh`` and keeps that value);
+    - ``reduction``: a reduction (sum, max, log-sum-exp ...): XLA reduces a split dim locally and
+      combines the smaller results; it never gathers the operand first.
+
+    >>> OpFacts.reading(2).saves
+    (0, 1)
+    """
+
+    saves: tuple[int, ...] = ()
+    saves_result: bool = False
+    residuals: int = 0
+    reduction: bool = False
+
+    @classmethod
+    def reading(cls, n_operands: int, **more) -> OpFacts:
+        """An op whose backward reads all of its ``n_operands`` operands."""
+        return cls(saves=tuple(range(n_operands)), **more)
+
+
+LINEAR = OpFacts()  # a backward that reads nothing: additions, sums, reshapes, copies
+
+
+@dataclass(frozen=True)
 class Op:
-    """A named op: ``output = kind(*inputs)``."""
+    """A named op: ``output = kind(*inputs)``, with the facts it declared."""
 
     name: str
     kind: str
@@ -98,6 +129,7 @@ class Op:
     index: IndexForm
     attrs: Mapping[str, object] = field(default_factory=dict)
     block: str | None = None
+    facts: OpFacts = LINEAR
 
 
 @dataclass(frozen=True)

@@ -21,3 +21,39 @@ def test_bfloat16_and_float16_plans_price_the_same_gradients():
     assert other.comm_bytes == pytest.approx(bf16.comm_bytes)
     assert {c.kind for c in bf16.collectives} == {c.kind for c in other.collectives}
     assert bf16.step_time_s == pytest.approx(other.step_time_s)
+
+
+def test_an_op_emitted_without_its_facts_is_an_error():
+    """The cost model has no default for what an op's backward keeps: an op must declare it."""
+    import jax.numpy as jnp
+
+    from meshjax.context import emit
+    from meshjax.errors import TraceError
+    from meshjax.graph import IndexForm
+
+    def loss(params, x):
+        y = mj.NamedArray(x.value * 2, x.dims)
+        y = emit("my_op", [x], y, IndexForm(loop=tuple(x.sizes.items()), operands=(x.dims,), result=x.dims), name="mine")
+        return mj.sum(mj.einsum("a, a ->", y, params["w"]), ())
+
+    params = {"w": mj.named(jnp.ones(4), "a")}
+    with pytest.raises(TraceError, match=r"'mine' \(kind 'my_op'\) was emitted without its OpFacts"):
+        mj.trace(loss, params, mj.named(jnp.ones(4), "a"))
+
+
+def test_a_custom_elementwise_function_declares_what_its_backward_reads():
+    import jax.numpy as jnp
+
+    from meshjax.graph import OpFacts
+
+    def loss(params, x):
+        h = mj.einsum("a, a b -> b", x, params["w"], name="h")
+        h = mj.elementwise(jnp.cos, h, name="cos")
+        h = mj.elementwise(lambda v: v * 3.0, h, name="triple", facts=OpFacts())
+        return mj.sum(h, "b")
+
+    params = {"w": mj.named(jnp.ones((4, 2)), "a b")}
+    graph = mj.trace(loss, params, mj.named(jnp.ones(4), "a"))
+    assert graph.producer["cos"].facts.saves == (0,)  # default: jax.vjp keeps the inputs
+    assert graph.producer["triple"].facts.saves == ()
+    assert graph.producer["sum"].facts.reduction

@@ -2,8 +2,8 @@
 
 Backprop keeps an op's operands only when its derivative needs them: an einsum needs both
 operands, a nonlinearity its input, softmax its output, a norm its input, an embedding lookup
-its ids; sums, reshapes, renames, additions and scalings need nothing. What no op keeps is freed
-during the forward pass.
+its ids; sums, reshapes, renames, additions and scalings need nothing. Each op declares this when
+it is emitted (:class:`~meshjax.graph.OpFacts`). What no op keeps is freed during the forward pass.
 
 A kept tensor is kept in the layout it was made in. When an op computes on an operand in another
 layout (a weight gathered under FSDP, a gathered activation) and its backward reads that operand
@@ -24,35 +24,15 @@ from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
-# Ops whose backward pass needs none of their operands.
-LINEAR = frozenset(
-    {
-        "add", "subtract", "negative", "cast", "rename", "split_dim", "merge_dims", "slice", "stack",
-        "loop_carry", "scan_carry", "arange", "greater_equal", "sum", "mean", "where",
-    }
-)
-# Ops whose derivative is written in terms of their own result.
-KEEP_RESULT = frozenset({"softmax", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"})
-# Ops that also keep an intermediate of their result's size: JAX differentiates gelu's tanh
-# approximation through ``tanh`` and silu through ``sigmoid`` and keeps that value; for softmax,
-# XLA keeps the unnormalised exponentials and recomputes the division in the backward pass.
-EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
-
 
 def extra_residuals(op: Op) -> int:
     """How many tensors of its result's size ``op``'s backward keeps besides its operands."""
-    return EXTRA_RESIDUALS.get(op.kind, 0)
+    return op.facts.residuals
 
 
 def kept_operands(op: Op) -> tuple[int, ...]:
-    """Positions of the operands ``op``'s backward pass reads."""
-    if op.kind in LINEAR or op.kind in KEEP_RESULT:
-        return ()
-    if op.kind in ("multiply", "divide") and len(op.inputs) == 1:
-        return ()  # scaled by a Python number
-    if op.kind == "embed":
-        return (0,)  # the gradient scatters into the table at the ids; the table is not read
-    return tuple(range(len(op.inputs)))
+    """Positions of the operands ``op``'s backward pass reads (declared by the op)."""
+    return () if op.facts.saves_result else op.facts.saves
 
 
 def keeps_operand(op: Op, position: int) -> bool:
@@ -66,7 +46,7 @@ def keeps_operand(op: Op, position: int) -> bool:
 
 def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
-    if op.kind in KEEP_RESULT:
+    if op.facts.saves_result:
         return {op.output}
     return {op.inputs[i] for i in kept_operands(op)}
 

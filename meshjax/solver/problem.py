@@ -296,13 +296,10 @@ def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
-_REDUCTIONS = ("sum", "mean", "max", "logsumexp", "cross_entropy")
-
-
 def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:
     """XLA reduces a split dim locally and all-reduces the (smaller) result; it never gathers
     the operand first. Plans that would are not what runs, so they are excluded."""
-    if op.kind not in _REDUCTIONS:
+    if not op.facts.reduction:
         return False
     reduced = set(op.index.reduced)
     loop_dims = op.index.operands[operand]
