@@ -57,3 +57,39 @@ def test_a_custom_elementwise_function_declares_what_its_backward_reads():
     assert graph.producer["cos"].facts.saves == (0,)  # default: jax.vjp keeps the inputs
     assert graph.producer["triple"].facts.saves == ()
     assert graph.producer["sum"].facts.reduction
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from meshjax.cost import get_hardware  # noqa: E402
+from meshjax.solve import plan_from_choice  # noqa: E402
+from meshjax.solver import build_problem  # noqa: E402
+from meshjax.solver.ilp import Solution  # noqa: E402
+from test_solver import einsum_graphs  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    graph=einsum_graphs(),
+    mesh=st.sampled_from([{"x": 4}, {"x": 2, "y": 2}]),
+    train=st.booleans(),
+    zero=st.booleans(),
+    optimizer=st.sampled_from(["adam", "sgd", "adafactor"]),
+    hardware=st.sampled_from(["h100-node", "cpu-sim", "h100-2node"]),
+    data=st.data(),
+)
+def test_a_plan_reports_what_the_ilp_counts(graph, mesh, train, zero, optimizer, hardware, data):
+    """For any choice, the plan's step time is the ILP's objective and its memory breakdown sums
+    to the ILP's memory row."""
+    problem = build_problem(graph, mesh, get_hardware(hardware), train=train, optimizer=optimizer, zero=zero)
+    choice = tuple(data.draw(st.integers(0, len(n.options) - 1)) for n in problem.nodes)
+    time, memory = problem.total_time(choice), problem.memory(choice)
+    if time == float("inf"):
+        return  # a forbidden reshard: no plan has it
+    plan = plan_from_choice(problem, Solution(choice, time, memory, 0.0, "given"), 0.0)
+    assert plan.step_time_s == pytest.approx(time, rel=1e-9, abs=1e-18)
+    assert plan.peak_memory_bytes == pytest.approx(memory, rel=1e-9)
+    breakdown = plan.memory_breakdown()
+    assert sum(v for k, v in breakdown.items() if k != "total") == pytest.approx(breakdown["total"], rel=1e-12)
+    assert plan.comm_bytes == pytest.approx(sum(c.comm_bytes for row in plan.op_costs for c in row.collectives))
