@@ -1,5 +1,9 @@
 """The one evaluator: what a plan reports is what the solver optimised, priced once."""
 
+import math
+
+import numpy as np
+
 import pytest
 
 import meshjax as mj
@@ -93,3 +97,77 @@ def test_a_plan_reports_what_the_ilp_counts(graph, mesh, train, zero, optimizer,
     breakdown = plan.memory_breakdown()
     assert sum(v for k, v in breakdown.items() if k != "total") == pytest.approx(breakdown["total"], rel=1e-12)
     assert plan.comm_bytes == pytest.approx(sum(c.comm_bytes for row in plan.op_costs for c in row.collectives))
+
+
+@pytest.mark.parametrize("optimizer, per_param", [("adam", 16), ("sgd", 8)])
+def test_mixed_precision_step_holds_what_the_memory_model_counts(optimizer, per_param):
+    """bf16 params train with an fp32 master copy and fp32 moments: the compiled step's arguments
+    are exactly the params, optimizer state and inputs the plan counts (16 B per param element
+    with Adam, 2 + 2 + 4 + 8; 8 B with SGD: param, gradient, master)."""
+    from meshjax.devices import make_mesh
+    from meshjax.verify import verify
+
+    ex = models.example("gpt-tiny", abstract=True, dtype="bfloat16")
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    mesh = {"data": 4, "model": 2}
+    plan = solve(graph, mesh, hardware="cpu-sim", train=True, optimizer=optimizer)
+    mem = plan.memory_breakdown()
+    elements = sum(math.prod(t.shape) for t in graph.params)
+    assert {t.dtype for t in graph.params} == {"bfloat16"}
+    unsharded = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, optimizer=optimizer, rules="batch:data")
+    full = unsharded.memory_breakdown()
+    if all(not l.used_axes for n, l in unsharded.layouts.items() if graph.tensors[n].role == "param"):
+        assert full["params"] + full["gradients"] + full["optimizer_state"] == pytest.approx(per_param * elements)
+    compiled = verify(plan, ex.loss, make_mesh(mesh), ex.params, *ex.batch).compiled.memory
+    # The step's arguments: params, optimizer state (master copy, moments, a step count), inputs.
+    counted = mem["params"] + mem["optimizer_state"] + mem["inputs"]
+    assert compiled["argument_bytes"] == pytest.approx(counted, rel=0.01, abs=4096)
+
+
+def test_mixed_precision_training_updates_an_fp32_master_copy():
+    """The sharded bf16 step equals a one-device reference written with optax by hand: SGD on
+    fp32 master weights (SGD, so a bf16 rounding of a gradient moves the result by lr times that
+    rounding only), the forward and backward pass in bf16 on the master cast down."""
+    import jax
+    import optax
+
+    from meshjax.devices import make_mesh
+    from meshjax.optimizer import Optimizer
+    from meshjax.train import make_train_step
+
+    ex = models.example("gpt-tiny", key=jax.random.key(0), dtype="bfloat16")
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    batches = [models.transformer.example_batch(ex.config, i) for i in range(3)]
+    lr = 1e-2
+
+    adam = optax.sgd(lr)
+    master = jax.tree_util.tree_map(lambda p: p.astype("float32"), ex.params)
+    state, ref_losses = adam.init(master), []
+
+    @jax.jit
+    def ref_step(master, state, tokens, targets):
+        params = jax.tree_util.tree_map(lambda m: m.astype("bfloat16"), master)
+        loss, grads = jax.value_and_grad(lambda p: ex.loss(p, tokens, targets).value)(params)
+        grads = jax.tree_util.tree_map(lambda g: g.astype("float32"), grads)
+        updates, state = adam.update(grads, state, master)
+        return optax.apply_updates(master, updates), state, loss
+
+    for tokens, targets in batches:
+        master, state, loss = ref_step(master, state, tokens, targets)
+        ref_losses.append(float(loss))
+
+    plan = solve(graph, {"data": 4, "model": 2}, hardware="cpu-sim", train=True, optimizer=Optimizer("sgd", lr))
+    trainer = make_train_step(plan, ex.loss, make_mesh({"data": 4, "model": 2}))
+    train_state, losses = trainer.init(ex.params), []
+    for tokens, targets in batches:
+        train_state, loss = trainer.step(train_state, tokens, targets)
+        losses.append(float(loss))
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    got_master = train_state.opt_state[0]
+    for ours, ref, p in zip(jax.tree_util.tree_leaves(got_master), jax.tree_util.tree_leaves(master), jax.tree_util.tree_leaves(train_state.params)):
+        assert ours.dtype == "float32" and p.dtype == "bfloat16"
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(ours.astype("bfloat16")))
+    # The master copy holds what bf16 params would round away.
+    leaves = jax.tree_util.tree_leaves(got_master)
+    assert any(bool((np.asarray(m) != np.asarray(m.astype("bfloat16").astype("float32"))).any()) for m in leaves)
