@@ -98,7 +98,9 @@ class OpFacts:
     - ``residuals``: how many more tensors of its result's size its backward keeps (JAX
       differentiates gelu's tanh approximation through ``tanh`` and keeps that value);
     - ``reduction``: a reduction (sum, max, log-sum-exp ...): XLA reduces a split dim locally and
-      combines the smaller results; it never gathers the operand first.
+      combines the smaller results; it never gathers the operand first;
+    - ``slices``: its result is one trip's slice of its operand (a scan over a stacked weight):
+      the backward reads the slice from the operand, never from a copy of its own.
 
     >>> OpFacts.reading(2).saves
     (0, 1)
@@ -108,6 +110,7 @@ class OpFacts:
     saves_result: bool = False
     residuals: int = 0
     reduction: bool = False
+    slices: bool = False
 
     @classmethod
     def reading(cls, n_operands: int, **more) -> OpFacts:
@@ -180,6 +183,15 @@ class Graph:
                     out.add(op.output)
                     changed = True
         return frozenset(out)
+
+    @cached_property
+    def sliced_from(self) -> dict[str, str]:
+        """Tensor -> the param or input it is a per-trip slice of (a scan's weight slice)."""
+        return {
+            op.output: op.inputs[0]
+            for op in self.ops
+            if op.facts.slices and self.tensors[op.inputs[0]].role in ("param", "input")
+        }
 
     def needs_grad(self, name: str) -> bool:
         """Whether a backward pass computes a gradient of tensor ``name``: it depends on a param

@@ -16,7 +16,7 @@ import jax
 
 from meshjax import context
 from meshjax.errors import ShapeError
-from meshjax.graph import LINEAR, Block, IndexForm
+from meshjax.graph import LINEAR, Block, IndexForm, OpFacts
 from meshjax.named import NamedArray
 
 
@@ -79,7 +79,7 @@ def scan(
                     index = IndexForm(
                         loop=tuple(outer.sizes.items()), operands=(outer.dims,), result=rest, whole=(dim,)
                     )
-                    x_in.append(context.emit("slice", [outer], NamedArray(value, rest), index, name="slice", facts=LINEAR))
+                    x_in.append(context.emit("slice", [outer], NamedArray(value, rest), index, name="slice", facts=OpFacts(slices=True)))
                 new_carry, y = body(
                     jax.tree_util.tree_unflatten(carry_def, c_in), jax.tree_util.tree_unflatten(x_def, x_in)
                 )

@@ -171,3 +171,25 @@ def test_mixed_precision_training_updates_an_fp32_master_copy():
     # The master copy holds what bf16 params would round away.
     leaves = jax.tree_util.tree_leaves(got_master)
     assert any(bool((np.asarray(m) != np.asarray(m.astype("bfloat16").astype("float32"))).any()) for m in leaves)
+
+
+def test_scanned_and_unrolled_layers_get_the_same_plan():
+    """XLA combines a scanned layer's per-trip weight-gradient syncs as it does unrolled layers',
+    and a scan's weight slices are read back from the stacked param, not kept: the scanned and
+    unrolled variants of a model get the same layouts, time and memory (before, h100-node
+    replicated the scanned one: 916.6 MiB/device where data parallel needs 231.6 MiB)."""
+    from meshjax.cost.memory import kept_copies
+
+    plans = {}
+    for scan in (False, True):
+        ex = models.example("gpt-small", abstract=True, scan_layers=scan, batch=1024)
+        graph = mj.trace(ex.loss, ex.params, *ex.batch)
+        plans[scan] = solve(graph, {"data": 4, "model": 2}, hardware="h100-node", train=True)
+        if scan:
+            assert not set(kept_copies(graph)) & set(graph.sliced_from)
+    unrolled, scanned = plans[False], plans[True]
+    assert any(l.used_axes for l in scanned.layouts.values())
+    assert scanned.layouts["tokens"] == unrolled.layouts["tokens"]
+    assert scanned.layouts["blocks/mlp/hidden"].axes == unrolled.layouts["block_0/mlp/hidden"].axes
+    assert scanned.step_time_s == pytest.approx(unrolled.step_time_s, rel=1e-3)
+    assert scanned.peak_memory_bytes == pytest.approx(unrolled.peak_memory_bytes, rel=1e-3)

@@ -56,9 +56,12 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     saved: set[str] = set()
     for op in graph.ops:
         saved |= kept_by(op, graph)
+    # A scan's slice of a stacked param or input is read back from the stacked array (JAX
+    # forwards such residuals instead of stacking a copy): not kept a second time.
     return frozenset(
         name for name in saved
         if graph.tensors[name].role in ("activation", "output") and name in graph.requires_grad
+        and name not in graph.sliced_from
     )
 
 

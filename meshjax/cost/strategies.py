@@ -128,7 +128,8 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
 
     Parameter-gradient all-reduces pay a share of the latency only: XLA's all-reduce combiner
-    merges a step's gradient syncs into a few large collectives.
+    merges a step's gradient syncs into a few large collectives (a scanned layer's, summed over
+    its trips, as much as an unrolled one's).
     """
     grad_latency_share = 1.0 / max(1, len(graph.params))
     index = op.index
@@ -163,7 +164,13 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                 grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
                 if grad_partial and graph.needs_grad(t.name):
                     axes = tuple(a for a in mesh_shape if a in grad_partial)
-                    share = grad_latency_share if t.role == "param" else 1.0
+                    share = 1.0
+                    if t.role == "param":
+                        share = grad_latency_share
+                    elif t.name in graph.sliced_from:
+                        # A scanned layer's weight gradient: XLA combines the per-trip syncs
+                        # into the stacked gradient's, so the trips share one latency.
+                        share = grad_latency_share / graph.trip_count(t.block)
                     fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))
         options: list[tuple[Layout, list[Collective]]] = []
         if not partial:
