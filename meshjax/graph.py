@@ -97,6 +97,9 @@ class OpFacts:
       tanh), which is kept instead of its operands;
     - ``residuals``: how many more tensors of its result's size its backward keeps (JAX
       differentiates gelu's tanh approximation through ``tanh`` and keeps that value);
+    - ``scan_residuals``: the same inside a scan, where every residual ``jax.vjp`` saves is
+      stacked over the trips (unrolled, XLA fuses the cheap ones into the backward pass and
+      keeps fewer); ``None``: as ``residuals``;
     - ``reduction``: a reduction (sum, max, log-sum-exp ...): XLA reduces a split dim locally and
       combines the smaller results; it never gathers the operand first;
     - ``slices``: its result is one trip's slice of its operand (a scan over a stacked weight):
@@ -111,6 +114,11 @@ class OpFacts:
     residuals: int = 0
     reduction: bool = False
     slices: bool = False
+    scan_residuals: int | None = None
+
+    def residuals_in(self, scanned: bool) -> int:
+        """Tensors of the result's size kept besides operands and result, in a scan or not."""
+        return self.scan_residuals if scanned and self.scan_residuals is not None else self.residuals
 
     @classmethod
     def reading(cls, n_operands: int, **more) -> OpFacts:

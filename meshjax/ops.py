@@ -121,6 +121,8 @@ def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=
 # nothing; exp, tanh, sigmoid, sqrt and rsqrt are differentiated through their own result; JAX
 # differentiates gelu's tanh approximation through ``tanh`` and silu through ``sigmoid`` and keeps
 # that value besides the input (one residual of the result's size); the rest read their operands.
+# In a scan every residual jax.vjp saves is stacked (what jax's saved_residuals lists for the op,
+# checked in tests/test_evaluate.py): gelu 4 (x*x*x, tanh, 1 - tanh^2, ...), silu 2, tanh 1.
 _READS_OPERANDS = None  # filled per call: every operand the op got
 _ELEMENTWISE: dict[str, tuple[Callable, OpFacts | None]] = {
     "add": (jnp.add, LINEAR),
@@ -135,10 +137,10 @@ _ELEMENTWISE: dict[str, tuple[Callable, OpFacts | None]] = {
     "negative": (jnp.negative, LINEAR),
     "exp": (jnp.exp, OpFacts(saves_result=True)),
     "log": (jnp.log, _READS_OPERANDS),
-    "tanh": (jnp.tanh, OpFacts(saves_result=True)),
+    "tanh": (jnp.tanh, OpFacts(saves_result=True, scan_residuals=1)),
     "relu": (jax.nn.relu, _READS_OPERANDS),
-    "gelu": (jax.nn.gelu, OpFacts(saves=(0,), residuals=1)),
-    "silu": (jax.nn.silu, OpFacts(saves=(0,), residuals=1)),
+    "gelu": (jax.nn.gelu, OpFacts(saves=(0,), residuals=1, scan_residuals=4)),
+    "silu": (jax.nn.silu, OpFacts(saves=(0,), residuals=1, scan_residuals=2)),
     "sigmoid": (jax.nn.sigmoid, OpFacts(saves_result=True)),
     "square": (jnp.square, _READS_OPERANDS),
     "sqrt": (jnp.sqrt, OpFacts(saves_result=True)),
@@ -347,7 +349,9 @@ def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> 
         stats=((dim, 2 if kind == "layer_norm" else 1),),
         flops=float(8 * _prod(x.shape)),
     )
-    facts = OpFacts.reading(1 + len(params))
+    # Inside a scan JAX's residuals of a norm are stacked: the centred / scaled input and the
+    # normalised value besides the input (two more of its size).
+    facts = OpFacts.reading(1 + len(params), scan_residuals=2)
     return emit(kind, [x, *params], NamedArray(value, x.dims), index, {"dim": dim, "eps": eps}, name, facts=facts)
 
 

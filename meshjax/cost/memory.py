@@ -25,9 +25,11 @@ from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
 
-def extra_residuals(op: Op) -> int:
-    """How many tensors of its result's size ``op``'s backward keeps besides its operands."""
-    return op.facts.residuals
+def extra_residuals(op: Op, graph: Graph | None = None) -> int:
+    """How many tensors of its result's size ``op``'s backward keeps besides its operands (in a
+    scan, every residual JAX saves is stacked: ``OpFacts.scan_residuals``)."""
+    scanned = graph is not None and op.block is not None and graph.blocks[op.block].kind == "scan"
+    return op.facts.residuals_in(scanned)
 
 
 def kept_operands(op: Op) -> tuple[int, ...]:
@@ -75,7 +77,7 @@ def kept_copies(graph: Graph) -> dict[str, int]:
     saved = saved_for_backward(graph)
     out = {}
     for op in graph.ops:
-        count = (op.output in saved) + (extra_residuals(op) if op.output in graph.requires_grad else 0)
+        count = (op.output in saved) + (extra_residuals(op, graph) if op.output in graph.requires_grad else 0)
         if count:
             out[op.output] = count
     return out
