@@ -310,8 +310,9 @@ def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
         stats=((dim, 2),),
         flops=float(5 * _prod(x.shape)),
     )
-    # The backward reads the result; XLA also keeps the unnormalised exponentials (one residual).
-    facts = OpFacts(saves_result=True, residuals=1)
+    # JAX differentiates softmax through the unnormalised exponentials (one residual of the
+    # result's size) and the per-row sums, not through the result.
+    facts = OpFacts(residuals=1)
     return emit("softmax", [x], NamedArray(value, x.dims), index, {"dim": dim}, name, facts=facts)
 
 

@@ -176,8 +176,9 @@ def test_mixed_precision_training_updates_an_fp32_master_copy():
 def test_scanned_and_unrolled_layers_get_the_same_plan():
     """XLA combines a scanned layer's per-trip weight-gradient syncs as it does unrolled layers',
     and a scan's weight slices are read back from the stacked param, not kept: the scanned and
-    unrolled variants of a model get the same layouts, time and memory (before, h100-node
-    replicated the scanned one: 916.6 MiB/device where data parallel needs 231.6 MiB)."""
+    unrolled variants of a model get the same layouts and time (before, h100-node replicated the
+    scanned one: 916.6 MiB/device where data parallel needs 231.6 MiB). A scan keeps more
+    residuals (every one jax.vjp saves is stacked), so it may need more memory, never less."""
     from meshjax.cost.memory import kept_copies
 
     plans = {}
@@ -192,4 +193,36 @@ def test_scanned_and_unrolled_layers_get_the_same_plan():
     assert scanned.layouts["tokens"] == unrolled.layouts["tokens"]
     assert scanned.layouts["blocks/mlp/hidden"].axes == unrolled.layouts["block_0/mlp/hidden"].axes
     assert scanned.step_time_s == pytest.approx(unrolled.step_time_s, rel=1e-3)
-    assert scanned.peak_memory_bytes == pytest.approx(unrolled.peak_memory_bytes, rel=1e-3)
+    assert scanned.peak_memory_bytes >= unrolled.peak_memory_bytes
+
+
+@pytest.mark.parametrize("op", ["gelu", "silu", "tanh", "exp", "sigmoid", "relu", "softmax", "layer_norm", "rms_norm"])
+def test_declared_scan_residuals_are_what_jax_saves(op, capsys):
+    """Inside a scan every residual jax.vjp saves is stacked over the trips, so the tensors of
+    the result's size an op declares it keeps (read operands, its result, scan_residuals) are
+    exactly those ``jax.ad_checkpoint.print_saved_residuals`` lists."""
+    import jax.numpy as jnp
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from meshjax.context import Recorder, active
+
+    x = mj.named(jnp.ones((8, 16)), "b e")
+    scale = mj.named(jnp.ones((16,)), "e")
+    run = {
+        "softmax": lambda x, s: mj.softmax(x, "e"),
+        "layer_norm": lambda x, s: mj.layer_norm(x, "e", s, s),
+        "rms_norm": lambda x, s: mj.rms_norm(x, "e", s),
+    }.get(op, lambda x, s: mj.elementwise(op, x))
+    print_saved_residuals(lambda x, s: run(x, s).value.sum(), x, scale)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("f32[8,16]")]
+    recorder = Recorder()
+    with active(recorder):
+        recorder.register(x, "x", "input")
+        recorder.register(scale, "s", "param")
+        run(x, scale)
+    recorded = next(iter(recorder.ops.values()))
+    facts = recorded.facts
+    read = [recorded.inputs[i] for i in (() if facts.saves_result else facts.saves)]
+    declared = sum(recorder.tensors[name].shape == (8, 16) for name in read)
+    declared += facts.saves_result + facts.residuals_in(scanned=True)
+    assert declared == len(saved), saved
