@@ -87,29 +87,44 @@ def _nbytes(graph: Graph, name: str, layout: Layout, mesh_shape: Mapping[str, in
     return per_device_bytes(graph.tensors[name], layout, mesh_shape)
 
 
-def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
-    """Bytes per device an op needs beyond what stays resident: its result and its activation
-    operands in the layouts it computes in (params and inputs are resident already).
+def _result_bytes(graph: Graph, op: Op, result: Layout, computed: Layout | None, mesh_shape: Mapping[str, int]) -> float:
+    out = _nbytes(graph, op.output, result, mesh_shape)
+    if computed is not None:  # whole partial sums before a reduce-scatter
+        out = max(out, _nbytes(graph, op.output, computed, mesh_shape))
+    return out
+
+
+def working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
+    """Bytes per device an op needs beyond what stays resident: its result (as computed, before
+    a reduce-scatter shrinks it) and its activation operands in the layouts it computes in
+    (params and inputs are resident already).
 
     In inference, the peak is the largest working set of any op.
 
     >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
     """
-    total = _nbytes(graph, op.output, result, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape)
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
     return total
 
 
-def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+def backward_working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
     """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
-    its result, one temporary of that size, and the operands it reads in the layouts it computes
-    in (an FSDP weight is gathered again here).
+    its result (gathered back to the layout it was computed in, after a reduce-scatter), one
+    temporary of that size, and the operands it reads in the layouts it computes in (an FSDP
+    weight is gathered again here).
 
     In training, the peak on top of what is kept is the largest of these over the ops.
     """
-    total = 2 * _nbytes(graph, op.output, result, mesh_shape)
+    total = 2 * _result_bytes(graph, op, result, computed, mesh_shape)
     for i in kept_operands(op):
         if graph.tensors[op.inputs[i]].role != "constant":
             total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)

@@ -41,6 +41,9 @@ class Strategy:
     collectives: tuple[Collective, ...]
     comm_time: float
     compute_time: float
+    # The layout the op computes its result in, before a reduce-scatter or gather moves it to
+    # ``result_layout`` (a split contraction makes whole partial sums first).
+    computed_layout: Layout | None = None
 
     @property
     def time(self) -> float:
@@ -207,6 +210,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     collectives=all_colls,
                     comm_time=comm,
                     compute_time=compute,
+                    computed_layout=base,
                 )
             )
     return strategies

@@ -231,10 +231,10 @@ def build_problem(
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
                 memory = act * mult * kept.get(key, 0)
-                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             else:
                 memory = np.zeros(len(strategies))
-                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             parts = {"activations": memory}
             nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names, parts))
