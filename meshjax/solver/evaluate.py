@@ -21,8 +21,18 @@ peak), called by ``build_problem``; :func:`evaluate` then reports it with no cha
 
 Example::
 
-    >>> ev = evaluate(problem, solution.choice)          # doctest: +SKIP
-    >>> ev.step_time_s, ev.comm_bytes, ev.memory["optimizer_state"]
+    >>> import jax.numpy as jnp, meshjax as mj
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver.problem import build_problem
+    >>> loss = lambda p, x: mj.sum(mj.einsum("b e, e m -> b m", x, p["w"]), "b m")
+    >>> g = mj.trace(loss, {"w": mj.named(jnp.ones((4, 8)), "e m")}, mj.named(jnp.ones((2, 4)), "b e"))
+    >>> problem = build_problem(g, {"x": 2}, PROFILES["h100-node"], train=True)
+    >>> choice = [0] * len(problem.nodes)
+    >>> ev = evaluate(problem, choice)
+    >>> abs(ev.step_time_s - problem.total_time(choice)) < 1e-15, ev.memory["total"] == problem.memory(choice)
+    (True, True)
+    >>> ev.memory["optimizer_state"]           # Adam: two fp32 moments of the 4 x 8 weight
+    256.0
 """
 
 from __future__ import annotations
