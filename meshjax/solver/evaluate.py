@@ -195,6 +195,6 @@ def state_layouts(problem: Problem, choice: Sequence[int], layouts: Mapping[str,
     out = {}
     for t in problem.graph.params:
         k = problem.node_of[t.name]
-        state = getattr(problem.nodes[k].options[choice[k]], "state", None)
-        out[t.name] = Layout(t.dims, state.axes) if state is not None else layouts[t.name]
+        option = problem.nodes[k].options[choice[k]]
+        out[t.name] = Layout(t.dims, option.state.axes) if isinstance(option, ParamOption) else layouts[t.name]
     return out
