@@ -125,6 +125,13 @@ def zero_sync_time(tensor: Tensor, option: ParamOption, mesh_shape: MeshShape, h
     return max(0.0, gather + scatter - reduce) + max(hw.link(mesh_shape, a).latency for a in extra)
 
 
+def _axis_groups(dims, assign: Mapping[str, tuple[str, ...]], mesh_shape: MeshShape) -> list[tuple[str, ...]]:
+    """The mesh axes of each of ``dims`` that carries any, one group per dim. XLA's SPMD
+    partitioner sums a partial result over each split contracting dim in turn: one all-reduce
+    per dim, each of the whole result, not one all-reduce over all their axes."""
+    return [tuple(a for a in mesh_shape if a in assign[d]) for d in dims if assign.get(d)]
+
+
 def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
     return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
 
@@ -146,8 +153,8 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     shrinks = 2 * result_tensor.nbytes <= max((t.nbytes for t in operand_tensors), default=0)
     strategies = []
     for assign in enumerate_assignments(loop, mesh_shape, index.whole):
-        partial = tuple(a for d in index.reduced for a in assign.get(d, ()))
-        partial = tuple(a for a in mesh_shape if a in partial)  # mesh order
+        partial_groups = _axis_groups(index.reduced, assign, mesh_shape)
+        partial = tuple(a for a in mesh_shape if any(a in g for g in partial_groups))  # mesh order
         kept = {d: ax for d, ax in assign.items() if d not in index.reduced}
         operand_layouts = tuple(
             _layout_for(t.dims, dims, assign) for t, dims in zip(operand_tensors, index.operands)
@@ -165,17 +172,18 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                 fixed += [Collective("all-reduce", axes, stat_bytes)] * (count * (2 if train else 1))
         if train:
             for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
-                grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
-                if grad_partial and _needs_grad(t, graph):
-                    axes = tuple(a for a in mesh_shape if a in grad_partial)
+                grad_groups = _axis_groups([d for d in loop if d not in dims], assign, mesh_shape)
+                if grad_groups and _needs_grad(t, graph):
                     share = grad_latency_share if t.role == "param" else 1.0
-                    fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))
+                    nbytes = per_device_bytes(t, layout, mesh_shape)
+                    fixed += [Collective("all-reduce", axes, nbytes, latency_share=share) for axes in grad_groups]
         options: list[tuple[Layout, list[Collective]]] = []
         if not partial:
             options.append((base, []))
         else:
             n_reductions = 2 if index.reduction == "lse" else 1
-            options.append((base, [Collective("all-reduce", partial, result_bytes)] * n_reductions))
+            sums = [Collective("all-reduce", axes, result_bytes) for axes in partial_groups]
+            options.append((base, sums * n_reductions))
             factor = math.prod(mesh_shape[a] for a in partial)
             if index.reduction == "sum":
                 for k, ld in enumerate(index.result):
