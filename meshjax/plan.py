@@ -187,7 +187,7 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts)
+        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts, self.computed_layouts)
 
     @property
     def operand_layouts(self) -> dict[str, tuple[Layout, ...]]:
@@ -202,6 +202,20 @@ class Plan:
                 Layout(self.graph.tensors[name].dims, layout.axes)
                 for name, layout in zip(op.inputs, strategy.operand_layouts)
             )
+        return out
+
+    @property
+    def computed_layouts(self) -> dict[str, Layout]:
+        """Op name -> the layout the op computes its result in, where its strategy then
+        all-gathers it into the planned layout."""
+        if self.problem is None or self.solution is None:
+            return {}
+        out = {}
+        for op in self.graph.ops:
+            k = self.problem.node_of[op.output]
+            layout = self.problem.nodes[k].options[self.solution.choice[k]].computed_layout
+            if layout is not None:
+                out[op.name] = Layout(self.graph.tensors[op.output].dims, layout.axes)
         return out
 
     # --- output -------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ class Strategy:
     collectives: tuple[Collective, ...]
     comm_time: float
     compute_time: float
+    # The layout the op computes its result in when that differs from ``result_layout`` (a
+    # strategy that computes sharded and all-gathers the result). Lowering pins it first, so
+    # XLA gathers the result rather than the operands.
+    computed_layout: Layout | None = None
 
     @property
     def time(self) -> float:
@@ -200,9 +204,12 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     if train:  # the backward pass needs the whole cotangent back: all-gather it
                         colls.append(Collective("all-gather", partial, result_bytes))
                     options.append((layout, colls))
+        computed: dict[int, Layout] = {}
         if shrinks:
-            options += _gathered_after(options, result_tensor, mesh_shape)
-        for layout, colls in options:
+            for layout, gathered in _gathered_after(options, result_tensor, mesh_shape):
+                computed[len(options)] = layout
+                options.append(gathered)
+        for i, (layout, colls) in enumerate(options):
             all_colls = tuple(colls + fixed)
             comm = sum(time_of(c, mesh_shape, hw) for c in all_colls)
             strategies.append(
@@ -213,6 +220,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     collectives=all_colls,
                     comm_time=comm,
                     compute_time=compute,
+                    computed_layout=computed.get(i),
                 )
             )
     return strategies
@@ -250,8 +258,9 @@ def _moves(tensor: Tensor, src: Layout, dst: Layout, mesh_shape: MeshShape) -> l
 
 def _gathered_after(
     options: list[tuple[Layout, list[Collective]]], result: Tensor, mesh_shape: MeshShape
-) -> list[tuple[Layout, list[Collective]]]:
-    """Each option followed by an all-gather of some of its result's axes."""
+) -> list[tuple[Layout, tuple[Layout, list[Collective]]]]:
+    """Each option followed by an all-gather of some of its result's axes, as
+    ``(computed layout, (gathered layout, collectives))``."""
     out = []
     for layout, colls in options:
         used = [a for a in mesh_shape if a in layout.used_axes]
@@ -261,7 +270,7 @@ def _gathered_after(
                 if any(full[: len(ax)] != ax for ax, full in zip(kept.axes, layout.axes)):
                     continue  # only trailing axes of a dim gather into contiguous blocks
                 nbytes = per_device_bytes(result, kept, mesh_shape)
-                out.append((kept, [*colls, Collective("all-gather", tuple(gathered), nbytes)]))
+                out.append((layout, (kept, [*colls, Collective("all-gather", tuple(gathered), nbytes)])))
     return out
 
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 import meshjax as mj
-from meshjax.context import emit
+from meshjax.context import compute, emit
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
 from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
@@ -203,7 +203,10 @@ def route(
     """
     group = tuple(d for d in probs.dims if d not in (tokens, experts))
     order = (*group, tokens, experts)
-    value = route_values(probs.align_to(order), top_k, capacity, normalize=normalize)
+    (probs,), value = compute(
+        "moe_route", name, [probs],
+        lambda ops: route_values(ops[0].align_to(order), top_k, capacity, normalize=normalize),
+    )
     out_dims = (*order, slots)
     loop = (*((d, probs.size(d)) for d in order), (slots, capacity))
     index = IndexForm(
