@@ -270,7 +270,7 @@ def predict(
         allowed.append(keep)
     restricted = restrict(problem, allowed).problem
     solution = solve_ilp(restricted)
-    from meshjax.plan import plan_from_choice
+    from meshjax.solve import plan_from_choice
 
     plan = plan_from_choice(restricted, solution, time.perf_counter() - start)
     return plan, notes

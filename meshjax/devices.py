@@ -1,4 +1,5 @@
-"""Device meshes: simulated CPU devices and meshes whose axes meshjax can pin layouts on.
+"""Device meshes: simulated CPU devices (the one place that sets XLA's device flags), meshes whose
+axes meshjax can pin layouts on, and global meshes over several processes.
 
 Example::
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -45,10 +49,21 @@ def use_cpu_devices(count: int, *, memory_optimized_schedule: bool = True) -> No
             ) from None
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        flags = f"{flags} --xla_force_host_platform_device_count={int(count)}"
+        flags = xla_flags_with_device_count(flags, count)
     if memory_optimized_schedule and "xla_cpu_scheduler_type" not in flags:
         flags = f"{flags} {MEMORY_OPTIMIZED_CPU_SCHEDULER}"
     os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def xla_flags_with_device_count(flags: str, count: int) -> str:
+    """``XLA_FLAGS`` text with the host platform's device count set to ``count`` (any earlier
+    count removed), so processes started with it simulate ``count`` CPU devices.
+
+    >>> xla_flags_with_device_count("--xla_dump_to=/tmp --xla_force_host_platform_device_count=2", 4)
+    '--xla_dump_to=/tmp --xla_force_host_platform_device_count=4'
+    """
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={int(count)}"])
 
 
 def parse_mesh_shape(text: str, axis_names: Sequence[str] | None = None) -> dict[str, int]:
@@ -93,3 +108,87 @@ def auto_axes(mesh: Mesh) -> Mesh:
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
+
+
+# --- meshes over several processes --------------------------------------------------------------
+
+
+def _host_factors(shape: Mapping[str, int], processes: int, host_axes: Sequence[str] | None) -> dict[str, int]:
+    """How many processes each axis spans: ``processes`` factored over ``host_axes`` (default:
+    every axis, outermost first), each axis taking as many as divide its size."""
+    names = list(shape)
+    order = list(host_axes) if host_axes is not None else names
+    for a in order:
+        if a not in shape:
+            raise LayoutError(f"host axis {a!r} is not a mesh axis ({', '.join(names)})")
+    factors = {a: 1 for a in names}
+    rest = processes
+    for a in order:
+        f = math.gcd(rest, shape[a])
+        factors[a] = f
+        rest //= f
+    if rest != 1:
+        raise LayoutError(
+            f"{processes} processes cannot be spread over axes {order} of mesh {dict(shape)}: "
+            "the product of the host axes' sizes must be a multiple of the process count"
+        )
+    return factors
+
+
+def device_grid(shape: Mapping[str, int], devices: Sequence[Any], host_axes: Sequence[str] | None = None) -> np.ndarray:
+    """``devices`` arranged in ``shape`` with the processes on the outer part of the host axes:
+    along each axis the index is ``host * local_size + local``."""
+    shape = dict(shape)
+    devices = list(devices)
+    count = math.prod(shape.values())
+    if len(devices) != count:
+        raise LayoutError(f"mesh {shape} needs {count} devices but the processes have {len(devices)} in all")
+    by_process: dict[int, list[Any]] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    sizes = sorted({len(v) for v in by_process.values()})
+    if len(sizes) != 1:
+        raise LayoutError(f"processes have different device counts: {[len(by_process[p]) for p in sorted(by_process)]}")
+    processes = len(by_process)
+    hosts = _host_factors(shape, processes, host_axes)
+    grid = np.empty((processes, sizes[0]), dtype=object)
+    for i, p in enumerate(sorted(by_process)):
+        for j, d in enumerate(sorted(by_process[p], key=lambda d: d.id)):
+            grid[i, j] = d
+    k = len(shape)
+    grid = grid.reshape([hosts[a] for a in shape] + [shape[a] // hosts[a] for a in shape])
+    grid = grid.transpose([i for pair in zip(range(k), range(k, 2 * k)) for i in pair])
+    return grid.reshape(tuple(shape.values()))
+
+
+def global_mesh(shape: Mapping[str, int], *, host_axes: Sequence[str] | None = None, devices: Sequence[Any] | None = None):
+    """A mesh over every process's devices (Auto axes, like :func:`meshjax.devices.make_mesh`).
+
+    The processes go on the outer axes: each axis's index is ``host * local_size + local``, so
+    the first axes (or ``host_axes``, in order) span processes and the later ones stay inside a
+    process, where devices are connected fastest. E.g. 2 processes x 4 devices as
+    ``{"data": 4, "model": 2}``: ``data`` spans the processes (2 per process), ``model`` stays
+    in each; ``host_axes=["model"]`` puts the processes on ``model`` instead. With one process
+    it is the usual mesh.
+    """
+    grid = device_grid(shape, devices if devices is not None else jax.devices(), host_axes)
+    return Mesh(grid, tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
+
+
+def process_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes along which devices of different processes meet (collectives over them
+    cross the process boundary)."""
+    devices = np.asarray(mesh.devices)
+    procs = np.vectorize(lambda d: d.process_index)(devices)
+    out = []
+    for i, name in enumerate(mesh.axis_names):
+        if not (procs == np.take(procs, [0], axis=i)).all():
+            out.append(name)
+    return tuple(out)
+
+
+def crosses_processes(groups: Sequence[Sequence[int]], mesh) -> bool:
+    """Whether any group of flat mesh indices (as in :mod:`meshjax.inspect`) holds devices of
+    more than one process."""
+    flat = [d.process_index for d in np.asarray(mesh.devices).flat]
+    return any(len({flat[i] for i in g if 0 <= i < len(flat)}) > 1 for g in groups)

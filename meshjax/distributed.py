@@ -1,10 +1,11 @@
 """Several processes, one global mesh: ``jax.distributed`` set up from a launcher or a cluster.
 
 Each process runs the same program. :func:`initialize` connects the processes (before JAX starts
-a backend), :func:`global_mesh` builds one mesh over every process's devices with the processes
-on its outer axes, :func:`hardware_for` tells the solver where the process boundary is, and
-:func:`process_block` gives the slice of a global array a process must hold, so each process
-builds only its own part of a batch.
+a backend). The rest lives with its kind and is re-exported here:
+:func:`meshjax.devices.global_mesh` builds one mesh over every process's devices with the
+processes on its outer axes, :func:`meshjax.cost.hardware.hardware_for` tells the solver where the
+process boundary is, and :func:`meshjax.data.process_block` gives the slice of a global array a
+process must hold, so each process builds only its own part of a batch.
 
 Three ways to say who the processes are:
 
@@ -24,7 +25,6 @@ Example (in each of two processes)::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import socket
@@ -35,9 +35,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
-from meshjax.errors import LayoutError, MeshjaxError
+from meshjax.cost.hardware import hardware_for
+from meshjax.data import BlockFetch, batch_rows, lm_batch, local_index, process_block
+from meshjax.devices import crosses_processes, device_grid, global_mesh, process_axes, xla_flags_with_device_count
+from meshjax.errors import MeshjaxError
 
 ENV_COORDINATOR = "MESHJAX_COORDINATOR"
 """``host:port`` of process 0's coordinator service."""
@@ -178,8 +180,7 @@ def _set_cpu_devices(count: int) -> None:
             "Call meshjax.distributed.initialize() before any JAX computation."
         ) from None
     # Processes this one starts see the same per-process count.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={int(count)}"])
+    os.environ["XLA_FLAGS"] = xla_flags_with_device_count(os.environ.get("XLA_FLAGS", ""), count)
 
 
 def initialize(
@@ -297,200 +298,6 @@ def local_cpu_devices(total: int, environ: Mapping[str, str] | None = None) -> i
     if total % n:
         raise MeshjaxError(f"a mesh of {total} devices does not split over {n} processes")
     return total // n
-
-
-# --- meshes --------------------------------------------------------------------------------------
-
-
-def _host_factors(shape: Mapping[str, int], processes: int, host_axes: Sequence[str] | None) -> dict[str, int]:
-    """How many processes each axis spans: ``processes`` factored over ``host_axes`` (default:
-    every axis, outermost first), each axis taking as many as divide its size."""
-    names = list(shape)
-    order = list(host_axes) if host_axes is not None else names
-    for a in order:
-        if a not in shape:
-            raise LayoutError(f"host axis {a!r} is not a mesh axis ({', '.join(names)})")
-    factors = {a: 1 for a in names}
-    rest = processes
-    for a in order:
-        f = math.gcd(rest, shape[a])
-        factors[a] = f
-        rest //= f
-    if rest != 1:
-        raise LayoutError(
-            f"{processes} processes cannot be spread over axes {order} of mesh {dict(shape)}: "
-            "the product of the host axes' sizes must be a multiple of the process count"
-        )
-    return factors
-
-
-def device_grid(shape: Mapping[str, int], devices: Sequence[Any], host_axes: Sequence[str] | None = None) -> np.ndarray:
-    """``devices`` arranged in ``shape`` with the processes on the outer part of the host axes:
-    along each axis the index is ``host * local_size + local``."""
-    shape = dict(shape)
-    devices = list(devices)
-    count = math.prod(shape.values())
-    if len(devices) != count:
-        raise LayoutError(f"mesh {shape} needs {count} devices but the processes have {len(devices)} in all")
-    by_process: dict[int, list[Any]] = {}
-    for d in devices:
-        by_process.setdefault(d.process_index, []).append(d)
-    sizes = sorted({len(v) for v in by_process.values()})
-    if len(sizes) != 1:
-        raise LayoutError(f"processes have different device counts: {[len(by_process[p]) for p in sorted(by_process)]}")
-    processes = len(by_process)
-    hosts = _host_factors(shape, processes, host_axes)
-    grid = np.empty((processes, sizes[0]), dtype=object)
-    for i, p in enumerate(sorted(by_process)):
-        for j, d in enumerate(sorted(by_process[p], key=lambda d: d.id)):
-            grid[i, j] = d
-    k = len(shape)
-    grid = grid.reshape([hosts[a] for a in shape] + [shape[a] // hosts[a] for a in shape])
-    grid = grid.transpose([i for pair in zip(range(k), range(k, 2 * k)) for i in pair])
-    return grid.reshape(tuple(shape.values()))
-
-
-def global_mesh(shape: Mapping[str, int], *, host_axes: Sequence[str] | None = None, devices: Sequence[Any] | None = None):
-    """A mesh over every process's devices (Auto axes, like :func:`meshjax.devices.make_mesh`).
-
-    The processes go on the outer axes: each axis's index is ``host * local_size + local``, so
-    the first axes (or ``host_axes``, in order) span processes and the later ones stay inside a
-    process, where devices are connected fastest. E.g. 2 processes x 4 devices as
-    ``{"data": 4, "model": 2}``: ``data`` spans the processes (2 per process), ``model`` stays
-    in each; ``host_axes=["model"]`` puts the processes on ``model`` instead. With one process
-    it is the usual mesh.
-    """
-    import jax
-    from jax.sharding import AxisType, Mesh
-
-    grid = device_grid(shape, devices if devices is not None else jax.devices(), host_axes)
-    return Mesh(grid, tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
-
-
-def process_axes(mesh) -> tuple[str, ...]:
-    """The mesh axes along which devices of different processes meet (collectives over them
-    cross the process boundary)."""
-    devices = np.asarray(mesh.devices)
-    procs = np.vectorize(lambda d: d.process_index)(devices)
-    out = []
-    for i, name in enumerate(mesh.axis_names):
-        if not (procs == np.take(procs, [0], axis=i)).all():
-            out.append(name)
-    return tuple(out)
-
-
-def crosses_processes(groups: Sequence[Sequence[int]], mesh) -> bool:
-    """Whether any group of flat mesh indices (as in :mod:`meshjax.inspect`) holds devices of
-    more than one process."""
-    flat = [d.process_index for d in np.asarray(mesh.devices).flat]
-    return any(len({flat[i] for i in g if 0 <= i < len(flat)}) > 1 for g in groups)
-
-
-def _gloo_link():
-    from meshjax.cost.hardware import GB, Link
-
-    # CPU collectives between processes go through gloo over TCP: on one host about a GB/s, and
-    # each step a round trip through the kernel (measured ~0.1-1 ms per collective on loopback).
-    return Link(bandwidth=1 * GB, latency=300e-6)
-
-
-def hardware_for(name, mesh=None, *, inter_process=None):
-    """The hardware profile ``name`` with the process boundary where it really is.
-
-    On CPU with several processes, ``devices_per_node`` becomes the local device count, so the
-    solver prices a collective that leaves a process on the inter-node link, and that link is
-    ``inter_process`` (default: the profile's inter-node link when it is slower than its
-    intra-node one, else gloo over TCP, ~1 GB/s and 0.3 ms per step). Given ``mesh``, every
-    axis also gets the link it really uses (``axis_links``): inter-node when it spans processes,
-    intra-node when not, which holds for any ``host_axes``. Other backends and single processes
-    get the profile unchanged.
-    """
-    import jax
-
-    from meshjax.cost.hardware import get_hardware
-
-    hw = get_hardware(name)
-    if jax.process_count() == 1 or jax.default_backend() != "cpu":
-        return hw
-    link = inter_process or (hw.inter_node if hw.inter_node != hw.intra_node else _gloo_link())
-    links = dict(hw.axis_links)
-    if mesh is not None:
-        crossing = set(process_axes(mesh))
-        for axis in mesh.axis_names:
-            links.setdefault(axis, link if axis in crossing else hw.intra_node)
-    return dataclasses.replace(
-        hw, name=f"{hw.name}/{jax.process_count()}proc", devices_per_node=jax.local_device_count(),
-        inter_node=link, axis_links=links,
-    )
-
-
-# --- per-process data ----------------------------------------------------------------------------
-
-
-def process_block(sharding, shape: Sequence[int]) -> tuple[slice, ...]:
-    """The smallest box of a global array of ``shape`` that holds every shard this process's
-    devices need under ``sharding``: the only part of the array the process has to build."""
-    shape = tuple(int(s) for s in shape)
-    lo, hi = list(shape), [0] * len(shape)
-    for index in sharding.addressable_devices_indices_map(shape).values():
-        for i, (s, n) in enumerate(zip(index, shape)):
-            start, stop, _ = s.indices(n) if isinstance(s, slice) else (s, s + 1, 1)
-            lo[i], hi[i] = min(lo[i], start), max(hi[i], stop)
-    return tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
-
-
-def local_index(index: Sequence[slice], block: Sequence[slice], shape: Sequence[int]) -> tuple[slice, ...]:
-    """``index`` (a device's slice of the global array) relative to ``block``."""
-    out = []
-    for s, b, n in zip(index, block, shape):
-        start, stop, _ = s.indices(n)
-        out.append(slice(start - b.start, stop - b.start))
-    return tuple(out)
-
-
-def batch_rows(step: int, batch: int, seq: int, rows: slice, *, seed: int = 0, data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``rows`` of :func:`meshjax.data.batch_at` ``(step, batch, seq, seed)``, building only
-    those windows (the same random offsets, drawn for the whole batch)."""
-    from meshjax import data as data_mod
-
-    stream = data_mod.tokens() if data is None else np.asarray(data)
-    if batch < 1 or seq < 1:
-        raise MeshjaxError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
-    if len(stream) < seq + 1:
-        raise MeshjaxError(f"the text has {len(stream)} tokens; a window of seq={seq} needs {seq + 1}")
-    rng = np.random.default_rng([int(seed), int(step)])  # as data.batch_at
-    starts = rng.integers(0, len(stream) - seq, size=batch)[rows]
-    windows = np.stack([stream[s : s + seq + 1] for s in starts]).astype(np.int32).reshape(len(starts), seq + 1)
-    return windows[:, :-1], windows[:, 1:]
-
-
-class BlockFetch:
-    """A batch leaf for :func:`meshjax.train.shard_batch` that builds only part of the global
-    array: ``fetch(block)`` returns ``global[block]`` for a tuple of slices."""
-
-    def __init__(self, fetch, shape: Sequence[int]):
-        self.fetch = fetch
-        self.shape = tuple(int(s) for s in shape)
-
-    def __call__(self, block: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(self.fetch(block))
-
-
-def lm_batch(step: int, batch: int, seq: int, *, seed: int = 0) -> tuple[BlockFetch, BlockFetch]:
-    """``(tokens, targets)`` of :func:`meshjax.data.batch_at` as :class:`BlockFetch` leaves: each
-    process builds only the windows of the rows its devices hold."""
-    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def part(which: int):
-        def fetch(block: tuple[slice, ...]) -> np.ndarray:
-            rows = block[0].indices(batch)[:2]
-            if rows not in cache:
-                cache[rows] = batch_rows(step, batch, seq, slice(*rows), seed=seed)
-            return cache[rows][which][(slice(None), *block[1:])]
-
-        return BlockFetch(fetch, (batch, seq))
-
-    return part(0), part(1)
 
 
 __all__ = [

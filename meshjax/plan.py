@@ -12,38 +12,22 @@ Example::
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from jax.sharding import Mesh, PartitionSpec
 
+from meshjax import report
 from meshjax.cost.collectives import Collective
-from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.memory import backward_working_set, kept_copies, working_set
-from meshjax.cost.strategies import per_device_bytes, reshard
+from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, Rules, rules_of
-from meshjax.solver.ilp import Solution, solve_ilp
-from meshjax.solver.problem import Constraints, Problem, build_problem
-from meshjax.units import format_bytes
-
-
-@dataclass(frozen=True)
-class OpCost:
-    """Predicted cost of one op (all its instances and loop trips), with the reshards into it."""
-
-    op: str
-    kind: str
-    strategy: str
-    comm_time: float
-    compute_time: float
-    collectives: tuple[Collective, ...]
+from meshjax.solver import evaluate
+from meshjax.solver.evaluate import OpCost
+from meshjax.solver.ilp import Solution
+from meshjax.solver.problem import Problem
 
 
 @dataclass
@@ -73,17 +57,10 @@ class Plan:
 
     @property
     def state_layouts(self) -> dict[str, Layout]:
-        """Layout of each param's optimizer state (and of its gradient once reduced): the param's
-        own, or (ZeRO-1) one sharded over more mesh axes, where the update then runs."""
-        out = {}
-        for t in self.graph.params:
-            option = None
-            if self.problem is not None and self.solution is not None:
-                k = self.problem.node_of[t.name]
-                option = self.problem.nodes[k].options[self.solution.choice[k]]
-            state = getattr(option, "state", None)
-            out[t.name] = Layout(t.dims, state.axes) if state is not None else self.layouts[t.name]
-        return out
+        """Layout of each param's optimizer state (and of its gradient once reduced)."""
+        if self.problem is None or self.solution is None:
+            return {t.name: self.layouts[t.name] for t in self.graph.params}
+        return evaluate.state_layouts(self.problem, self.solution.choice, self.layouts)
 
     @property
     def state_specs(self) -> dict[str, PartitionSpec]:
@@ -124,32 +101,11 @@ class Plan:
         return self.comm_time_s + self.compute_time_s
 
     def memory_breakdown(self, optimizer_state_factor: float = 2.0) -> dict[str, float]:
-        """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations
-        (in training, those kept for the backward pass, plus its peak)."""
-        out: dict[str, float] = defaultdict(float)
-        peak = 0.0
-        kept = kept_copies(self.graph) if self.train else {}
+        """Predicted bytes per device by kind (see :func:`meshjax.solver.evaluate.memory_breakdown`)."""
         states = self.state_layouts if self.train else {}
-        for name, tensor in self.graph.tensors.items():
-            b = per_device_bytes(tensor, self.layouts[name], self.mesh_shape)
-            if tensor.role == "param":
-                out["params"] += b
-                if self.train:
-                    out["grads"] += b  # computed in the param's layout, whatever the state's
-                    out["optimizer_state"] += per_device_bytes(tensor, states[name], self.mesh_shape) * optimizer_state_factor
-            elif tensor.role == "input":
-                out["inputs"] += b
-            elif tensor.role != "constant":
-                if self.train:
-                    out["activations"] += kept.get(name, 0) * b * self.graph.trip_count(tensor.block)
-        operand_layouts = self.operand_layouts
-        transient = backward_working_set if self.train else working_set
-        for op in self.graph.ops:
-            operands = operand_layouts.get(op.name) or tuple(self.layouts[n] for n in op.inputs)
-            peak = max(peak, transient(op, self.graph, self.layouts[op.output], operands, self.mesh_shape))
-        out["backward_peak" if self.train else "activations"] = peak
-        out["total"] = sum(out.values())
-        return dict(out)
+        return evaluate.memory_breakdown(
+            self.graph, self.mesh_shape, self.train, self.layouts, states, self.operand_layouts, optimizer_state_factor
+        )
 
     @property
     def peak_memory_bytes(self) -> float:
@@ -194,15 +150,7 @@ class Plan:
         """Op name -> the layout each operand is computed in, by the chosen strategy."""
         if self.problem is None or self.solution is None:
             return {}
-        out = {}
-        for op in self.graph.ops:
-            k = self.problem.node_of[op.output]
-            strategy = self.problem.nodes[k].options[self.solution.choice[k]]
-            out[op.name] = tuple(
-                Layout(self.graph.tensors[name].dims, layout.axes)
-                for name, layout in zip(op.inputs, strategy.operand_layouts)
-            )
-        return out
+        return evaluate.operand_layouts(self.problem, self.solution.choice)
 
     @property
     def computed_layouts(self) -> dict[str, Layout]:
@@ -210,231 +158,37 @@ class Plan:
         all-gathers it into the planned layout."""
         if self.problem is None or self.solution is None:
             return {}
-        out = {}
-        for op in self.graph.ops:
-            k = self.problem.node_of[op.output]
-            layout = self.problem.nodes[k].options[self.solution.choice[k]].computed_layout
-            if layout is not None:
-                out[op.name] = Layout(self.graph.tensors[op.output].dims, layout.axes)
-        return out
+        return evaluate.computed_layouts(self.problem, self.solution.choice)
 
-    # --- output -------------------------------------------------------------------------------
+    # --- output (meshjax.report) --------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for name, t in self.graph.tensors.items():
-            spec = self.layouts[name].spec()
-            rows.append(
-                {
-                    "name": name,
-                    "dims": list(t.dims),
-                    "shape": list(t.shape),
-                    "role": t.role,
-                    "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-                    + [None] * (len(t.dims) - len(spec)),
-                }
-            )
-        return rows
+        return report.tensor_rows(self)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "mesh": self.mesh_shape,
-            "hardware": self.hardware.name,
-            "train": self.train,
-            "tensors": self.tensor_rows(),
-            "rules": {d: list(a) for d, a in self.rules.items()} if self.rules is not None else None,
-            "predicted": {
-                "step_time_s": self.step_time_s,
-                "comm_time_s": self.comm_time_s,
-                "compute_time_s": self.compute_time_s,
-                "comm_bytes": self.comm_bytes,
-                "peak_memory_bytes": self.peak_memory_bytes,
-                "memory": self.memory_breakdown(),
-            },
-            "solver": {
-                "status": self.solution.status if self.solution else "manual",
-                "gap": self.solution.gap if self.solution else 0.0,
-            },
-            "solve_time_s": self.solve_time_s,
-        }
+        return report.to_json(self)
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=2)
+        return report.dumps(self)
 
     def table(self, roles: tuple[str, ...] = ("param", "input", "activation", "output")):
         """A rich table: every tensor with its dims, shape and spec."""
-        from rich.table import Table
-
-        table = Table(title=f"layout on mesh {self.mesh_shape} ({self.hardware.name}{', train' if self.train else ''})")
-        for col in ("tensor", "role", "dims", "per-device shape", "spec"):
-            table.add_column(col)
-        for name, t in self.graph.tensors.items():
-            if t.role not in roles:
-                continue
-            layout = self.layouts[name]
-            shard = layout.shard_shape(t.shape, self.mesh_shape)
-            table.add_row(name, t.role, " ".join(t.dims), str(shard), str(layout.spec()))
-        return table
+        return report.layout_table(self, roles)
 
     def cost_table(self, top: int = 20):
         """A rich table of the costliest ops."""
-        from rich.table import Table
-
-        table = Table(title=f"predicted step {self.step_time_s * 1e3:.3f} ms (comm {self.comm_time_s * 1e3:.3f} ms)")
-        for col in ("op", "kind", "strategy", "comm ms", "compute ms", "collectives"):
-            table.add_column(col)
-        for c in sorted(self.op_costs, key=lambda c: -(c.comm_time + c.compute_time))[:top]:
-            colls = ", ".join(f"{x.kind}[{'+'.join(x.axes)}] {x.nbytes:.3g}B x{x.count}" for x in c.collectives)
-            table.add_row(c.op, c.kind, c.strategy, f"{c.comm_time * 1e3:.4f}", f"{c.compute_time * 1e3:.4f}", colls)
-        return table
+        return report.cost_table(self, top)
 
     def summary(self) -> str:
-        mem = self.memory_breakdown()
-        return (
-            f"mesh {self.mesh_shape} on {self.hardware.name}: step {self.step_time_s * 1e3:.4f} ms "
-            f"(comm {self.comm_time_s * 1e3:.4f} ms, compute {self.compute_time_s * 1e3:.4f} ms), "
-            f"comm {self.comm_bytes / 2**20:.3f} MiB, memory {mem['total'] / 2**30:.3f} GiB/device, "
-            f"solved in {self.solve_time_s:.3f} s"
-        )
+        return report.summary(self)
 
 
-def _op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
-    """Per-op costs of a choice, each reshard charged to the op that needs it."""
-    incoming: dict[int, list[tuple[float, tuple[Collective, ...]]]] = defaultdict(list)
-    for e in problem.edges:
-        a = e.src_group[choice[e.src]]
-        b = e.dst_group[choice[e.dst]]
-        t, colls = reshard(
-            e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
-            train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
-        )
-        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
-    out = []
-    for k, (node, c) in enumerate(zip(problem.nodes, choice)):
-        if node.op is None:
-            continue
-        s = node.options[c]
-        mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in s.collectives)
-        comm = s.comm_time * mult
-        for t, extra in incoming.get(k, []):
-            comm += t
-            colls += extra
-        # A self-edge (tied instances feeding their own twin) was folded into the node's time.
-        comm += float(node.time[c]) - s.time * mult
-        out.append(OpCost(node.key, node.op.kind, s.label, comm, s.compute_time * mult, colls))
-    return out
+_MOVED_TO_SOLVE = ("solve", "search_meshes", "factorisations", "plan_from_choice")
 
 
-def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, memory_budget: float | None = None) -> Plan:
-    return Plan(
-        graph=problem.graph,
-        mesh_shape=problem.mesh_shape,
-        hardware=problem.hardware,
-        train=problem.train,
-        layouts=problem.layouts(solution.choice),
-        problem=problem,
-        solution=solution,
-        solve_time_s=solve_time,
-        memory_budget=memory_budget,
-        op_costs=_op_costs(problem, solution.choice),
-    )
+def __getattr__(name: str) -> Any:
+    # ``from meshjax.plan import solve`` predates meshjax.solve; solve imports this module.
+    if name in _MOVED_TO_SOLVE:
+        from meshjax import solve as _solve
 
-
-def solve(
-    graph: Graph,
-    mesh: Mesh | Mapping[str, int],
-    *,
-    hardware: str | Hardware = "h100-node",
-    train: bool = False,
-    memory_budget: float | None = None,
-    rules: Any = None,
-    pins: Mapping[str, Any] | None = None,
-    candidates: Mapping[str, list] | None = None,
-    time_limit: float | None = None,
-    optimizer_state_factor: float = 2.0,
-    zero: bool = False,
-) -> Plan:
-    """Choose a layout for every tensor of ``graph`` minimising predicted step time.
-
-    ``rules`` fix dims to mesh axes (``"batch:data;seq:none"``), ``pins`` fix tensors to a
-    layout, ``candidates`` limit a dim to a set of axis tuples. ``zero`` lets training shard
-    gradients and optimizer state over more axes than their param. With ``memory_budget`` (bytes
-    per device) layouts that do not fit are excluded; if none fits, the error gives the smallest
-    memory any layout reaches and the tensors that dominate it.
-    """
-    start = time.perf_counter()
-    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
-    hw = get_hardware(hardware)
-    constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
-    problem = build_problem(
-        graph, mesh_shape, hw, train=train, constraints=constraints,
-        optimizer_state_factor=optimizer_state_factor, zero=zero,
-    )
-    try:
-        solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
-    except InfeasibleError:
-        if memory_budget is None:
-            raise
-        raise _memory_infeasible(problem, memory_budget) from None
-    return plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
-
-
-def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
-    least = solve_ilp(problem, objective="memory")
-    plan = plan_from_choice(problem, least, 0.0)
-    kept = kept_copies(problem.graph) if problem.train else {}
-    per_tensor = []
-    for name, tensor in problem.graph.tensors.items():
-        b = per_device_bytes(tensor, plan.layouts[name], problem.mesh_shape)
-        if tensor.role == "param" and problem.train:
-            b *= 4  # param, gradient, two Adam moments
-        elif tensor.role not in ("param", "input") and problem.train:
-            b *= problem.graph.trip_count(tensor.block) * kept.get(name, 0)
-        per_tensor.append((b, name))
-    per_tensor.sort(reverse=True)
-    top = ", ".join(f"{n} ({format_bytes(b)})" for b, n in per_tensor[:3])
-    return InfeasibleError(
-        f"no layout fits {format_bytes(budget)} per device on mesh {problem.mesh_shape}; "
-        f"the least memory any layout needs is {format_bytes(least.memory)}, dominated by {top}"
-    )
-
-
-def search_meshes(
-    graph_for: Callable[[dict[str, int]], Graph] | Graph,
-    n_devices: int,
-    *,
-    max_axes: int = 2,
-    axis_names: tuple[str, ...] = ("data", "model", "pipe"),
-    **solve_kwargs: Any,
-) -> list[tuple[dict[str, int], Plan | InfeasibleError]]:
-    """Solve every factorisation of ``n_devices`` into up to ``max_axes`` mesh axes (for 8:
-    8, 4x2, 2x4, 1x8 ...) and return each mesh with its plan (or why none fits), best first."""
-    results = []
-    for shape in factorisations(n_devices, max_axes):
-        names = axis_names[: len(shape)] if len(shape) > 1 else ("data",)
-        mesh_shape = dict(zip(names, shape))
-        graph = graph_for(mesh_shape) if callable(graph_for) else graph_for
-        try:
-            results.append((mesh_shape, solve(graph, mesh_shape, **solve_kwargs)))
-        except InfeasibleError as err:
-            results.append((mesh_shape, err))
-    results.sort(key=lambda r: r[1].step_time_s if isinstance(r[1], Plan) else math.inf)
-    return results
-
-
-def factorisations(n: int, max_axes: int) -> list[tuple[int, ...]]:
-    """Ordered factorisations of ``n`` into 1..max_axes factors; 1D as ``(n,)``, and in 2D+
-    every factor >= 1 so ``1x8`` and ``8x1`` appear (they put devices on different axis names)."""
-    out: list[tuple[int, ...]] = [(n,)]
-
-    def rec(rest: int, k: int, prefix: tuple[int, ...]):
-        if k == 1:
-            out.append((*prefix, rest))
-            return
-        for f in range(1, rest + 1):
-            if rest % f == 0:
-                rec(rest // f, k - 1, (*prefix, f))
-
-    for k in range(2, max_axes + 1):
-        rec(n, k, ())
-    return out
+        return getattr(_solve, name)
+    raise AttributeError(f"module 'meshjax.plan' has no attribute {name!r}")

@@ -178,7 +178,7 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
     ``batch_leaves`` are host arrays (numpy, or NamedArrays around them) in the order of the
     traced inputs. Each device receives only its own slice (``jax.make_array_from_callback``), so
     no device holds the whole batch unless the plan replicates it. A leaf may also be a
-    :class:`meshjax.distributed.BlockFetch`: then each process builds only the block of the
+    :class:`meshjax.data.BlockFetch`: then each process builds only the block of the
     input its own devices hold (with several processes, none builds the global batch).
     """
     mesh = auto_axes(mesh)
@@ -193,7 +193,7 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
         host = leaf.value if _is_named(leaf) else leaf
         tensor = plan.graph.tensors[name]
         if callable(host) and hasattr(host, "shape"):
-            # A meshjax.distributed.BlockFetch: this process builds only its devices' block.
+            # A meshjax.data.BlockFetch: this process builds only its devices' block.
             out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, _named_sharding(mesh, specs.get(name))),)))
             continue
         host = np.asarray(host)

@@ -104,7 +104,7 @@ def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategie
     """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware``."""
     from meshjax.baselines import BASELINES, predict
     from meshjax.errors import InfeasibleError
-    from meshjax.plan import solve
+    from meshjax.solve import solve
 
     wanted = strategies or ["solver", *BASELINES]
     out = []

@@ -72,6 +72,7 @@ def resolve_command(cmd: list[str]) -> list[str]:
 def process_env(base: dict[str, str], *, coordinator: str, processes: int, index: int,
                 devices: int | None, init_timeout: float | None) -> dict[str, str]:
     from meshjax import distributed as d
+    from meshjax.devices import xla_flags_with_device_count
 
     env = dict(base)
     env.update({
@@ -86,8 +87,7 @@ def process_env(base: dict[str, str], *, coordinator: str, processes: int, index
         env[d.ENV_TIMEOUT] = f"{init_timeout:g}"
     if devices is not None:
         env[d.ENV_LOCAL_DEVICES] = str(devices)
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+        env["XLA_FLAGS"] = xla_flags_with_device_count(env.get("XLA_FLAGS", ""), devices)
     else:
         env.pop(d.ENV_LOCAL_DEVICES, None)
     return env

@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     from meshjax import commands
 
     import meshjax as mj
-    from meshjax.plan import solve
+    from meshjax.solve import solve
 
     console = commands.console()
     model = load_model(args.model, overrides)

@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     import meshjax as mj
     from meshjax import checkpoint, data, models
-    from meshjax.devices import make_mesh
-    from meshjax.plan import solve
+    from meshjax.cost.hardware import hardware_for
+    from meshjax.data import lm_batch
+    from meshjax.devices import global_mesh, make_mesh
+    from meshjax.solve import solve
     from meshjax.train import make_train_step
 
     multi = jax.process_count() > 1
@@ -108,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     graph = mj.trace(example.loss, example.params, *example.batch)
     # With several processes the processes span the outer axes, and the solver prices the
     # axes that cross them on the slow link.
-    mesh = distributed.global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
-    hardware = distributed.hardware_for(args.hardware, mesh) if multi else args.hardware
+    mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
+    hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
     plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
     trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=args.steps, completed=min(start, args.steps), loss="-", ms="-")
         if multi:  # each process builds only the rows its devices hold
-            host_batches = (distributed.lm_batch(i, batch, seq, seed=args.seed) for i in range(start, max(start, args.steps)))
+            host_batches = (lm_batch(i, batch, seq, seed=args.seed) for i in range(start, max(start, args.steps)))
         else:
             host_batches = data.batches(batch, seq, seed=args.seed, start=start, steps=max(0, args.steps - start))
         for host_batch in host_batches:

@@ -50,8 +50,7 @@ Example
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +67,7 @@ from meshjax.hlo.groups import (
 )
 from meshjax.hlo.loops import run_counts
 from meshjax.hlo.metadata import op_name_of
-from meshjax.hlo.text import Instr, matching, parse_module, shape_bytes, tuple_elements
+from meshjax.hlo.text import Instr, parse_module, shape_bytes, tuple_elements
 
 # Opcode of a synchronous collective -> the kind we report.
 _KINDS: dict[str, str] = {

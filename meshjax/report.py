@@ -1,0 +1,91 @@
+"""How a plan reads: rows of tensors with their specs, rich tables of layouts and costs, a one-line
+summary and the JSON document. Every figure comes from the :class:`~meshjax.plan.Plan` record.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshjax.plan import Plan
+
+
+def tensor_rows(plan: Plan) -> list[dict[str, Any]]:
+    rows = []
+    for name, t in plan.graph.tensors.items():
+        spec = plan.layouts[name].spec()
+        rows.append(
+            {
+                "name": name,
+                "dims": list(t.dims),
+                "shape": list(t.shape),
+                "role": t.role,
+                "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
+                + [None] * (len(t.dims) - len(spec)),
+            }
+        )
+    return rows
+
+def to_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "mesh": plan.mesh_shape,
+        "hardware": plan.hardware.name,
+        "train": plan.train,
+        "tensors": tensor_rows(plan),
+        "rules": {d: list(a) for d, a in plan.rules.items()} if plan.rules is not None else None,
+        "predicted": {
+            "step_time_s": plan.step_time_s,
+            "comm_time_s": plan.comm_time_s,
+            "compute_time_s": plan.compute_time_s,
+            "comm_bytes": plan.comm_bytes,
+            "peak_memory_bytes": plan.peak_memory_bytes,
+            "memory": plan.memory_breakdown(),
+        },
+        "solver": {
+            "status": plan.solution.status if plan.solution else "manual",
+            "gap": plan.solution.gap if plan.solution else 0.0,
+        },
+        "solve_time_s": plan.solve_time_s,
+    }
+
+def dumps(plan: Plan) -> str:
+    return json.dumps(to_json(plan), indent=2)
+
+def layout_table(plan: Plan, roles: tuple[str, ...] = ("param", "input", "activation", "output")):
+    """A rich table: every tensor with its dims, shape and spec."""
+    from rich.table import Table
+
+    table = Table(title=f"layout on mesh {plan.mesh_shape} ({plan.hardware.name}{', train' if plan.train else ''})")
+    for col in ("tensor", "role", "dims", "per-device shape", "spec"):
+        table.add_column(col)
+    for name, t in plan.graph.tensors.items():
+        if t.role not in roles:
+            continue
+        layout = plan.layouts[name]
+        shard = layout.shard_shape(t.shape, plan.mesh_shape)
+        table.add_row(name, t.role, " ".join(t.dims), str(shard), str(layout.spec()))
+    return table
+
+def cost_table(plan: Plan, top: int = 20):
+    """A rich table of the costliest ops."""
+    from rich.table import Table
+
+    table = Table(title=f"predicted step {plan.step_time_s * 1e3:.3f} ms (comm {plan.comm_time_s * 1e3:.3f} ms)")
+    for col in ("op", "kind", "strategy", "comm ms", "compute ms", "collectives"):
+        table.add_column(col)
+    for c in sorted(plan.op_costs, key=lambda c: -(c.comm_time + c.compute_time))[:top]:
+        colls = ", ".join(f"{x.kind}[{'+'.join(x.axes)}] {x.nbytes:.3g}B x{x.count}" for x in c.collectives)
+        table.add_row(c.op, c.kind, c.strategy, f"{c.comm_time * 1e3:.4f}", f"{c.compute_time * 1e3:.4f}", colls)
+    return table
+
+def summary(plan: Plan) -> str:
+    mem = plan.memory_breakdown()
+    return (
+        f"mesh {plan.mesh_shape} on {plan.hardware.name}: step {plan.step_time_s * 1e3:.4f} ms "
+        f"(comm {plan.comm_time_s * 1e3:.4f} ms, compute {plan.compute_time_s * 1e3:.4f} ms), "
+        f"comm {plan.comm_bytes / 2**20:.3f} MiB, memory {mem['total'] / 2**30:.3f} GiB/device, "
+        f"solved in {plan.solve_time_s:.3f} s"
+    )
+
+

@@ -1,0 +1,131 @@
+"""What a choice of the decision problem costs: per-op time rows with their collectives, the
+layout each op computes its operands in, each param's optimizer-state layout, and the memory
+breakdown. The plan reports these; it never prices anything itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshjax.cost.collectives import Collective
+from meshjax.cost.memory import backward_working_set, kept_copies, working_set
+from meshjax.cost.strategies import per_device_bytes, reshard
+from meshjax.graph import Graph
+from meshjax.layout import Layout
+from meshjax.solver.problem import Problem
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Predicted cost of one op (all its instances and loop trips), with the reshards into it."""
+
+    op: str
+    kind: str
+    strategy: str
+    comm_time: float
+    compute_time: float
+    collectives: tuple[Collective, ...]
+
+
+def op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
+    """Per-op costs of a choice, each reshard charged to the op that needs it."""
+    incoming: dict[int, list[tuple[float, tuple[Collective, ...]]]] = defaultdict(list)
+    for e in problem.edges:
+        a = e.src_group[choice[e.src]]
+        b = e.dst_group[choice[e.dst]]
+        t, colls = reshard(
+            e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
+            train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
+        )
+        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
+    out = []
+    for k, (node, c) in enumerate(zip(problem.nodes, choice)):
+        if node.op is None:
+            continue
+        s = node.options[c]
+        mult = node.multiplicity
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in s.collectives)
+        comm = s.comm_time * mult
+        for t, extra in incoming.get(k, []):
+            comm += t
+            colls += extra
+        # A self-edge (tied instances feeding their own twin) was folded into the node's time.
+        comm += float(node.time[c]) - s.time * mult
+        out.append(OpCost(node.key, node.op.kind, s.label, comm, s.compute_time * mult, colls))
+    return out
+
+
+
+def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[Layout, ...]]:
+    """Op name -> the layout each operand is computed in, by the chosen strategy."""
+    graph = problem.graph
+    out = {}
+    for op in graph.ops:
+        k = problem.node_of[op.output]
+        strategy = problem.nodes[k].options[choice[k]]
+        out[op.name] = tuple(
+            Layout(graph.tensors[name].dims, layout.axes)
+            for name, layout in zip(op.inputs, strategy.operand_layouts)
+        )
+    return out
+
+
+def computed_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, Layout]:
+    """Op name -> the layout the op computes its result in, where the chosen strategy then
+    all-gathers it into the result's planned layout (ops that compute in place are absent)."""
+    graph = problem.graph
+    out = {}
+    for op in graph.ops:
+        k = problem.node_of[op.output]
+        layout = problem.nodes[k].options[choice[k]].computed_layout
+        if layout is not None:
+            out[op.name] = Layout(graph.tensors[op.output].dims, layout.axes)
+    return out
+
+
+def state_layouts(problem: Problem, choice: Sequence[int], layouts: Mapping[str, Layout]) -> dict[str, Layout]:
+    """Layout of each param's optimizer state (and of its gradient once reduced): the param's
+    own, or (ZeRO-1) one sharded over more mesh axes, where the update then runs."""
+    out = {}
+    for t in problem.graph.params:
+        k = problem.node_of[t.name]
+        state = getattr(problem.nodes[k].options[choice[k]], "state", None)
+        out[t.name] = Layout(t.dims, state.axes) if state is not None else layouts[t.name]
+    return out
+
+
+def memory_breakdown(
+    graph: Graph,
+    mesh_shape: Mapping[str, int],
+    train: bool,
+    layouts: Mapping[str, Layout],
+    states: Mapping[str, Layout],
+    operands: Mapping[str, tuple[Layout, ...]],
+    optimizer_state_factor: float = 2.0,
+) -> dict[str, float]:
+    """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations
+    (in training, those kept for the backward pass, plus its peak)."""
+    out: dict[str, float] = defaultdict(float)
+    peak = 0.0
+    kept = kept_copies(graph) if train else {}
+    for name, tensor in graph.tensors.items():
+        b = per_device_bytes(tensor, layouts[name], mesh_shape)
+        if tensor.role == "param":
+            out["params"] += b
+            if train:
+                out["grads"] += b  # computed in the param's layout, whatever the state's
+                out["optimizer_state"] += per_device_bytes(tensor, states[name], mesh_shape) * optimizer_state_factor
+        elif tensor.role == "input":
+            out["inputs"] += b
+        elif tensor.role != "constant":
+            if train:
+                out["activations"] += kept.get(name, 0) * b * graph.trip_count(tensor.block)
+    transient = backward_working_set if train else working_set
+    for op in graph.ops:
+        op_operands = operands.get(op.name) or tuple(layouts[n] for n in op.inputs)
+        peak = max(peak, transient(op, graph, layouts[op.output], op_operands, mesh_shape))
+    out["backward_peak" if train else "activations"] = peak
+    out["total"] = sum(out.values())
+    return dict(out)
