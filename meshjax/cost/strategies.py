@@ -252,7 +252,22 @@ def _moves(tensor: Tensor, src: Layout, dst: Layout, mesh_shape: MeshShape) -> l
         kind = "all-to-all" if any(dim_of(src, a) != dim_of(dst, a) for a in moved) else "collective-permute"
         colls.append(Collective(kind, moved, src_bytes))
     if gathered:
-        colls.append(Collective("all-gather", gathered, src_bytes * math.prod(mesh_shape[a] for a in gathered)))
+        colls += _all_gathers(src, set(gathered), src_bytes, mesh_shape)
+    return colls
+
+
+def _all_gathers(src: Layout, gathered: set[str], src_bytes: float, mesh_shape: MeshShape) -> list[Collective]:
+    """All-gathers of ``gathered`` axes out of layout ``src`` (``src_bytes`` per device). XLA
+    gathers one tensor dim at a time, the last dim first, each gather's result the product of
+    the ones before: ``[mlp:model, embed:data] -> []`` is a gather over ``data`` then one over
+    ``model``, ``[mlp:data+model, embed] -> []`` a single gather over both."""
+    colls = []
+    nbytes = src_bytes
+    for axes in reversed(src.axes):
+        group = tuple(a for a in mesh_shape if a in axes and a in gathered)
+        if group:
+            nbytes *= math.prod(mesh_shape[a] for a in group)
+            colls.append(Collective("all-gather", group, nbytes))
     return colls
 
 
@@ -269,8 +284,8 @@ def _gathered_after(
                 kept = Layout(layout.dims, tuple(tuple(a for a in ax if a not in gathered) for ax in layout.axes))
                 if any(full[: len(ax)] != ax for ax, full in zip(kept.axes, layout.axes)):
                     continue  # only trailing axes of a dim gather into contiguous blocks
-                nbytes = per_device_bytes(result, kept, mesh_shape)
-                out.append((layout, (kept, [*colls, Collective("all-gather", tuple(gathered), nbytes)])))
+                gathers = _all_gathers(layout, set(gathered), per_device_bytes(result, layout, mesh_shape), mesh_shape)
+                out.append((layout, (kept, [*colls, *gathers])))
     return out
 
 
