@@ -133,13 +133,16 @@ class Graph:
 
     @cached_property
     def requires_grad(self) -> frozenset[str]:
-        """Tensors whose value depends on a param: the ones a backward pass computes gradients of."""
+        """Tensors whose value depends on a param through floating values: the ones a backward
+        pass computes gradients of. A bool or integer tensor stops the chain (``cast(x > 0)``
+        has no gradient, however it is used)."""
+        differentiable = {n for n, t in self.tensors.items() if np.dtype(t.dtype).kind not in "biu"}
         out = {t.name for t in self.tensors.values() if t.role == "param"}
         changed = True
         while changed:  # loops (scan carries) need more than one topological pass
             changed = False
             for op in self.ops:
-                if op.output not in out and any(i in out for i in op.inputs):
+                if op.output in differentiable and op.output not in out and any(i in out for i in op.inputs):
                     out.add(op.output)
                     changed = True
         return frozenset(out)

@@ -220,10 +220,6 @@ def route(
     return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name)
 
 
-def _positive(c):
-    return (c > 0).astype(c.dtype)
-
-
 def load_balancing_loss(probs: NamedArray, *, experts: str = "experts") -> NamedArray:
     """Switch Transformer's auxiliary loss ``E * sum_e f_e * P_e`` of router ``probs`` (a scalar)."""
     over = tuple(d for d in probs.dims if d != experts)
@@ -243,7 +239,8 @@ def moe_ffn(
     logits = mj.einsum("batch seq embed, embed experts -> batch seq experts", x, p["router"], name="router_logits")
     probs = mj.softmax(logits, "experts", name="router_probs")
     combine = route(probs, top_k, cap, name="combine")
-    dispatch = mj.elementwise(_positive, combine, name="dispatch")
+    # Through a bool, so the graph knows what JAX does: no gradient flows into the routing here.
+    dispatch = mj.cast(mj.elementwise(jnp.greater, combine, 0.0, name="routed"), combine.dtype, name="dispatch")
     expert_in = mj.einsum(
         "batch seq embed, batch seq experts capacity -> batch experts capacity embed", x, dispatch, name="expert_in"
     )
