@@ -61,7 +61,8 @@ class IndexForm:
     - ``operands[i][k]``: the loop dim that axis ``k`` of input ``i`` walks.
     - ``result[k]``: the loop dim that axis ``k`` of the output walks.
     - ``reduced``: loop dims summed (or max-ed) away; splitting one leaves partial results.
-    - ``reduction``: ``"sum"``, ``"max"`` or ``"lse"`` (log-sum-exp: two all-reduces).
+    - ``reduction``: ``"sum"``, ``"max"``, ``"lse"`` (log-sum-exp: two all-reduces, of the max
+      and of the sum) or ``"xent"`` (cross-entropy: the log-sum-exp's two and the target's logit).
     - ``stats``: loop dims kept in the result whose splitting needs small all-reduces of
       per-row statistics (softmax, norms), with how many statistics.
     - ``whole``: loop dims that must not be split (minor dims of a reshape, a scan's ``layers``).
@@ -80,6 +81,15 @@ class IndexForm:
     @property
     def loop_sizes(self) -> dict[str, int]:
         return dict(self.loop)
+
+    @property
+    def partial_results(self) -> int:
+        """How many results of the result's size a split reduced dim leaves to combine, each
+        with an all-reduce."""
+        return _PARTIAL_RESULTS[self.reduction]
+
+
+_PARTIAL_RESULTS = {"sum": 1, "max": 1, "lse": 2, "xent": 3}
 
 
 @dataclass(frozen=True)

@@ -403,7 +403,7 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
         operands=(logits.dims, targets.dims),
         result=keep,
         reduced=(vocab,),
-        reduction="lse",
+        reduction="xent",
         flops=float(6 * _prod(logits.shape)),
     )
     return emit("cross_entropy", [logits, targets], NamedArray(value, keep), index, {"vocab": vocab}, name)

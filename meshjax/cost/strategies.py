@@ -182,12 +182,12 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     nbytes = per_device_bytes(t, layout, mesh_shape)
                     fixed += [Collective("all-reduce", axes, nbytes, latency_share=share) for axes in grad_groups]
         options: list[tuple[Layout, list[Collective]]] = []
+        computed: dict[int, Layout] = {}  # option -> the layout it computes in, where not its result's
         if not partial:
             options.append((base, []))
         else:
-            n_reductions = 2 if index.reduction == "lse" else 1
             sums = [Collective("all-reduce", axes, result_bytes) for axes in partial_groups]
-            options.append((base, sums * n_reductions))
+            options.append((base, sums * index.partial_results))
             factor = math.prod(mesh_shape[a] for a in partial)
             if index.reduction == "sum":
                 for k, ld in enumerate(index.result):
@@ -200,11 +200,14 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     if hw.fuses_reduce_scatter:
                         colls = [Collective("reduce-scatter", partial, result_bytes / factor)]
                     else:
-                        colls = [Collective("all-reduce", partial, result_bytes)]
+                        colls = list(sums)
                     if train:  # the backward pass needs the whole cotangent back: all-gather it
                         colls.append(Collective("all-gather", partial, result_bytes))
+                    # Lowering pins the summed result before slicing it (a compiler that fuses
+                    # reduce-scatters makes one of the pair), so XLA sums where the plan does
+                    # rather than, say, gathering a vocab-split table for a lookup.
+                    computed[len(options)] = base
                     options.append((layout, colls))
-        computed: dict[int, Layout] = {}
         if shrinks:
             for layout, gathered in _gathered_after(options, result_tensor, mesh_shape):
                 computed[len(options)] = layout
