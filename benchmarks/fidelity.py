@@ -173,7 +173,8 @@ def run_grid(
                             skipped.append({**cell, "why": str(err).splitlines()[0]})
                             continue
                         key = _signature(plan)
-                        if key not in programs:
+                        fresh = key not in programs
+                        if fresh:
                             start = time.perf_counter()
                             compiled = compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch)
                             report = inspect_compiled(compiled, mesh)
@@ -183,7 +184,7 @@ def run_grid(
                         r = rows[-1]
                         log(f"{name:11s} {variant:8s} {mesh_label:3s} {hw:9s} {setting.label:34s} "
                             f"comm {r.comm_ratio:6.3f} mem {r.memory_ratio or 0:6.3f}"
-                            f"{'' if r.ok else '  OUT'}{' (cached)' if compile_s and key in programs and index < len(programs) - 1 else ''}")
+                            f"{'' if r.ok else '  OUT'}{'' if fresh else ' (same program)'}")
     return rows, skipped
 
 
