@@ -247,11 +247,15 @@ class TrainStep:
     """A plan's training step: :meth:`init` places params and optimizer state, :meth:`step` runs
     one update. Built by :func:`make_train_step`."""
 
-    def __init__(self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True):
+    def __init__(
+        self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True, program=None
+    ):
         if not plan.train:
             raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
         self.plan = plan
-        self.program = plan.program(loss_fn, mesh)
+        # ``program``: the loss laid out otherwise than every tensor as planned (a baseline that
+        # pins only its params and inputs and leaves the rest to XLA's propagation).
+        self.program = program if program is not None else plan.program(loss_fn, mesh)
         self.mesh = self.program.mesh
         self.optimizer = optimizer
         self.donate = donate
@@ -380,9 +384,12 @@ class TrainStep:
         return self._step_fn.lower(state.params, state.opt_state, args)
 
 
-def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True) -> TrainStep:
-    """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate)
+def make_train_step(
+    plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True, program=None
+) -> TrainStep:
+    """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
+    ``program`` replaces the plan's fully pinned :class:`~meshjax.lower.Program` of the loss."""
+    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
 
 
 __all__ = [

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from meshjax.cost.collectives import Collective, as_lowered
 from meshjax.hlo import CompiledReport, inspect_compiled
 from meshjax.hlo.metadata import ops_named
+from meshjax.layout import Layout
 from meshjax.plan import Plan
 from meshjax.train import make_train_step
 
@@ -260,11 +261,19 @@ def compile_plan(
     params: Any,
     *args: Any,
     optimizer: optax.GradientTransformation | None = None,
+    pinned: Mapping[str, Layout] | None = None,
 ) -> jax.stages.Compiled:
-    """The executable :func:`verify` reads: ``fn`` for an inference plan, the whole training
-    step (Adam unless ``optimizer``) for a training plan."""
+    """The executable :func:`verify`, ``meshjax compare`` and the benchmarks read: ``fn`` for an
+    inference plan, the whole training step (Adam unless ``optimizer``) for a training plan.
+    Every tensor and every op's operands are pinned as planned, unless ``pinned`` names the only
+    layouts to pin (a baseline that leaves the rest to XLA's sharding propagation)."""
+    program = None
+    if pinned is not None:
+        from meshjax.lower import Program
+
+        program = Program(fn, plan.graph, mesh, pinned)
     if not plan.train:
-        return plan.program(fn, mesh).compile(params, *args)
-    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
+        return (program or plan.program(fn, mesh)).compile(params, *args)
+    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3), program=program)
     trainer.check_structure(params)
     return trainer.lower(trainer.abstract_state(), *args).compile()

@@ -97,7 +97,13 @@ class Entry:
     compile_s: float | None = None
 
     def layout_key(self) -> tuple:
-        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())))
+        """What the compiled program depends on: the pinned layouts, operands' included."""
+        operands = () if self.partial else tuple(
+            sorted((op, tuple(l.axes for l in ls)) for op, ls in self.plan.operand_layouts.items())
+        )
+        computed = () if self.partial else tuple(sorted((op, l.axes) for op, l in self.plan.computed_layouts.items()))
+        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())),
+                operands, computed)
 
 
 def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None) -> list[Entry]:
@@ -126,16 +132,18 @@ def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategie
 
 
 def compile_entry(model, graph, entry: Entry, train: bool) -> None:
-    """Compile ``entry``'s layouts (loss + grads when training) and read the HLO back."""
+    """Compile ``entry``'s plan as ``verify`` does (the whole Adam step when training, every
+    tensor and operand pinned; a partial baseline pins only its own layouts) and read the HLO."""
     import time
 
     from meshjax.devices import make_mesh
     from meshjax.hlo import inspect_compiled
-    from meshjax.lower import Program
+    from meshjax.verify import compile_plan
 
     mesh = make_mesh(entry.mesh)
     start = time.perf_counter()
-    compiled = Program(model.loss, graph, mesh, entry.layouts).compile(model.params, *model.batch, grad=train)
+    pinned = entry.layouts if entry.partial else None
+    compiled = compile_plan(entry.plan, model.loss, mesh, model.params, *model.batch, pinned=pinned)
     entry.compile_s = time.perf_counter() - start
     entry.report = inspect_compiled(compiled, mesh)
 
