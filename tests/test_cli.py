@@ -29,7 +29,9 @@ def test_plan_gpt_small_json(tmp_path, capsys):
                "--rules", "batch=data,seq=none"])
     assert rc == 0
     doc = json.loads(path.read_text())
-    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "solve_time_s"]
+    assert list(doc) == [
+        "model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "verification", "solve_time_s"
+    ]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
     assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes"}
     tensor = next(t for t in doc["tensors"] if t["name"] == "tokens")
@@ -41,6 +43,15 @@ def test_plan_gpt_small_json(tmp_path, capsys):
     assert sum(v["bytes"] for v in compiled["collectives"].values()) == compiled["comm_bytes"]
     assert all(set(v) == {"count", "bytes"} for v in compiled["collectives"].values())
     assert compiled["memory"]["peak_bytes"] > 0
+    check = doc["verification"]
+    assert check["compiled_comm_bytes"] == compiled["comm_bytes"]
+    assert check["comm_ratio"] == pytest.approx(compiled["comm_bytes"] / check["predicted_comm_bytes"])
+    assert check["memory_ratio"] == pytest.approx(compiled["memory"]["peak_bytes"] / doc["predicted"]["peak_memory_bytes"])
+    in_band = check["comm_band"][0] <= check["comm_ratio"] <= check["comm_band"][1] and (
+        check["memory_band"][0] <= check["memory_ratio"] <= check["memory_band"][1]
+    )
+    assert check["within_band"] == in_band
+    assert ("warning: compiled differs from the prediction" in capsys.readouterr().out) == (not in_band)
     assert "HloModule" in hlo.read_text()
 
 
