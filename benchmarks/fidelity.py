@@ -172,7 +172,7 @@ def run_grid(
                         except MeshjaxError as err:
                             skipped.append({**cell, "why": str(err).splitlines()[0]})
                             continue
-                        key = _signature(plan)
+                        key = (name, variant, mesh_label, _signature(plan))
                         fresh = key not in programs
                         if fresh:
                             start = time.perf_counter()
