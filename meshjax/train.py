@@ -32,8 +32,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax.devices import auto_axes
+from meshjax.lower import named_sharding, sharding_tree
 from meshjax.errors import MeshjaxError, TraceError
 from meshjax.named import NamedArray
+from meshjax.optimizer import ADAM, Optimizer
 from meshjax.params import path_name
 
 
@@ -53,36 +55,7 @@ class TrainState:
         return TrainState(**{"params": self.params, "opt_state": self.opt_state, "step": self.step, **changes})
 
 
-def state_leaves(state: TrainState) -> dict[str, Any]:
-    """Every array of ``state`` by a readable name: ``params/<tensor>`` and ``opt_state/<path>``
-    (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
-    out: dict[str, Any] = {}
-    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]:
-            name = path_name(path)
-            out[f"{group}/{name}" if name else group] = leaf.value if _is_named(leaf) else leaf
-    return out
-
-
-def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None = None) -> TrainState:
-    """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
-    trees = {}
-    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)
-        new = []
-        for path, leaf in flat:
-            name = path_name(path)
-            value = values[f"{group}/{name}" if name else group]
-            new.append(NamedArray.tree_unflatten(leaf.dims, (value,)) if _is_named(leaf) else value)
-        trees[group] = jax.tree_util.tree_unflatten(treedef, new)
-    return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
-
-
 # --- shardings ---------------------------------------------------------------------------------
-
-
-def _named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
-    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
 
 
 def _signature(plan) -> Any:
@@ -94,22 +67,13 @@ def _signature(plan) -> Any:
 
 def _sharding_trees(plan, mesh: Mesh) -> tuple[Any, tuple]:
     """``(params, args)`` shaped like the traced arguments, with a NamedSharding at each leaf."""
-    sig = _signature(plan)
-    specs = plan.specs
-    leaves = [NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),)) for n, d in zip(sig.names, sig.dims)]
-    params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
+    params, args = sharding_tree(_signature(plan), mesh, plan.specs)
     return params, tuple(args)
 
 
 def _state_sharding_tree(plan, mesh: Mesh) -> Any:
     """The params pytree with each param's gradient / optimizer-state sharding at its leaf."""
-    sig = _signature(plan)
-    specs = plan.state_specs
-    leaves = [
-        NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),))
-        for n, d in zip(sig.names, sig.dims)
-    ]
-    return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
+    return sharding_tree(_signature(plan), mesh, plan.state_specs)[0]
 
 
 def param_shardings(plan, mesh: Mesh) -> Any:
@@ -122,12 +86,14 @@ def input_names(plan) -> list[str]:
     return [n for n, r in zip(sig.names, sig.roles) if r == "input"]
 
 
-def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_state: Any) -> Any:
+def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_state: Any, *, replicate_factored: bool = False) -> Any:
     """The optimizer state's shardings from the plan.
 
     A subtree with the params' exact structure (names and dims) mirrors them: each leaf takes its
     param's ``plan.state_specs`` spec (its shape must be the param's). A scalar leaf is replicated.
-    Anything else raises :class:`MeshjaxError` naming the leaf.
+    With ``replicate_factored`` (adafactor, whose row and column statistics the memory model
+    counts replicated), a mirrored leaf of another shape is replicated too. Anything else raises
+    :class:`MeshjaxError` naming the leaf.
     """
     mesh = auto_axes(mesh)
     sig = _signature(plan)
@@ -148,18 +114,23 @@ def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_sta
             shardings = []
             for name, param, state_leaf in zip(param_names, param_leaves, mirror_leaves):
                 shape = tuple(np.shape(state_leaf.value if _is_named(state_leaf) else state_leaf))
+                if shape == () or (replicate_factored and shape != tuple(param.shape)):
+                    # A placeholder (no master copy of this param), or factored statistics.
+                    sharding = named_sharding(mesh, PartitionSpec())
+                    shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
+                    continue
                 if shape != tuple(param.shape):
                     raise MeshjaxError(
                         f"optimizer state leaf '{where}/{name}' has shape {shape} but its param {name!r} has "
                         f"shape {tuple(param.shape)}: it has no layout in the plan"
                     )
-                sharding = _named_sharding(mesh, state_specs.get(name))
+                sharding = named_sharding(mesh, state_specs.get(name))
                 shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
             out.append(jax.tree_util.tree_unflatten(params_def, shardings))
             continue
         value = leaf.value if _is_named(leaf) else leaf
         if np.shape(value) == ():
-            sharding = _named_sharding(mesh, PartitionSpec())
+            sharding = named_sharding(mesh, PartitionSpec())
             out.append(NamedArray.tree_unflatten(leaf.dims, (sharding,)) if _is_named(leaf) else sharding)
             continue
         raise MeshjaxError(
@@ -194,14 +165,14 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
         tensor = plan.graph.tensors[name]
         if callable(host) and hasattr(host, "shape"):
             # A meshjax.data.BlockFetch: this process builds only its devices' block.
-            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, _named_sharding(mesh, specs.get(name))),)))
+            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name))),)))
             continue
         host = np.asarray(host)
         if tuple(host.shape) != tuple(tensor.shape):
             raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
         if host.dtype != np.dtype(tensor.dtype):
             host = host.astype(tensor.dtype)
-        sharding = _named_sharding(mesh, specs.get(name))
+        sharding = named_sharding(mesh, specs.get(name))
         array = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
         out.append(NamedArray.tree_unflatten(dims_of[name], (array,)))
     return tuple(out)
@@ -243,20 +214,71 @@ def pinned_loss(program) -> Any:
     return loss
 
 
+def with_master_weights(inner: optax.GradientTransformation, spec: Optimizer, dtypes: Any) -> optax.GradientTransformation:
+    """``inner`` run as mixed-precision training runs it. Params stored in a narrow float type
+    keep a float32 master copy in the optimizer state (laid out like the param; other params
+    hold a scalar placeholder), gradients are cast to ``spec.state_dtype`` so the moments are
+    kept in it, the update is applied to the master copy, and the new params are the master cast
+    down. ``dtypes``: the params' tree with each leaf's dtype name. The updates returned are
+    float32 differences, so ``optax.apply_updates`` lands each param on its rounded master."""
+    import jax.numpy as jnp
+
+    tree_map = jax.tree_util.tree_map
+
+    def base_of(params, master):
+        return tree_map(lambda p, m, d: m if spec.keeps_master(d) else p, params, master, dtypes)
+
+    def init(params):
+        master = tree_map(
+            lambda p, d: p.astype(jnp.float32) if spec.keeps_master(d) else jnp.zeros((), jnp.float32), params, dtypes
+        )
+        return (master, inner.init(base_of(params, master)))
+
+    def update(grads, state, params=None):
+        master, inner_state = state
+        base = base_of(params, master)
+        grads = tree_map(lambda g: g.astype(spec.state_dtype), grads)
+        updates, inner_state = inner.update(grads, inner_state, base)
+        new_base = optax.apply_updates(base, updates)
+        new_master = tree_map(lambda b, m, d: b if spec.keeps_master(d) else m, new_base, master, dtypes)
+        deltas = tree_map(lambda b, p: b.astype(jnp.float32) - p.astype(jnp.float32), new_base, params)
+        return deltas, (new_master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 class TrainStep:
     """A plan's training step: :meth:`init` places params and optimizer state, :meth:`step` runs
-    one update. Built by :func:`make_train_step`."""
+    one update. Built by :func:`make_train_step`.
+
+    ``optimizer``: ``None`` (the plan's :class:`~meshjax.optimizer.Optimizer`, with the fp32
+    master weights and state dtype its memory counts), an :class:`Optimizer`, or any optax
+    transformation (run as given, on the params in their own dtype). ``program``: the loss laid
+    out otherwise than every tensor as planned (a baseline that pins only its params and inputs
+    and leaves the rest to XLA's propagation).
+    """
 
     def __init__(
-        self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True, program=None
+        self,
+        plan,
+        loss_fn,
+        mesh: Mesh,
+        optimizer: optax.GradientTransformation | Optimizer | None = None,
+        *,
+        donate: bool = True,
+        program=None,
     ):
         if not plan.train:
             raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
         self.plan = plan
-        # ``program``: the loss laid out otherwise than every tensor as planned (a baseline that
-        # pins only its params and inputs and leaves the rest to XLA's propagation).
         self.program = program if program is not None else plan.program(loss_fn, mesh)
         self.mesh = self.program.mesh
+        self.spec: Optimizer | None = None
+        if optimizer is None or isinstance(optimizer, Optimizer):
+            self.spec = optimizer or plan.optimizer or ADAM
+            optimizer = self.spec.transform()
+            if any(self.spec.keeps_master(t.dtype) or t.dtype != self.spec.state_dtype for t in plan.graph.params):
+                optimizer = with_master_weights(optimizer, self.spec, self._param_dtypes())
         self.optimizer = optimizer
         self.donate = donate
         self.param_shardings, self.input_shardings = _sharding_trees(plan, self.mesh)
@@ -269,6 +291,13 @@ class TrainStep:
         self._init_fn: Any = None
         self._copy_fn: Any = None
 
+    def _param_dtypes(self) -> Any:
+        """The params' pytree with each leaf's dtype name (a NamedArray around it)."""
+        graph = self.plan.graph
+        sig = _signature(self.plan)
+        leaves = [NamedArray.tree_unflatten(d, (graph.tensors[n].dtype,)) for n, d in zip(sig.names, sig.dims)]
+        return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
+
     # --- layout ---------------------------------------------------------------------------
     def abstract_params(self) -> Any:
         """The params as ``ShapeDtypeStruct`` with their planned shardings."""
@@ -278,7 +307,7 @@ class TrainStep:
         leaves = []
         for name, dims in zip(sig.names, sig.dims):
             t = graph.tensors[name]
-            sds = jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype), sharding=_named_sharding(self.mesh, specs.get(name)))
+            sds = jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype), sharding=named_sharding(self.mesh, specs.get(name)))
             leaves.append(NamedArray.tree_unflatten(dims, (sds,)))
         return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
 
@@ -287,7 +316,8 @@ class TrainStep:
         if self._opt_shardings is None:
             abstract = self.abstract_params() if params is None else params
             abstract_opt = jax.eval_shape(self.optimizer.init, abstract)
-            self._opt_shardings = opt_state_shardings(self.plan, self.mesh, abstract, abstract_opt)
+            factored = self.spec is not None and self.spec.name == "adafactor"
+            self._opt_shardings = opt_state_shardings(self.plan, self.mesh, abstract, abstract_opt, replicate_factored=factored)
         return self._opt_shardings
 
     def abstract_state(self) -> TrainState:
@@ -385,14 +415,30 @@ class TrainStep:
 
 
 def make_train_step(
-    plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True, program=None
+    plan,
+    loss_fn,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation | Optimizer | None = None,
+    *,
+    donate: bool = True,
+    program=None,
 ) -> TrainStep:
     """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
-    ``program`` replaces the plan's fully pinned :class:`~meshjax.lower.Program` of the loss."""
+    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
+    :class:`TrainStep`)."""
     return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
 
 
 __all__ = [
     "TrainState", "TrainStep", "make_train_step", "shard_batch", "param_shardings", "opt_state_shardings",
-    "pinned_loss", "state_leaves", "replace_leaves", "input_names",
+    "pinned_loss", "input_names", "with_master_weights",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Checkpoint leaf naming moved to meshjax.checkpoint, which imports this module.
+    if name in ("state_leaves", "replace_leaves"):
+        from meshjax import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'meshjax.train' has no attribute {name!r}")

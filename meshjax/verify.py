@@ -242,7 +242,8 @@ def verify(
     An inference plan compiles ``fn``; a training plan compiles the whole training step
     (:func:`~meshjax.train.make_train_step`: loss, gradients and the optimizer update, params and
     optimizer state donated), so compiled memory counts everything the plan's memory does.
-    ``optimizer`` defaults to Adam, whose two moments the plan's optimizer-state memory assumes.
+    ``optimizer`` defaults to the plan's (:class:`~meshjax.optimizer.Optimizer`: Adam with fp32
+    moments and fp32 master weights unless solved otherwise), whose state the plan's memory counts.
     ``params`` and ``args`` may be abstract (``ShapeDtypeStruct`` leaves).
     """
     compiled = compile_plan(plan, fn, mesh, params, *args, optimizer=optimizer)
@@ -264,9 +265,9 @@ def compile_plan(
     pinned: Mapping[str, Layout] | None = None,
 ) -> jax.stages.Compiled:
     """The executable :func:`verify`, ``meshjax compare`` and the benchmarks read: ``fn`` for an
-    inference plan, the whole training step (Adam unless ``optimizer``) for a training plan.
-    Every tensor and every op's operands are pinned as planned, unless ``pinned`` names the only
-    layouts to pin (a baseline that leaves the rest to XLA's sharding propagation)."""
+    inference plan, the whole training step (the plan's optimizer unless ``optimizer``) for a
+    training plan. Every tensor and every op's operands are pinned as planned, unless ``pinned``
+    names the only layouts to pin (a baseline that leaves the rest to XLA's sharding propagation)."""
     program = None
     if pinned is not None:
         from meshjax.lower import Program
@@ -274,6 +275,6 @@ def compile_plan(
         program = Program(fn, plan.graph, mesh, pinned)
     if not plan.train:
         return (program or plan.program(fn, mesh)).compile(params, *args)
-    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3), program=program)
+    trainer = make_train_step(plan, fn, mesh, optimizer, program=program)
     trainer.check_structure(params)
     return trainer.lower(trainer.abstract_state(), *args).compile()

@@ -22,7 +22,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 
 from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
@@ -42,9 +41,10 @@ class Strategy:
     collectives: tuple[Collective, ...]
     comm_time: float
     compute_time: float
-    # The layout the op computes its result in when that differs from ``result_layout`` (a
-    # strategy that computes sharded and all-gathers the result). Lowering pins it first, so
-    # XLA gathers the result rather than the operands.
+    # The layout the op computes its result in, before a reduce-scatter or gather moves it to
+    # ``result_layout`` (a split contraction makes whole partial sums first). Where the two
+    # differ, lowering pins it first, so XLA sums or gathers the result where the plan does
+    # (rather than, say, gathering an operand).
     computed_layout: Layout | None = None
 
     @property
@@ -136,15 +136,12 @@ def _axis_groups(dims, assign: Mapping[str, tuple[str, ...]], mesh_shape: MeshSh
     return [tuple(a for a in mesh_shape if a in assign[d]) for d in dims if assign.get(d)]
 
 
-def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
-    return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
-
-
 def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
     """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
 
     Parameter-gradient all-reduces pay a share of the latency only: XLA's all-reduce combiner
-    merges a step's gradient syncs into a few large collectives.
+    merges a step's gradient syncs into a few large collectives (a scanned layer's, summed over
+    its trips, as much as an unrolled one's).
     """
     grad_latency_share = 1.0 / max(1, len(graph.params))
     index = op.index
@@ -177,12 +174,17 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
         if train:
             for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
                 grad_groups = _axis_groups([d for d in loop if d not in dims], assign, mesh_shape)
-                if grad_groups and _needs_grad(t, graph):
-                    share = grad_latency_share if t.role == "param" else 1.0
+                if grad_groups and graph.needs_grad(t.name):
+                    share = 1.0
+                    if t.role == "param":
+                        share = grad_latency_share
+                    elif t.name in graph.sliced_from:
+                        # A scanned layer's weight gradient: XLA combines the per-trip syncs
+                        # into the stacked gradient's, so the trips share one latency.
+                        share = grad_latency_share / graph.trip_count(t.block)
                     nbytes = per_device_bytes(t, layout, mesh_shape)
                     fixed += [Collective("all-reduce", axes, nbytes, latency_share=share) for axes in grad_groups]
         options: list[tuple[Layout, list[Collective]]] = []
-        computed: dict[int, Layout] = {}  # option -> the layout it computes in, where not its result's
         if not partial:
             options.append((base, []))
         else:
@@ -206,13 +208,10 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     # Lowering pins the summed result before slicing it (a compiler that fuses
                     # reduce-scatters makes one of the pair), so XLA sums where the plan does
                     # rather than, say, gathering a vocab-split table for a lookup.
-                    computed[len(options)] = base
                     options.append((layout, colls))
         if shrinks:
-            for layout, gathered in _gathered_after(options, result_tensor, mesh_shape):
-                computed[len(options)] = layout
-                options.append(gathered)
-        for i, (layout, colls) in enumerate(options):
+            options += _gathered_after(options, result_tensor, mesh_shape)
+        for layout, colls in options:
             all_colls = tuple(colls + fixed)
             comm = sum(time_of(c, mesh_shape, hw) for c in all_colls)
             strategies.append(
@@ -223,7 +222,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     collectives=all_colls,
                     comm_time=comm,
                     compute_time=compute,
-                    computed_layout=computed.get(i),
+                    computed_layout=base,
                 )
             )
     return strategies
@@ -276,9 +275,8 @@ def _all_gathers(src: Layout, gathered: set[str], src_bytes: float, mesh_shape: 
 
 def _gathered_after(
     options: list[tuple[Layout, list[Collective]]], result: Tensor, mesh_shape: MeshShape
-) -> list[tuple[Layout, tuple[Layout, list[Collective]]]]:
-    """Each option followed by an all-gather of some of its result's axes, as
-    ``(computed layout, (gathered layout, collectives))``."""
+) -> list[tuple[Layout, list[Collective]]]:
+    """Each option followed by an all-gather of some of its result's axes."""
     out = []
     for layout, colls in options:
         used = [a for a in mesh_shape if a in layout.used_axes]
@@ -288,7 +286,7 @@ def _gathered_after(
                 if any(full[: len(ax)] != ax for ax, full in zip(kept.axes, layout.axes)):
                     continue  # only trailing axes of a dim gather into contiguous blocks
                 gathers = _all_gathers(layout, set(gathered), per_device_bytes(result, layout, mesh_shape), mesh_shape)
-                out.append((layout, (kept, [*colls, *gathers])))
+                out.append((kept, [*colls, *gathers]))
     return out
 
 

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 import meshjax as mj
 from meshjax.context import compute, emit
+from meshjax.graph import LINEAR, OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
 from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
@@ -217,7 +218,7 @@ def route(
         flops=float(4 * top_k * math.prod(s for _, s in loop)),
     )
     attrs = {"top_k": top_k, "capacity": capacity, "normalize": normalize}
-    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name)
+    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name, facts=OpFacts.reading(1))
 
 
 def load_balancing_loss(probs: NamedArray, *, experts: str = "experts") -> NamedArray:
@@ -240,7 +241,7 @@ def moe_ffn(
     probs = mj.softmax(logits, "experts", name="router_probs")
     combine = route(probs, top_k, cap, name="combine")
     # Through a bool, so the graph knows what JAX does: no gradient flows into the routing here.
-    dispatch = mj.cast(mj.elementwise(jnp.greater, combine, 0.0, name="routed"), combine.dtype, name="dispatch")
+    dispatch = mj.cast(mj.elementwise(jnp.greater, combine, 0.0, name="routed", facts=LINEAR), combine.dtype, name="dispatch")
     expert_in = mj.einsum(
         "batch seq embed, batch seq experts capacity -> batch experts capacity embed", x, dispatch, name="expert_in"
     )
