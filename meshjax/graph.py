@@ -194,7 +194,7 @@ class Graph:
         """Tensors whose value depends on a param through floating values: the ones a backward
         pass computes gradients of. A bool or integer tensor stops the chain (``cast(x > 0)``
         has no gradient, however it is used)."""
-        differentiable = {n for n, t in self.tensors.items() if np.dtype(t.dtype).kind not in "biu"}
+        differentiable = {n for n, t in self.tensors.items() if t.floating}
         out = {t.name for t in self.tensors.values() if t.role == "param"}
         changed = True
         while changed:  # loops (scan carries) need more than one topological pass
