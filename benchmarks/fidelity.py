@@ -356,23 +356,38 @@ def main(argv=None) -> int:
         if m not in MESHES:
             parser.error(f"--meshes: unknown mesh {m!r}; known: {', '.join(MESHES)}")
     start = time.perf_counter()
-    rows, skipped = run_grid(names, meshes, hardware, log=lambda s: print(s, flush=True))
-    doc = {
-        "quick": args.quick, "machine": machine(), "models": names, "meshes": meshes, "hardware": hardware,
-        "comm_band": list(COMM_BAND), "memory_band": list(MEMORY_BAND),
-        "summary": summary(rows), "rows": [r.__dict__ for r in rows], "skipped": skipped,
-    }
-    doc["wall_s"] = time.perf_counter() - start
-    print(summary_line(doc["summary"]))
     out = RESULTS if args.results else args.out
+    rows: list[Row] = []
+    skipped: list[dict[str, str]] = []
+    for name in names:  # results are written after each model, so a long run leaves what it did
+        more, more_skipped = run_grid([name], meshes, hardware, log=lambda s: print(s, flush=True))
+        rows += more
+        skipped += more_skipped
+        doc = {
+            "quick": args.quick, "machine": machine(), "models": names[: names.index(name) + 1], "meshes": meshes,
+            "hardware": hardware, "comm_band": list(COMM_BAND), "memory_band": list(MEMORY_BAND),
+            "summary": summary(rows), "rows": [r.__dict__ for r in rows], "skipped": skipped,
+            "wall_s": time.perf_counter() - start,
+        }
+        if out is not None:
+            write(doc, out)
+    print(summary_line(doc["summary"]))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem = "fidelity_quick" if args.quick else "fidelity"
-        (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        (out / f"{stem}.md").write_text(markdown(doc))
-        plot(doc, out / f"{stem}.png")
-        print(f"wrote {out / stem}.json, .md and .png in {doc['wall_s']:.0f} s")
+        print(f"wrote {out}/{_stem(doc)}.json, .md and .png in {doc['wall_s']:.0f} s")
     return 0
+
+
+def _stem(doc: dict) -> str:
+    return "fidelity_quick" if doc["quick"] else "fidelity"
+
+
+def write(doc: dict, out: Path) -> None:
+    """The JSON, markdown table and scatter plot of ``doc`` into folder ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(doc)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(doc))
+    plot(doc, out / f"{stem}.png")
 
 
 if __name__ == "__main__":
