@@ -2,8 +2,8 @@
 
 Backprop keeps an op's operands only when its derivative needs them: an einsum needs both
 operands, a nonlinearity its input, softmax its output, a norm its input, an embedding lookup
-its ids; sums, reshapes, renames, additions and scalings need nothing. What no op keeps is freed
-during the forward pass.
+its ids; sums, reshapes, renames, additions and scalings need nothing. Each op declares this when
+it is emitted (:class:`~meshjax.graph.OpFacts`). What no op keeps is freed during the forward pass.
 
 A kept tensor is kept in the layout it was made in. When an op computes on an operand in another
 layout (a weight gathered under FSDP, a gathered activation) and its backward reads that operand
@@ -24,53 +24,17 @@ from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
-# Ops whose backward pass needs none of their operands.
-LINEAR = frozenset(
-    {
-        "add", "subtract", "negative", "cast", "rename", "split_dim", "merge_dims", "slice", "stack",
-        "loop_carry", "scan_carry", "arange", "greater_equal", "sum", "mean", "where",
-    }
-)
-# Ops whose derivative is written in terms of their own result.
-KEEP_RESULT = frozenset({"softmax", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"})
-# Ops that also keep an intermediate of their result's size: JAX differentiates gelu's tanh
-# approximation through ``tanh`` and silu through ``sigmoid`` and keeps that value; for softmax,
-# XLA keeps the unnormalised exponentials and recomputes the division in the backward pass.
-EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
-# Ops whose backward reads their operands AND their result: memory-efficient attention keeps q,
-# k, v, its output and the per-row log-sum-exp of the scores (float32, the output's size over
-# head_dim), and recomputes each block of probabilities from them (meshjax.flash).
-KEEP_OPERANDS_AND_RESULT = frozenset({"attention"})
-# Float32 tiles of scores/probabilities/their gradients blockwise attention's backward holds at
-# once (read from XLA:CPU's buffer assignments: scores, probabilities, their gradients and the
-# copies fusion makes of them, for one key block).
-ATTENTION_BACKWARD_TILES = 6
-ATTENTION_FORWARD_TILES = 2
-
-
-def _lse_fraction(op: Op, graph: Graph) -> float:
-    """Attention's log-sum-exp over its output, in bytes: one float32 per row of ``head_dim``."""
-    result = graph.tensors[op.output]
-    return 4 / (result.itemsize * op.index.loop_sizes[op.attrs["head_dim"]])
-
 
 def extra_residuals(op: Op, graph: Graph | None = None) -> float:
-    """How many tensors of its result's size ``op``'s backward keeps besides its operands (a
-    fraction for attention's per-row statistics)."""
-    if op.kind == "attention" and graph is not None:
-        return _lse_fraction(op, graph)
-    return EXTRA_RESIDUALS.get(op.kind, 0)
+    """How many tensors of its result's size ``op``'s backward keeps besides its operands (in a
+    scan, every residual JAX saves is stacked: ``OpFacts.scan_residuals``)."""
+    scanned = graph is not None and op.block is not None and graph.blocks[op.block].kind == "scan"
+    return op.facts.residuals_in(scanned)
 
 
 def kept_operands(op: Op) -> tuple[int, ...]:
-    """Positions of the operands ``op``'s backward pass reads."""
-    if op.kind in LINEAR or op.kind in KEEP_RESULT:
-        return ()
-    if op.kind in ("multiply", "divide") and len(op.inputs) == 1:
-        return ()  # scaled by a Python number
-    if op.kind == "embed":
-        return (0,)  # the gradient scatters into the table at the ids; the table is not read
-    return tuple(range(len(op.inputs)))
+    """Positions of the operands ``op``'s backward pass reads (declared by the op)."""
+    return () if op.facts.saves_result else op.facts.saves
 
 
 def keeps_operand(op: Op, position: int) -> bool:
@@ -82,12 +46,27 @@ def keeps_operand(op: Op, position: int) -> bool:
     return position in kept_operands(op)
 
 
+# Ops linear in each operand: the backward reads an operand only for the other operands' gradients.
+_MULTILINEAR = {"einsum"}
+
+
+def backward_reads(op: Op, position: int, graph: Graph) -> bool:
+    """Whether a training step's backward pass reads ``op``'s operand at ``position``: the op
+    keeps it and a gradient that needs it is computed. An einsum reads each operand only for
+    the others' gradients (``x @ w`` with ``x`` an input never reads ``w`` again)."""
+    if not keeps_operand(op, position) or op.output not in graph.requires_grad:
+        return False
+    if op.kind in _MULTILINEAR:
+        return any(name in graph.requires_grad for j, name in enumerate(op.inputs) if j != position)
+    return True
+
+
 def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
-    if op.kind in KEEP_RESULT:
+    if op.facts.saves_result:
         return {op.output}
     kept = {op.inputs[i] for i in kept_operands(op)}
-    return kept | {op.output} if op.kind in KEEP_OPERANDS_AND_RESULT else kept
+    return kept | {op.output} if op.facts.also_saves_result else kept
 
 
 def saved_for_backward(graph: Graph) -> frozenset[str]:
@@ -95,9 +74,12 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     saved: set[str] = set()
     for op in graph.ops:
         saved |= kept_by(op, graph)
+    # A scan's slice of a stacked param or input is read back from the stacked array (JAX
+    # forwards such residuals instead of stacking a copy): not kept a second time.
     return frozenset(
         name for name in saved
         if graph.tensors[name].role in ("activation", "output") and name in graph.requires_grad
+        and name not in graph.sliced_from
     )
 
 
@@ -121,61 +103,49 @@ def _nbytes(graph: Graph, name: str, layout: Layout, mesh_shape: Mapping[str, in
     return per_device_bytes(graph.tensors[name], layout, mesh_shape)
 
 
-def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
-    """Bytes per device an op needs beyond what stays resident: its result and its activation
-    operands in the layouts it computes in (params and inputs are resident already).
+def _result_bytes(graph: Graph, op: Op, result: Layout, computed: Layout | None, mesh_shape: Mapping[str, int]) -> float:
+    out = _nbytes(graph, op.output, result, mesh_shape)
+    if computed is not None:  # whole partial sums before a reduce-scatter
+        out = max(out, _nbytes(graph, op.output, computed, mesh_shape))
+    return out
+
+
+def working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
+    """Bytes per device an op needs beyond what stays resident: its result (as computed, before
+    a reduce-scatter shrinks it) and its activation operands in the layouts it computes in
+    (params and inputs are resident already), plus the scratch the op declares
+    (``OpFacts.forward_scratch``).
 
     In inference, the peak is the largest working set of any op.
 
     >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
     """
-    total = _nbytes(graph, op.output, result, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape) * (1 + op.facts.forward_scratch)
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
-    if op.kind == "attention":
-        total += _attention_forward_extra(op, graph, result, mesh_shape)
     return total
 
 
-def _attention_rows(op: Op, graph: Graph, result: Layout, mesh_shape: Mapping[str, int]) -> float:
-    """Query rows (batch x heads x seq) of blockwise attention per device."""
-    out = graph.tensors[op.output]
-    return _nbytes(graph, op.output, result, mesh_shape) / out.itemsize / op.index.loop_sizes[op.attrs["head_dim"]]
-
-
-def _attention_forward_extra(op: Op, graph: Graph, result: Layout, mesh_shape: Mapping[str, int]) -> float:
-    """Blockwise attention's forward also holds a float32 accumulator of its output's shape and
-    :data:`ATTENTION_FORWARD_TILES` float32 tiles ``[..., seq, block]`` of scores and
-    probabilities."""
-    rows = _attention_rows(op, graph, result, mesh_shape)
-    return rows * op.index.loop_sizes[op.attrs["head_dim"]] * 4 + ATTENTION_FORWARD_TILES * rows * op.attrs["block"] * 4
-
-
-def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+def backward_working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
     """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
-    its result, one temporary of that size, and the operands it reads in the layouts it computes
-    in (an FSDP weight is gathered again here).
+    its result (gathered back to the layout it was computed in, after a reduce-scatter), one
+    temporary of that size, and the operands it reads in the layouts it computes in (an FSDP
+    weight is gathered again here), plus what the op declares: its scratch
+    (``OpFacts.backward_scratch``) and, for a fused kernel, its operands' gradients.
 
     In training, the peak on top of what is kept is the largest of these over the ops.
     """
-    total = 2 * _nbytes(graph, op.output, result, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape) * (2 + op.facts.backward_scratch)
     for i in kept_operands(op):
         if graph.tensors[op.inputs[i]].role != "constant":
             total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
-    if op.kind == "attention":
-        total += _attention_backward_extra(op, graph, result, operands, mesh_shape)
+    if op.facts.holds_operand_gradients:
+        total += sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
     return total
-
-
-def _attention_backward_extra(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
-    """Blockwise attention's backward also holds the gradients of q, k and v (q's accumulated in
-    float32) and float32 tiles ``[..., seq, block]`` of scores, probabilities and their gradients
-    (:data:`ATTENTION_BACKWARD_TILES` live at once in XLA's schedule), never a whole
-    ``[..., seq, key_seq]``."""
-    grads = sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
-    q = graph.tensors[op.inputs[0]]
-    grads += _nbytes(graph, op.inputs[0], operands[0], mesh_shape) * (4 / q.itemsize - 1)
-    rows = _attention_rows(op, graph, result, mesh_shape)
-    tiles = ATTENTION_BACKWARD_TILES * rows * op.attrs["block"] * 4
-    return grads + tiles
