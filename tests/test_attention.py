@@ -133,6 +133,19 @@ def test_training_keeps_q_k_v_output_and_row_statistics_only():
                     "block_0/attn/context": 1 + 2 / head_dim}
 
 
+def test_what_jax_saves_is_q_k_v_the_output_and_the_row_log_sum_exp(capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+
+    q = mj.named(jnp.ones((2, 32, 4, 8)), "batch seq heads head_dim")
+    kv = mj.named(jnp.ones((2, 48, 2, 8)), "batch key_seq kv_heads head_dim")
+    print_saved_residuals(
+        lambda q, k, v: mj.attention(q, k, v, kv_heads="kv_heads", causal=True, block=16).value.sum(), q, kv, kv
+    )
+    shapes = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("f32["))
+    # q, k, v, the output, and the log-sum-exp [batch, kv_heads, group, seq]: nothing [.., 32, 48]
+    assert shapes == sorted(["f32[2,32,4,8]", "f32[2,48,2,8]", "f32[2,48,2,8]", "f32[2,32,4,8]", "f32[2,2,2,32]"])
+
+
 def _compiled_temp_bytes(form: str, seq: int) -> int:
     ex = models.example("gpt-tiny", 0, abstract=True, batch=1, seq=seq, layers=1, attention=form)
 
