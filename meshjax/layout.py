@@ -127,7 +127,8 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
     """Parse ``"batch:data;mlp:model"``, ``"batch=data,mlp=model,seq=none"`` or a dict.
 
     A name may map to several axes: ``"batch:data+model"`` (or ``"batch:data,model"`` in the
-    ``;``-separated form). ``none`` (or an empty value) means the dim is never split.
+    ``;``-separated form), each axis once. ``none`` means the dim is never split; an empty
+    value (``"batch="``) is an error.
     """
     if rules is None:
         return {}
@@ -144,6 +145,11 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if current in out:
                 raise LayoutError(f"rules {rules!r}: dim {current!r} has two rules")
             out[current] = ()
+            if not value.strip():
+                raise LayoutError(
+                    f"rules {rules!r}: dim {current!r} has no axis after {token.strip()!r}; "
+                    f"write {current}:none to keep it unsplit"
+                )
         elif current is None:
             raise LayoutError(f"rules {rules!r}: {token.strip()!r} is not of the form dim:axis")
         else:
@@ -152,6 +158,8 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if axis and axis.lower() != "none":
                 if not re.match(r"^[A-Za-z_]\w*$", axis):
                     raise LayoutError(f"rules {rules!r}: {axis!r} is not a mesh axis name")
+                if axis in out[current]:
+                    raise LayoutError(f"rules {rules!r}: dim {current!r} uses mesh axis {axis!r} twice")
                 out[current] = (*out[current], axis)
     return out
 
@@ -170,8 +178,10 @@ def check_rules(rules: Rules, graph: Graph, mesh_shape: MeshShape) -> None:
             raise LayoutError(f"rule for dim {dim!r}: no tensor has that dim{hint}")
         for axis in axes:
             if axis not in mesh_shape:
+                close = get_close_matches(axis, list(mesh_shape), n=2)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
                 raise LayoutError(
-                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} (mesh axes: {', '.join(mesh_shape)})"
+                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} ({hint}mesh axes: {', '.join(mesh_shape)})"
                 )
 
 

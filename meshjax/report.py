@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from meshjax.units import format_bytes
+
 if TYPE_CHECKING:
     from meshjax.plan import Plan
 
@@ -84,7 +86,7 @@ def summary(plan: Plan) -> str:
     return (
         f"mesh {plan.mesh_shape} on {plan.hardware.name}: step {plan.step_time_s * 1e3:.4f} ms "
         f"(comm {plan.comm_time_s * 1e3:.4f} ms, compute {plan.compute_time_s * 1e3:.4f} ms), "
-        f"comm {plan.comm_bytes / 2**20:.3f} MiB, memory {mem['total'] / 2**30:.3f} GiB/device, "
+        f"comm {format_bytes(plan.comm_bytes)}, memory {format_bytes(mem['total'])}/device, "
         f"solved in {plan.solve_time_s:.3f} s"
     )
 

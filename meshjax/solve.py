@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.cost.memory import kept_copies
 from meshjax.cost.strategies import per_device_bytes
+from meshjax import validate
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.plan import Plan
@@ -46,7 +47,7 @@ def solve(
     *,
     hardware: str | Hardware = "h100-node",
     train: bool = False,
-    memory_budget: float | None = None,
+    memory_budget: float | str | None = None,
     rules: Any = None,
     pins: Mapping[str, Any] | None = None,
     candidates: Mapping[str, list] | None = None,
@@ -56,16 +57,21 @@ def solve(
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
-    ``rules`` fix dims to mesh axes (``"batch:data;seq:none"``), ``pins`` fix tensors to a
-    layout, ``candidates`` limit a dim to a set of axis tuples. ``zero`` lets training shard
+    ``mesh`` is a ``jax.sharding.Mesh`` or ``{axis: size}``. ``rules`` fix dims to mesh axes
+    (``"batch:data;seq:none"``), ``pins`` fix tensors to a layout, ``candidates`` limit a dim to a set of axis tuples. ``zero`` lets training shard
     gradients and optimizer state over more axes than their param. With ``memory_budget`` (bytes
-    per device) layouts that do not fit are excluded; if none fits, the error gives the smallest
+    per device, or a size such as ``"16GB"``) layouts that do not fit are excluded; if none fits, the error gives the smallest
     memory any layout reaches and the tensors that dominate it.
     """
     start = time.perf_counter()
-    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
+    mesh_shape = validate.mesh_shape(mesh)
+    memory_budget = validate.memory_budget(memory_budget)
     hw = get_hardware(hardware)
+    if train:
+        validate.scalar_loss(graph)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
+    validate.rules(constraints.rules, graph, mesh_shape)
+    validate.pins(constraints.pins, graph, mesh_shape)
     problem = build_problem(
         graph, mesh_shape, hw, train=train, constraints=constraints,
         optimizer_state_factor=optimizer_state_factor, zero=zero,
