@@ -221,6 +221,22 @@ def as_layout(tensor: Tensor, value: Any) -> Layout:
     raise LayoutError(f"tensor {tensor.name!r}: cannot read a layout from {value!r}")
 
 
+def rules_conflict(layouts: Mapping[str, Layout]) -> str | None:
+    """Why :func:`rules_of` finds no rules: the first dim split two ways, with a tensor of
+    each (``None`` when every dim name is split one way)."""
+    first: dict[str, tuple[tuple[str, ...], str]] = {}
+    for name, layout in layouts.items():
+        for dim, axes in zip(layout.dims, layout.axes):
+            seen = first.setdefault(dim, (axes, name))
+            if seen[0] != axes:
+                how = lambda a: f"split over {'+'.join(a)}" if a else "not split"  # noqa: E731
+                return (
+                    f"dim {dim!r} is {how(seen[0])} in {seen[1]!r} but {how(axes)} in {name!r}: "
+                    f"the plan is not one rule per dim name (use plan.specs per tensor)"
+                )
+    return None
+
+
 def rules_of(graph: Graph, layouts: Mapping[str, Layout]) -> Rules | None:
     """Logical axis rules (name -> mesh axes) when every tensor splits each dim name the same
     way; ``None`` otherwise. Dims never split map to ``()``."""

@@ -19,41 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshjax.named import NamedArray, shape_of
-from meshjax.params import Param, path_name
-
-
-@dataclass(frozen=True)
-class Normal:
-    """``std * N(0, 1)``."""
-
-    std: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return (self.std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return (self.std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-
-@dataclass(frozen=True)
-class Constant:
-    """Every element ``value`` (``Constant(1.0)`` for norm scales, ``Constant(0.0)`` for biases)."""
-
-    value: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return jnp.full(shape, self.value, dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return np.full(shape, self.value, dtype)
-
-
-def _seed_words(key: Any) -> list[int]:
-    if isinstance(key, int):
-        return [key]
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return [int(w) for w in np.asarray(data).ravel()]
+from meshjax.params import Constant, Normal, Param, _seed_words, draw_on_host, path_name  # noqa: F401
 
 
 def host_rng(key: Any, salt: str = "") -> np.random.Generator:
@@ -73,11 +39,9 @@ def host_init(decls: Any, sizes: dict[str, int], key: Any) -> Any:
     for path, decl in leaves:
         name = path_name(path)
         shape = shape_of(decl.dims, sizes, context=f"param {name!r}")
-        init = decl.init
-        if not hasattr(init, "host"):
-            raise TypeError(f"param {name!r}: its initializer {init!r} cannot run on the host")
-        rng = np.random.default_rng([*seed, *name.encode()])  # = host_rng(key, name)
-        out.append(NamedArray(jnp.asarray(init.host(rng, shape, jnp.dtype(decl.dtype))), decl.dims))
+        if not hasattr(decl.init, "host"):
+            raise TypeError(f"param {name!r}: its initializer {decl.init!r} cannot run on the host")
+        out.append(NamedArray(draw_on_host(decl, shape, seed, name), decl.dims))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
