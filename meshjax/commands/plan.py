@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,12 @@ def model_epilog() -> str:
     from meshjax.units import UNITS_HELP
 
     profiles = "\n".join(f"  {name:<12} {hw.description}" for name, hw in PROFILES.items())
+    presets = textwrap.fill(", ".join(PRESETS), width=76, initial_indent="  ", subsequent_indent="  ")
+    units = textwrap.fill(f"{UNITS_HELP}; 80GB is 80e9 bytes", width=76, initial_indent="  ", subsequent_indent="  ")
     return (
-        f"model presets:\n  {', '.join(PRESETS)}\n  or path/to/file.py:callable (called with the --set values)\n\n"
+        f"model presets:\n{presets}\n  or path/to/file.py:callable (called with the --set values)\n\n"
         f"hardware profiles (--hardware):\n{profiles}\n\n"
-        f"memory sizes (--memory-limit): {UNITS_HELP}; 80GB is 80e9 bytes"
+        f"memory sizes (--memory-limit):\n{units}"
     )
 
 
