@@ -44,8 +44,8 @@ def model_epilog() -> str:
     from meshjax.units import UNITS_HELP
 
     profiles = "\n".join(f"  {name:<12} {hw.description}" for name, hw in PROFILES.items())
-    presets = textwrap.fill(", ".join(PRESETS), width=76, initial_indent="  ", subsequent_indent="  ")
-    units = textwrap.fill(f"{UNITS_HELP}; 80GB is 80e9 bytes", width=76, initial_indent="  ", subsequent_indent="  ")
+    presets = textwrap.fill(", ".join(PRESETS), width=76, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    units = textwrap.fill(f"{UNITS_HELP}; 80GB is 80e9 bytes", width=76, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
     return (
         f"model presets:\n{presets}\n  or path/to/file.py:callable (called with the --set values)\n\n"
         f"hardware profiles (--hardware):\n{profiles}\n\n"
