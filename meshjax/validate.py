@@ -106,20 +106,27 @@ def mesh_shape(mesh: Any) -> dict[str, int]:
 # --- sizes and numbers -----------------------------------------------------------------------
 
 
-def memory_budget(value: Any, what: str = "memory budget") -> float | None:
+def memory_budget(value: Any, what: str = "memory budget", hardware: Any = None) -> float | None:
     """Bytes per device from a number or a size with a unit (``"16GB"``, ``"16GiB"``); ``None``
-    stays ``None``. Must be positive and finite."""
+    or ``"none"``: no budget; ``"device"``: ``hardware``'s usable memory. Must be positive and
+    finite."""
     from meshjax.units import parse_bytes
 
     if value is None:
         return None
     if isinstance(value, str):
         text = value.strip()
+        if text.lower() == "none":
+            return None
+        if text.lower() == "device":
+            if hardware is None:
+                raise MeshjaxError(f"{what} 'device': needs a hardware profile")
+            return float(hardware.usable_memory_bytes)
         if text.startswith("-"):
             raise MeshjaxError(f"{what} {value!r}: must be a positive size like 16GiB, 80GB or 8e10")
         return positive_number(parse_bytes(text, what=what), what, shown=value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MeshjaxError(f"{what} {value!r}: expected bytes (a number) or a size like '16GB'")
+        raise MeshjaxError(f"{what} {value!r}: give bytes per device (> 0), a size like '16GB', 'device' or None")
     return positive_number(float(value), what)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from meshjax.commands.plan import add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices
 from meshjax.errors import MeshjaxError
+from meshjax.units import format_bytes
 
 SMALL_MODEL_PARAMS = 10_000_000
 
@@ -203,7 +204,7 @@ def table(entries: list[Entry], hardware, title: str):
             if best is not None and e.plan.step_time_s <= best * (1 + 1e-9):
                 step = f"[bold green]{step}[/]"
             mem = e.plan.peak_memory_bytes
-            mem_s = f"{mem / 2**20:,.2f} MiB" + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
+            mem_s = format_bytes(mem) + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
             comp = f"{e.report.comm_bytes:,}" if e.report is not None else "-"
             t.add_row(label if i == 0 else "", e.strategy, step, mem_s, f"{e.plan.comm_bytes:,.0f}", comp,
                       refs(e.notes))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshjax.errors import MeshjaxError
-from meshjax.units import parse_bytes
+from meshjax.optimizer import OPTIMIZERS
 
 
 DEFAULT_MODEL = "gpt-demo"
@@ -63,6 +63,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = DE
                         help="plan a training step: loss + gradients + optimizer state (default)")
     parser.add_argument("--inference", dest="train", action="store_false", help="plan the forward pass only")
     parser.add_argument("--hardware", default="cpu-sim", help="hardware profile, see below (default: cpu-sim)")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                        help="optimizer whose state training keeps (default: adam; fp32 moments and, for "
+                        "bf16/fp16 params, fp32 master weights)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
     parser.lazy_epilog = model_epilog
 
@@ -77,8 +80,10 @@ def add_parser(commands) -> None:
                       help="simulated CPU devices (default: the mesh's size); the mesh must use all N")
     plan.add_argument("--rules", default=None,
                       help='dim rules: "batch=data,mlp=model,seq=none" or "batch:data;seq:none"')
-    plan.add_argument("--memory-limit", default=None, metavar="SIZE",
-                      help="per-device memory budget, e.g. 16GiB or 80GB (units below)")
+    plan.add_argument("--memory-limit", default="device", metavar="SIZE",
+                      help="per-device memory budget, e.g. 16GiB or 80GB (units below); 'none' for no budget "
+                      "(default: the hardware profile's memory less its reserve)")
+    plan.add_argument("--zero", action="store_true", help="let optimizer state be sharded beyond its param (ZeRO-1)")
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
@@ -190,6 +195,18 @@ def setup_devices(count: int, requested: int | None, what: str) -> None:
     use_cpu_devices(count)
 
 
+def memory_limit(text: str | None, hardware) -> float | None:
+    """``--memory-limit``: bytes, ``none`` (no budget) or ``device`` (the profile's usable memory).
+
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> memory_limit("none", PROFILES["h100-node"]), memory_limit("device", PROFILES["h100-node"]) / 1e9
+    (None, 72.0)
+    """
+    from meshjax import validate
+
+    return validate.memory_budget(text, "--memory-limit", hardware)
+
+
 def compiled_json(report) -> dict[str, Any]:
     return {"comm_bytes": report.comm_bytes, "collectives": report.by_kind(), "memory": report.memory}
 
@@ -204,10 +221,12 @@ def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
         "train": full["train"],
         "tensors": full["tensors"],
         "rules": full["rules"],
+        "settings": full["settings"],
         "predicted": {
             "step_time_s": plan.step_time_s,
             "comm_bytes": plan.comm_bytes,
             "peak_memory_bytes": plan.peak_memory_bytes,
+            "memory_breakdown": plan.memory_breakdown(),
         },
     }
     if compiled is not None:
@@ -228,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.units import format_bytes
 
     mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
-    budget = validate.memory_budget(args.memory_limit, "--memory-limit")
     hardware = get_hardware(args.hardware)
+    budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
     overrides = parse_overrides(args.overrides)
     validate.count(args.top, "--top", minimum=0)
@@ -249,7 +268,10 @@ def run(args: argparse.Namespace) -> int:
     graph = trace_model(model)
     if budget is not None:
         console.print(f"memory limit {format_bytes(budget)} per device")
-    plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
+    plan = solve(
+        graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget,
+        optimizer=args.optimizer, zero=getattr(args, "zero", False),
+    )
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
