@@ -21,7 +21,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshjax.commands.plan import add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices
+from meshjax.commands.plan import (
+    add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices, trace_model,
+)
 from meshjax.errors import MeshjaxError
 from meshjax.units import format_bytes
 
@@ -31,7 +33,7 @@ SMALL_MODEL_PARAMS = 10_000_000
 def add_parser(commands) -> None:
     cmp = commands.add_parser("compare", help="the solver's plan against hand-written strategies on every mesh shape",
                               description=__doc__.split("\n\n")[0])
-    add_model_arguments(cmp)
+    add_model_arguments(cmp, default_model="gpt-tiny")
     cmp.add_argument("--devices", type=int, default=8, metavar="N", help="device count (default: 8)")
     cmp.add_argument("--meshes", default=None,
                      help="comma-separated meshes to compare, e.g. 8,4x2 (1D meshes are named data; "
@@ -223,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
     meshes = parse_meshes(args.meshes, n) if args.meshes else mesh_shapes(n)
     hardware = get_hardware(args.hardware)
     overrides = parse_overrides(args.overrides)
+    from meshjax import validate
+
+    validate.writable_file(args.json_path, "--json")
     strategies = None
     if args.strategies:
         known = ["solver", *_baseline_names()]
@@ -235,11 +240,9 @@ def run(args: argparse.Namespace) -> int:
 
     from meshjax import commands
 
-    import meshjax as mj
-
     console = commands.console()
     model = load_model(args.model, overrides)
-    graph = mj.trace(model.loss, model.params, *model.batch)
+    graph = trace_model(model)
     n_params = sum(math.prod(t.shape) for t in graph.params)
     verify = args.verify if args.verify is not None else n_params <= SMALL_MODEL_PARAMS
     if args.verify is None and not verify:
