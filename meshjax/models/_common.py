@@ -1,21 +1,18 @@
-"""Helpers shared by the model modules: initializers that JAX and numpy can both run.
+"""Helpers shared by the model modules: host initialisation, param counts, block declarations.
 
-The model params are declared with :class:`Normal` and :class:`Constant`, which are ordinary
-``jax.nn.initializers``-style callables (so :func:`meshjax.init_params` works on the
-declarations), and can also draw on the host with numpy. :func:`host_init` uses the latter: on
-CPU, compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model,
-while numpy is instant. Values are deterministic in ``key`` but differ from ``init_params``'s.
+The model params are declared with :class:`meshjax.params.Normal` and
+:class:`~meshjax.params.Constant` (re-exported here), which draw on the host with numpy: on CPU,
+compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model, while
+numpy is instant. :func:`host_init` and :func:`meshjax.init_params` give the same values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from meshjax.named import NamedArray, shape_of
