@@ -82,7 +82,7 @@ def mesh_shape(mesh: Any) -> dict[str, int]:
     if isinstance(mesh, str):
         raise LayoutError(
             f"mesh {mesh!r}: pass a dict like {{'data': 4, 'model': 2}} or a jax Mesh "
-            f"(meshjax.parse_mesh_shape({mesh!r}) reads the CLI form)"
+            f"(meshjax.devices.parse_mesh_shape({mesh!r}) reads the CLI form)"
         )
     if isinstance(mesh, Sequence) and all(isinstance(p, Sequence) and len(p) == 2 for p in mesh):
         _unique_axes([p[0] for p in mesh], f"mesh {list(mesh)}")
