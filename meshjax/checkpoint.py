@@ -195,12 +195,15 @@ def damage(path: str | os.PathLike, step: int) -> str | None:
 
 
 def _read_error(path: str | os.PathLike, step: int, err: Exception) -> CheckpointError:
-    """One line for an exception orbax or tensorstore raised reading step ``step``."""
+    """One line for an exception orbax or tensorstore raised reading step ``step``: the leaf
+    whose data failed when the message names one, else the file or folder."""
     folder = os.path.join(os.fspath(path), str(step))
     text = " ".join(str(err).split())
-    match = re.search(re.escape(os.path.abspath(folder)) + r"[^\s\"']*", text)
-    where = f"file {match.group(0).rstrip(':,.')!r}" if match else f"the data under {folder!r}"
-    return CheckpointError(f"step {step}: {where} cannot be read ({type(err).__name__}: {text[:160]})")
+    leaf = re.search(r'Error reading "([^"]+?)(?:/\.zarray)?"', text)
+    file = re.search(re.escape(os.path.abspath(folder)) + r"[^\s\"']*", text)
+    where = (f"the data of {leaf.group(1)!r} in {os.path.join(folder, 'default')!r}" if leaf
+             else f"file {file.group(0).rstrip(':,.')!r}" if file else f"the data under {folder!r}")
+    return CheckpointError(f"step {step}: {where} cannot be read, corrupt or truncated ({type(err).__name__}: {text[:120]})")
 
 
 class CheckpointWarning(UserWarning):
