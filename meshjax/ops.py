@@ -461,7 +461,7 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
         operands=(logits.dims, targets.dims),
         result=keep,
         reduced=(vocab,),
-        reduction="lse",
+        reduction="xent",
         flops=float(6 * _prod(logits.shape)),
     )
     facts = OpFacts.reading(2, reduction=True)

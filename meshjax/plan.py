@@ -61,6 +61,9 @@ class Plan:
     problem: Problem | None = field(default=None, compare=False, repr=False)
     solution: Solution | None = None
     solve_time_s: float = 0.0
+    # Op name -> the layout an op computes its result in before a reduce-scatter or gather
+    # moves it to its planned layout (pinned first when lowered).
+    computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
 
     # --- what users read ---------------------------------------------------------------------
     @property
@@ -173,7 +176,9 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts))
+        return Program(
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts)
+        )
 
     # --- output (meshjax.report) --------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from meshjax import validate
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.plan import Plan, Settings
-from meshjax.solver.evaluate import evaluate, operand_layouts, state_layouts
+from meshjax.solver.evaluate import computed_layouts, evaluate, operand_layouts, state_layouts
 from meshjax.solver.ilp import Solution, solve_ilp
 from meshjax.solver.problem import Constraints, Problem, build_problem
 from meshjax.optimizer import Optimizer
@@ -43,6 +43,7 @@ def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, me
         problem=problem,
         solution=solution,
         solve_time_s=solve_time,
+        computed_layouts=computed_layouts(problem, choice),
     )
 
 

@@ -254,14 +254,25 @@ class TrainStep:
 
     ``optimizer``: ``None`` (the plan's :class:`~meshjax.optimizer.Optimizer`, with the fp32
     master weights and state dtype its memory counts), an :class:`Optimizer`, or any optax
-    transformation (run as given, on the params in their own dtype).
+    transformation (run as given, on the params in their own dtype). ``program``: the loss laid
+    out otherwise than every tensor as planned (a baseline that pins only its params and inputs
+    and leaves the rest to XLA's propagation).
     """
 
-    def __init__(self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation | Optimizer | None = None, *, donate: bool = True):
+    def __init__(
+        self,
+        plan,
+        loss_fn,
+        mesh: Mesh,
+        optimizer: optax.GradientTransformation | Optimizer | None = None,
+        *,
+        donate: bool = True,
+        program=None,
+    ):
         if not plan.train:
             raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
         self.plan = plan
-        self.program = plan.program(loss_fn, mesh)
+        self.program = program if program is not None else plan.program(loss_fn, mesh)
         self.mesh = self.program.mesh
         self.spec: Optimizer | None = None
         if optimizer is None or isinstance(optimizer, Optimizer):
@@ -411,10 +422,19 @@ class TrainStep:
         return self._step_fn.lower(state.params, state.opt_state, args)
 
 
-def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation | Optimizer | None = None, *, donate: bool = True) -> TrainStep:
+def make_train_step(
+    plan,
+    loss_fn,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation | Optimizer | None = None,
+    *,
+    donate: bool = True,
+    program=None,
+) -> TrainStep:
     """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
-    ``optimizer`` defaults to the plan's (see :class:`TrainStep`)."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate)
+    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
+    :class:`TrainStep`)."""
+    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
 
 
 __all__ = [

@@ -211,7 +211,7 @@ def compiled_json(report) -> dict[str, Any]:
     return {"comm_bytes": report.comm_bytes, "collectives": report.by_kind(), "memory": report.memory}
 
 
-def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
+def plan_json(model: str, plan, check=None) -> dict[str, Any]:
     """The ``meshjax plan --json`` document (schema in docs/cli.md)."""
     full = plan.to_json()
     out: dict[str, Any] = {
@@ -229,8 +229,9 @@ def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
             "memory_breakdown": plan.memory_breakdown(),
         },
     }
-    if compiled is not None:
-        out["compiled"] = compiled_json(compiled)
+    if check is not None:  # a meshjax.verify.Verification
+        out["compiled"] = compiled_json(check.compiled)
+        out["verification"] = check.ratios_json()
     out["solve_time_s"] = plan.solve_time_s
     return out
 
@@ -276,11 +277,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
 
-    report = None
+    check = None
     if compile_it:
         from meshjax.devices import make_mesh
         from meshjax.hlo import inspect_compiled
-        from meshjax.verify import Verification, compile_plan
+        from meshjax.verify import Verification, compile_plan, platform_of
 
         mesh = make_mesh(mesh_shape)
         # Training plans compile the whole Adam step, which holds what the plan's memory counts.
@@ -289,18 +290,23 @@ def run(args: argparse.Namespace) -> int:
             with open(args.hlo, "w") as f:
                 f.write(compiled.as_text())
             console.print(f"wrote compiled HLO to {args.hlo}")
-        report = inspect_compiled(compiled, mesh)
-        console.print(report.table())
-        console.print(Verification(plan, report).op_table())
+        check = Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
+        console.print(check.compiled.table())
+        console.print(check.op_table())
         predicted_mem = plan.peak_memory_bytes
-        compiled_mem = report.memory.get("peak_bytes")
-        console.print(f"comm bytes/step: predicted {plan.comm_bytes:,.0f}, compiled {report.comm_bytes:,}")
+        compiled_mem = check.compiled.memory.get("peak_bytes")
+        console.print(f"comm bytes/step: predicted {check.predicted_comm_bytes:,.0f}, compiled {check.compiled.comm_bytes:,}")
         console.print(
             f"memory/device:   predicted {predicted_mem:,.0f}, compiled "
             + (f"{compiled_mem:,} (arguments + outputs + temporaries - aliased)" if compiled_mem is not None else "n/a")
         )
+        if check.lowering_note:
+            console.print(f"note: {check.lowering_note}")
+        warning = check.out_of_band()
+        if warning:
+            console.print(f"[bold yellow]warning:[/] {warning}")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(plan_json(model.name, plan, report), f, indent=2)
+            json.dump(plan_json(model.name, plan, check), f, indent=2)
         console.print(f"wrote {args.json_path}")
     return 0
