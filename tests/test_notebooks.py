@@ -21,6 +21,7 @@ def test_there_are_three_notebooks_without_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: outputs not stripped"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
     # The kernel is a fresh process: let its first cell choose the device count.

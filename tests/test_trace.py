@@ -317,6 +317,7 @@ def test_transformer_block_loss_on_its_own():
 # --------------------------------------------------------------------------- #
 # Paper-size models stay abstract
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_gpt3_175b_traces_without_allocating():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
