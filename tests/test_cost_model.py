@@ -274,17 +274,18 @@ def test_kept_copies_counts_what_each_backward_reads():
         y = mj.einsum("batch mlp, mlp embed -> batch embed", a, params["w_out"], name="y")
         p = mj.softmax(y, "embed", name="p")
         r = mj.elementwise("add", p, y, name="r")
-        return mj.mean(mj.square(r, name="sq"), "batch embed", name="loss")
+        return mj.mean(mj.exp(r, name="e"), "batch embed", name="loss")
 
     decls = {"w_in": mj.param("embed mlp"), "w_out": mj.param("mlp embed")}
     graph = mj.trace(f, mj.abstract_params(decls, sizes), mj.abstract("batch embed", sizes))
     assert kept_copies(graph) == {
         "h": 1,  # gelu's input
         "a": 2,  # the second einsum's operand, plus gelu's tanh residual
-        # y: read by softmax (whose derivative uses its own result) and by add: not kept
-        "p": 2,  # softmax's result, plus its unnormalised exponentials
-        "r": 1,  # square's input
-        # sq: read only by mean (linear); loss: read by nothing; x: an input, not an activation
+        # y: read by softmax (which keeps its exponentials instead) and by add: not kept
+        "p": 1,  # not read by add (linear); softmax's unnormalised exponentials, of its size
+        # r: exp's derivative is its own result, so exp keeps that instead of its input
+        "e": 1,  # exp's result (read by mean, which is linear)
+        # loss: read by nothing; x: an input, not an activation
     }
 
 
