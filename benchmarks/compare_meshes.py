@@ -42,6 +42,7 @@ from meshjax import models  # noqa: E402
 from meshjax.baselines import BASELINES, predict  # noqa: E402
 from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
+from meshjax.commands.compare import mesh_shapes  # noqa: E402
 from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
 from meshjax.hlo import inspect_compiled  # noqa: E402
@@ -50,7 +51,7 @@ from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
+MESHES = mesh_shapes(8)
 QUICK_MODELS = ["mlp-small", "gpt-tiny"]
 FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
 HARDWARE = list(PROFILES)
@@ -78,7 +79,7 @@ def run_layouts(ex, graph, mesh_shape, layouts, repeats: int) -> dict:
     compile_s = time.perf_counter() - start
     report = inspect_compiled(compiled, mesh)
     params, batch = program.place(ex.params, *ex.batch)
-    pv, av = jitted._split(params, batch)
+    pv, av = jitted.arguments(params, batch)
     jax.block_until_ready(compiled(pv, av))  # warm-up
     times = []
     for _ in range(repeats):

@@ -173,6 +173,16 @@ class NamedArray:
         return ops.elementwise("negative", self)
 
 
+def is_named(x: Any) -> bool:
+    """Whether ``x`` is a :class:`NamedArray`: the ``is_leaf`` of every pytree walk over named
+    arrays (a NamedArray is itself a pytree node).
+
+    >>> is_named(named(np.ones(2), "batch")), is_named(np.ones(2))
+    (True, False)
+    """
+    return isinstance(x, NamedArray)
+
+
 def named(value: Any, dims: DimsLike) -> NamedArray:
     """Wrap ``value`` (array-like) with dim names.
 

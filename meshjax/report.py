@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from meshjax.layout import spec_entry
+
 if TYPE_CHECKING:
     from meshjax.plan import Plan
 
@@ -14,15 +16,14 @@ if TYPE_CHECKING:
 def tensor_rows(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for name, t in plan.graph.tensors.items():
-        spec = plan.layouts[name].spec()
+        entries = [spec_entry(axes) for axes in plan.layouts[name].axes]
         rows.append(
             {
                 "name": name,
                 "dims": list(t.dims),
                 "shape": list(t.shape),
                 "role": t.role,
-                "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-                + [None] * (len(t.dims) - len(spec)),
+                "spec": [list(e) if isinstance(e, tuple) else e for e in entries],
             }
         )
     return rows

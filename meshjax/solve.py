@@ -13,6 +13,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from meshjax import devices
 from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
@@ -74,7 +75,7 @@ def solve(
     tensors that take most of it, and what would make it fit.
     """
     start = time.perf_counter()
-    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
+    mesh_shape = devices.mesh_shape(mesh)
     hw = get_hardware(hardware)
     budget = budget_bytes(memory_budget, hw)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from difflib import get_close_matches
 from types import ModuleType
@@ -59,7 +60,7 @@ def get(name: str, **overrides: Any) -> tuple[ModuleType, Any]:
         bad = sorted(set(overrides) - fields)
         if bad:
             raise MeshjaxError(f"model {name!r} has no config field {bad[0]!r} (fields: {', '.join(sorted(fields))})")
-        config = module.replace(config, **overrides)
+        config = dataclasses.replace(config, **overrides)
     return module, config
 
 

@@ -29,13 +29,12 @@ Example::
     >>> config = gpt.PRESETS["gpt-tiny"]
     >>> params = gpt.init(config, jax.random.key(0))
     >>> tokens, targets = gpt.example_batch(config, jax.random.key(1))
-    >>> gpt.loss(params, tokens, targets).dims
+    >>> jax.jit(gpt.loss)(params, tokens, targets).dims
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -46,26 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls, host_rng
+from meshjax.models.common import Constant, DecoderConfig, Normal, abstract_tokens, host_rng, layer_decls, param_functions
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a GPT-style decoder. ``heads * head_dim`` need not equal ``embed``."""
-
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
-    mlp: int = 128
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -143,23 +131,7 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
-    JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    """Number of parameters (computed from the declarations, nothing allocated)."""
-    return count_params(abstract_params(config))
-
-
-# --- the model -------------------------------------------------------------------------------
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
@@ -246,10 +218,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return mj.named(jnp.asarray(stream[:, :-1]), "batch seq"), mj.named(jnp.asarray(stream[:, 1:]), "batch seq")
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 # --- one block on its own --------------------------------------------------------------------
@@ -272,11 +241,6 @@ def block_example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArra
 
 def block_abstract_batch(config: Config) -> tuple[NamedArray]:
     return (mj.abstract("batch seq embed", sizes(config), config.dtype),)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` (the registry uses it for overrides)."""
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [

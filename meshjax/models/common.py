@@ -1,4 +1,5 @@
-"""Helpers shared by the model modules: initializers that JAX and numpy can both run.
+"""What the model modules share: initializers that JAX and numpy can both run, the decoders'
+common config fields, and the param functions every model derives from its declarations.
 
 The model params are declared with :class:`Normal` and :class:`Constant`, which are ordinary
 ``jax.nn.initializers``-style callables (so :func:`meshjax.init_params` works on the
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshjax.named import NamedArray, shape_of
-from meshjax.params import Param, path_name
+from meshjax.named import NamedArray, is_named, shape_of
+from meshjax.params import Param, abstract, abstract_params, path_name
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def host_init(decls: Any, sizes: dict[str, int], key: Any) -> Any:
 
 def count_params(params: Any) -> int:
     """Number of parameters in a pytree of NamedArrays (abstract ones too: nothing is read)."""
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, NamedArray))
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_named)
     return int(sum(math.prod(leaf.shape) for leaf in leaves))
 
 
@@ -91,9 +92,59 @@ def layer_decls(config: Any, block_decls: Callable[..., dict[str, Any]]) -> dict
     """A decoder's block declarations: ``{"blocks": stacked}`` when ``config.scan_layers``,
     else ``{"block_0": ..., "block_1": ...}`` (``config.layers`` of them).
 
-    >>> list(layer_decls(gpt.Config(layers=2), gpt.block_decls))     # doctest: +SKIP
+    >>> from meshjax.models import transformer
+    >>> list(layer_decls(transformer.Config(layers=2), transformer.block_decls))
     ['block_0', 'block_1']
     """
     if config.scan_layers:
         return {"blocks": block_decls(config, stacked=True)}
     return {f"block_{i}": block_decls(config) for i in range(config.layers)}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The fields every decoder's ``Config`` has (GPT, Llama, MoE); each adds its own."""
+
+    vocab: int = 64
+    seq: int = 16
+    embed: int = 32
+    heads: int = 4
+    head_dim: int = 8
+    mlp: int = 128
+    layers: int = 2
+    batch: int = 8
+    scan_layers: bool = False
+    dtype: str = "float32"
+
+
+def param_functions(decls: Callable[[Any], Any], sizes: Callable[[Any], dict[str, int]]):
+    """A model's ``init(config, key)``, ``abstract_params(config)`` and ``param_count(config)``,
+    from its ``decls(config)`` and ``sizes(config)``.
+
+    >>> from meshjax.models import mlp
+    >>> init, abstract_params, param_count = param_functions(mlp.decls, mlp.sizes)
+    >>> param_count(mlp.PRESETS["mlp-tiny"])     # embed 16 x mlp 64, twice
+    2048
+    """
+
+    def init(config: Any, key: jax.Array | int) -> Any:
+        """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
+        JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
+        return host_init(decls(config), sizes(config), key)
+
+    def abstract(config: Any) -> Any:
+        """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""
+        return abstract_params(decls(config), sizes(config))
+
+    def param_count(config: Any) -> int:
+        """Number of parameters (computed from the declarations, nothing allocated)."""
+        return count_params(abstract(config))
+
+    abstract.__name__ = "abstract_params"
+    return init, abstract, param_count
+
+
+def abstract_tokens(config: Any) -> tuple[NamedArray, NamedArray]:
+    """``(tokens, targets)`` of a decoder as ``jax.ShapeDtypeStruct`` values (int32 "batch seq")."""
+    sizes = {"batch": config.batch, "seq": config.seq}
+    return abstract("batch seq", sizes, jnp.int32), abstract("batch seq", sizes, jnp.int32)
