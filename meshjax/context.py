@@ -330,21 +330,7 @@ def emit(
     ``facts`` declares what the cost model needs beyond ``index`` (what the op's backward pass
     reads, whether it is a reduction); tracing an op without them is an error.
     """
-    return emit_with_name(kind, inputs, output, index, attrs, name, facts=facts)[0]
-
-
-def emit_with_name(
-    kind: str,
-    inputs: Sequence[NamedArray],
-    output: NamedArray,
-    index: IndexForm,
-    attrs: dict | None = None,
-    name: str | None = None,
-    *,
-    facts: OpFacts | None = None,
-) -> tuple[NamedArray, str | None]:
-    """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
     ctx = current()
     if ctx is None:
-        return output, None
-    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)
+        return output
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)[0]

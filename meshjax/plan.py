@@ -26,13 +26,12 @@ from typing import Any
 from jax.sharding import Mesh, PartitionSpec
 
 from meshjax import devices, report
-from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, Rules, rules_of, spec_entry
 from meshjax.optimizer import Optimizer
-from meshjax.solver.evaluate import OpCost
+from meshjax.solver.evaluate import OpCost, StepTotals
 from meshjax.solver.ilp import Solution
 from meshjax.solver.problem import Problem
 
@@ -51,7 +50,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(StepTotals):
     """A frozen record of what was solved: a layout per tensor (and per op operand, per param's
     optimizer state), the settings, and the figures :func:`meshjax.solver.evaluate.evaluate`
     priced for the choice. The plan never prices anything itself: its step time is the ILP's
@@ -111,27 +110,6 @@ class Plan:
         if rules is None:
             return None
         return [(d, spec_entry(a)) for d, a in rules.items()]
-
-    @property
-    def collectives(self) -> list[Collective]:
-        return [c for cost in self.op_costs for c in cost.collectives]
-
-    @property
-    def comm_bytes(self) -> float:
-        """Predicted comm bytes per step, defined as in :mod:`meshjax.inspect`."""
-        return sum(c.comm_bytes for c in self.collectives)
-
-    @property
-    def comm_time_s(self) -> float:
-        return sum(c.comm_time for c in self.op_costs)
-
-    @property
-    def compute_time_s(self) -> float:
-        return sum(c.compute_time for c in self.op_costs)
-
-    @property
-    def step_time_s(self) -> float:
-        return self.comm_time_s + self.compute_time_s
 
     def memory_breakdown(self) -> dict[str, float]:
         """Predicted bytes per device by kind (:data:`meshjax.solver.evaluate.MEMORY_KINDS`) and

@@ -75,9 +75,9 @@ def scan(
                 c_in, c_names = [], []
                 for outer, value in zip(carry_leaves, carry_values):
                     index = _identity_index(outer.dims, outer.sizes)
-                    inner, inner_name = context.emit_with_name(
-                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry", facts=LINEAR
-                    )
+                    inner, inner_name = NamedArray(value, outer.dims), None
+                    if ctx is not None:  # the carry's name inside the loop, for its back edge
+                        inner, inner_name = ctx.emit("loop_carry", [outer], inner, index, {}, "carry", LINEAR)
                     c_in.append(inner)
                     c_names.append(inner_name)
                 x_in = []

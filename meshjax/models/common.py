@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshjax.named import NamedArray, is_named, shape_of
-from meshjax.params import Param, abstract, abstract_params, path_name
+from meshjax.params import Param, abstract, abstract_params, param, path_name
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,28 @@ class DecoderConfig:
     batch: int = 8
     scan_layers: bool = False
     dtype: str = "float32"
+
+
+def decoder_sizes(config: DecoderConfig) -> dict[str, int]:
+    """A decoder's dim name -> size (``key_seq``, the attended positions, is ``seq``)."""
+    return {
+        "batch": config.batch,
+        "seq": config.seq,
+        "key_seq": config.seq,
+        "embed": config.embed,
+        "heads": config.heads,
+        "head_dim": config.head_dim,
+        "mlp": config.mlp,
+        "vocab": config.vocab,
+        "layers": config.layers,
+    }
+
+
+def declarer(config: DecoderConfig, stacked: bool = False) -> Callable[[str, Any], Param]:
+    """``p(dims, init)``: a param of ``config.dtype``, with a leading ``layers`` dim when
+    ``stacked`` (a scanned decoder's blocks)."""
+    lead = "layers " if stacked else ""
+    return lambda dims, init: param(lead + dims, init, config.dtype)
 
 
 def param_functions(decls: Callable[[Any], Any], sizes: Callable[[Any], dict[str, int]]):

@@ -55,8 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models.common import Constant, DecoderConfig, Normal, abstract_tokens, layer_decls, param_functions
-from meshjax.models.transformer import MASK_VALUE, block_keys
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, layer_decls, param_functions,
+)
+from meshjax.models.transformer import MASK_VALUE, block_keys, next_token_loss
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
 
@@ -95,19 +97,11 @@ def sizes(config: Config) -> dict[str, int]:
     """Dim name -> size."""
     _check(config)
     return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
+        **decoder_sizes(config),
         "kv_heads": config.kv_heads,
         "group": config.heads // config.kv_heads,
-        "head_dim": config.head_dim,
         "half": config.head_dim // 2,
         "pair": 2,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
     }
 
 
@@ -116,13 +110,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """One block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     return {
         "attn_norm": {"scale": p("embed", Constant(1.0))},
@@ -263,10 +253,7 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = R
 
 def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
-    with mj.scope("head"):
-        xent = mj.cross_entropy(logits, targets, name="xent")
-    return mj.mean(xent, "batch seq", name="loss")
+    return next_token_loss(forward(params, tokens), targets)
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:

@@ -54,7 +54,7 @@ from meshjax.context import emit
 from meshjax.graph import OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models.common import Constant, DecoderConfig, Normal, abstract_tokens, layer_decls, param_functions
+from meshjax.models.common import DecoderConfig, Normal, abstract_tokens, param_functions
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -118,15 +118,8 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
 
 
 def decls(config: Config) -> dict[str, Any]:
-    dt = config.dtype
-    tree: dict[str, Any] = {
-        "token_embed": mj.param("vocab embed", Normal(0.02), dt),
-        "pos_embed": mj.param("seq embed", Normal(0.01), dt),
-    }
-    tree.update(layer_decls(config, block_decls))
-    tree["ln_f"] = {"scale": mj.param("embed", Constant(1.0), dt), "bias": mj.param("embed", Constant(0.0), dt)}
-    tree["unembed"] = mj.param("embed vocab", Normal(0.02), dt)
-    return tree
+    """The GPT decoder's declarations with this module's blocks."""
+    return transformer.decls(config, block_decls)
 
 
 init, abstract_params, param_count = param_functions(decls, sizes)

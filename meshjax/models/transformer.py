@@ -45,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models.common import Constant, DecoderConfig, Normal, abstract_tokens, host_rng, layer_decls, param_functions
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, param_functions,
+)
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
@@ -71,19 +73,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def sizes(config: Config) -> dict[str, int]:
-    """Dim name -> size (``key_seq`` is ``seq``)."""
-    return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
-        "head_dim": config.head_dim,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
-    }
+sizes = decoder_sizes  # dim name -> size (``key_seq`` is ``seq``)
 
 
 # --- declarations ----------------------------------------------------------------------------
@@ -91,13 +81,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """Declarations of one block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))  # GPT-2's scaled residual projections
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     def norm() -> dict[str, mj.Param]:
         return {"scale": p("embed", Constant(1.0)), "bias": p("embed", Constant(0.0))}
@@ -115,8 +101,9 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     }
 
 
-def decls(config: Config) -> dict[str, Any]:
-    """Declarations of the whole decoder (see the module docstring for the names)."""
+def decls(config: Config, block_decls=block_decls) -> dict[str, Any]:
+    """Declarations of the whole decoder (see the module docstring for the names), its blocks
+    declared by ``block_decls`` (the MoE decoder passes its own)."""
     dt = config.dtype
     tree: dict[str, Any] = {
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
@@ -205,7 +192,12 @@ def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
 
 def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
+    return next_token_loss(forward(params, tokens), targets)
+
+
+def next_token_loss(logits: NamedArray, targets: NamedArray) -> NamedArray:
+    """Mean cross-entropy of ``logits`` "batch seq vocab" against ``targets`` "batch seq"
+    (tensors ``head/xent`` and ``loss``), the loss of every decoder here."""
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
