@@ -29,7 +29,7 @@ from meshjax import devices, report
 from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
-from meshjax.layout import Layout, Rules, rules_of, spec_entry
+from meshjax.layout import Layout, Rules, rules_conflict, rules_of, spec_entry
 from meshjax.optimizer import Optimizer
 from meshjax.solver.evaluate import OpCost, StepTotals
 from meshjax.solver.ilp import Solution
@@ -67,6 +67,9 @@ class Plan(StepTotals):
     problem: Problem | None = field(default=None, compare=False, repr=False)
     solution: Solution | None = None
     solve_time_s: float = 0.0
+    # Op name -> the layout an op computes its result in before a reduce-scatter or gather
+    # moves it to its planned layout (pinned first when lowered).
+    computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
 
     # --- what users read ---------------------------------------------------------------------
     @property
@@ -101,8 +104,14 @@ class Plan(StepTotals):
 
     @property
     def rules(self) -> Rules | None:
-        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name."""
+        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name;
+        ``None`` otherwise, and :meth:`rules_conflict` says which dim is split two ways."""
         return rules_of(self.graph, self.layouts)
+
+    def rules_conflict(self) -> str | None:
+        """Why :attr:`rules` is ``None``: the first dim split one way in one tensor and another
+        way in another (``None`` when the plan has rules)."""
+        return rules_conflict(self.layouts)
 
     def logical_axis_rules(self) -> list[tuple[str, Any]] | None:
         """``plan.rules`` in the form ``nnx.logical_axis_rules`` takes."""
@@ -152,7 +161,9 @@ class Plan(StepTotals):
         shape = devices.mesh_shape(mesh)
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts))
+        return Program(
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts)
+        )
 
     # --- output (meshjax.report) --------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:

@@ -1,11 +1,10 @@
 """What the model modules share: initializers that JAX and numpy can both run, the decoders'
 common config fields, and the param functions every model derives from its declarations.
 
-The model params are declared with :class:`Normal` and :class:`Constant`, which are ordinary
-``jax.nn.initializers``-style callables (so :func:`meshjax.init_params` works on the
-declarations), and can also draw on the host with numpy. :func:`host_init` uses the latter: on
-CPU, compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model,
-while numpy is instant. Values are deterministic in ``key`` but differ from ``init_params``'s.
+The model params are declared with :class:`meshjax.params.Normal` and
+:class:`~meshjax.params.Constant` (re-exported here), which draw on the host with numpy: on CPU,
+compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model, while
+numpy is instant (:func:`meshjax.init_params` does so for them).
 """
 
 from __future__ import annotations
@@ -19,67 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshjax.named import NamedArray, is_named, shape_of
-from meshjax.params import Param, abstract, abstract_params, param, path_name
-
-
-@dataclass(frozen=True)
-class Normal:
-    """``std * N(0, 1)``."""
-
-    std: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return (self.std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return (self.std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-
-@dataclass(frozen=True)
-class Constant:
-    """Every element ``value`` (``Constant(1.0)`` for norm scales, ``Constant(0.0)`` for biases)."""
-
-    value: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return jnp.full(shape, self.value, dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return np.full(shape, self.value, dtype)
-
-
-def _seed_words(key: Any) -> list[int]:
-    if isinstance(key, int):
-        return [key]
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return [int(w) for w in np.asarray(data).ravel()]
+from meshjax.named import NamedArray, is_named
+from meshjax.params import Constant, Normal, Param, abstract, abstract_params, init_params, param, seed_words  # noqa: F401  (Constant, Normal: for the models)
 
 
 def host_rng(key: Any, salt: str = "") -> np.random.Generator:
     """A numpy generator seeded by a JAX key (typed or raw) or an int, and a ``salt`` string."""
-    return np.random.default_rng([*_seed_words(key), *salt.encode()])
+    return np.random.default_rng([*seed_words(key), *salt.encode()])
 
-
-def host_init(decls: Any, sizes: dict[str, int], key: Any) -> Any:
-    """Materialise declarations made with :class:`Normal` / :class:`Constant` using numpy.
-
-    ``key`` is a JAX key (typed or raw) or an int seed; each param gets its own stream, derived
-    from the key and its path, so adding a param does not change the others.
-    """
-    seed = _seed_words(key)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(decls, is_leaf=lambda x: isinstance(x, Param))
-    out = []
-    for path, decl in leaves:
-        name = path_name(path)
-        shape = shape_of(decl.dims, sizes, context=f"param {name!r}")
-        init = decl.init
-        if not hasattr(init, "host"):
-            raise TypeError(f"param {name!r}: its initializer {init!r} cannot run on the host")
-        rng = np.random.default_rng([*seed, *name.encode()])  # = host_rng(key, name)
-        out.append(NamedArray(jnp.asarray(init.host(rng, shape, jnp.dtype(decl.dtype))), decl.dims))
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def count_params(params: Any) -> int:
@@ -150,9 +96,8 @@ def param_functions(decls: Callable[[Any], Any], sizes: Callable[[Any], dict[str
     """
 
     def init(config: Any, key: jax.Array | int) -> Any:
-        """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
-        JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
-        return host_init(decls(config), sizes(config), key)
+        """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast)."""
+        return init_params(decls(config), sizes(config), key)
 
     def abstract(config: Any) -> Any:
         """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""

@@ -61,6 +61,9 @@ class Config(DecoderConfig):
 PRESETS: dict[str, Config] = {
     "gpt-tiny": Config(vocab=64, seq=16, embed=32, heads=4, head_dim=8, mlp=128, layers=2, batch=8),
     "gpt-small": Config(vocab=256, seq=32, embed=64, heads=4, head_dim=16, mlp=256, layers=4, batch=16),
+    # `meshjax plan`'s default: wide enough for its weights that under cpu-sim splitting the
+    # MLP and attention over `model` beats replicating them, small enough to compile in seconds.
+    "gpt-demo": Config(vocab=512, seq=32, embed=256, heads=8, head_dim=32, mlp=1024, layers=2, batch=8),
     # Paper sizes (Brown et al. 2020, table 2.1), for abstract tracing and planning only. The
     # vocabulary 50257 is padded to 50304 (a multiple of 128) so it divides over mesh axes.
     "gpt3-125m": Config(vocab=50304, seq=2048, embed=768, heads=12, head_dim=64, mlp=3072, layers=12, batch=256),
@@ -119,6 +122,9 @@ def decls(config: Config, block_decls=block_decls) -> dict[str, Any]:
 
 
 init, abstract_params, param_count = param_functions(decls, sizes)
+
+
+# --- the model -------------------------------------------------------------------------------
 
 
 def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:

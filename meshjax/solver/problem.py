@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_working_set, keeps_operand, kept_copies, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, kept_copies, working_set
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
@@ -267,7 +267,7 @@ def build_problem(
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
-        recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
+        recompute = train and backward_reads(consumer, i, graph)
         cost = np.array(
             [
                 [
