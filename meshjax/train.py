@@ -442,19 +442,11 @@ class TrainStep:
         return self._step_fn.lower(state.params, state.opt_state, args)
 
 
-def make_train_step(
-    plan,
-    loss_fn,
-    mesh: Mesh,
-    optimizer: optax.GradientTransformation | Optimizer | None = None,
-    *,
-    donate: bool = True,
-    program=None,
-) -> TrainStep:
+def make_train_step(plan, loss_fn, mesh: Mesh, *args: Any, **kwargs: Any) -> TrainStep:
     """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
-    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
-    :class:`TrainStep`)."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
+    the other arguments are :class:`TrainStep`'s (``optimizer`` defaults to the plan's,
+    ``program`` to the plan's fully pinned one)."""
+    return TrainStep(plan, loss_fn, mesh, *args, **kwargs)
 
 
 __all__ = [
