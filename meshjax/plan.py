@@ -12,7 +12,7 @@ Example::
     >>> plan.rules                       # for nnx.logical_axis_rules, when uniform per name
     {'embed': (), 'mlp': ('model',), 'batch': ('data',)}
     >>> print(plan.summary())            # doctest: +ELLIPSIS
-    mesh {'data': 4, 'model': 2} on cpu-sim: step ... ms (comm ... ms, compute ... ms), comm 24.000 MiB, ...
+    mesh {'data': 4, 'model': 2} on cpu-sim: step ... ms (comm ... ms, compute ... ms), comm 25.17 MB, ...
     >>> from meshjax.devices import make_mesh
     >>> program = plan.program(ex.loss, make_mesh({"data": 4, "model": 2}))   # jax.jit, every tensor pinned
 """
