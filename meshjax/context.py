@@ -147,7 +147,7 @@ class Recorder(_Context):
             taken = self.tensors.get("/".join([*self.scopes, name]))
             if taken is not None and taken.role in ("param", "input"):
                 raise TraceError(
-                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"{kind} op named {name!r} would share its name with the {taken.role} {taken.name!r}; "
                     f"give the op another name"
                 )
         out_name = self.fresh_name(name or kind)
