@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
 def fidelity():
     spec = importlib.util.spec_from_file_location("fidelity_benchmark", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -21,7 +23,9 @@ def fidelity():
 def test_fidelity_subset_compares_and_writes(fidelity, tmp_path):
     rows, skipped = fidelity.run_grid(
         ["mlp-tiny"], ["4x2"], ["cpu-sim", "h100-node"],
-        setting_filter=lambda s: s.label in ("no budget", "budget 50%", "rules batch:data"),
+        setting_filter=lambda s: s.label in (
+            "no budget", "budget 50%", "rules batch:data", "rules batch=data,mlp=model,seq=none"
+        ),
     )
     assert {r.setting for r in rows} == {"no budget", "budget 50%", "rules batch:data"}
     assert {r.hardware for r in rows} == {"cpu-sim", "h100-node"}
