@@ -49,6 +49,7 @@ from meshjax import models  # noqa: E402
 from meshjax.baselines import BASELINES, predict  # noqa: E402
 from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
+from meshjax.commands.compare import mesh_shapes  # noqa: E402
 from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
 from meshjax.hlo import inspect_compiled  # noqa: E402
@@ -59,7 +60,7 @@ from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"  # the committed results: written only with --out naming it
-MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
+MESHES = mesh_shapes(8)
 QUICK_MODELS = ["mlp-small", "gpt-tiny"]
 FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
 HARDWARE = list(PROFILES)

@@ -256,7 +256,8 @@ def markdown(doc: dict) -> str:
         f"# Predicted vs compiled comm and memory{' (quick)' if doc['quick'] else ''}",
         "",
         f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, JAX {m['jax']}, {m['devices']}; "
-        f"{doc['wall_s']:.0f} s.",
+        f"{doc['wall_s']:.0f} s. Models: {', '.join(doc.get('models', []))}; meshes: "
+        f"{', '.join(doc.get('meshes', []))}; hardware: {', '.join(doc.get('hardware', []))}.",
         "Training plans (whole Adam step) compiled on simulated CPU devices. Ratios are compiled over predicted; "
         f"comm band {COMM_BAND[0]:.2f}-{COMM_BAND[1]:.2f}, memory band {MEMORY_BAND[0]:.2f}-{MEMORY_BAND[1]:.2f}. "
         "Predicted comm is the plan's collectives as XLA:CPU lowers them (a reduce-scatter priced for h100-node "

@@ -70,7 +70,7 @@ def parse_einsum(spec: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...
 def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=None) -> NamedArray:
     """Contract named arrays by a named spec. Operands may hold their dims in any order.
 
-    >>> x = named(jnp.ones((2, 3)), "embed batch")
+    >>> x = named(jnp.ones((3, 2)), "embed batch")
     >>> w = named(jnp.ones((3, 5)), "embed mlp")
     >>> einsum("batch embed, embed mlp -> batch mlp", x, w).shape
     (2, 5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from meshjax.layout import spec_entry
 from meshjax.units import format_bytes
 
 if TYPE_CHECKING:
@@ -16,15 +17,14 @@ if TYPE_CHECKING:
 def tensor_rows(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for name, t in plan.graph.tensors.items():
-        spec = plan.layouts[name].spec()
+        entries = [spec_entry(axes) for axes in plan.layouts[name].axes]
         rows.append(
             {
                 "name": name,
                 "dims": list(t.dims),
                 "shape": list(t.shape),
                 "role": t.role,
-                "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-                + [None] * (len(t.dims) - len(spec)),
+                "spec": [list(e) if isinstance(e, tuple) else e for e in entries],
             }
         )
     return rows

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from difflib import get_close_matches
 from typing import Any
 
+from meshjax import devices
 from meshjax.errors import LayoutError, MeshjaxError
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -78,7 +79,7 @@ def mesh_shape(mesh: Any) -> dict[str, int]:
     from jax.sharding import Mesh
 
     if isinstance(mesh, Mesh):
-        return dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape)))
+        return devices.mesh_shape(mesh)
     if isinstance(mesh, str):
         raise LayoutError(
             f"mesh {mesh!r}: pass a dict like {{'data': 4, 'model': 2}} or a jax Mesh "

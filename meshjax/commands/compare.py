@@ -56,10 +56,16 @@ def _baseline_names() -> list[str]:
 
 
 def mesh_shapes(n: int) -> list[dict[str, int]]:
-    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every a*b == n, a, b > 1."""
+    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every factorisation
+    of ``n`` into two factors > 1.
+
+    >>> mesh_shapes(8)
+    [{'data': 8}, {'model': 8}, {'data': 2, 'model': 4}, {'data': 4, 'model': 2}]
+    """
+    from meshjax.solve import factorisations
+
     out: list[dict[str, int]] = [{"data": n}, {"model": n}] if n > 1 else [{"data": 1}]
-    out += [{"data": a, "model": n // a} for a in range(2, n) if n % a == 0 and n // a > 1]
-    return out
+    return out + [{"data": a, "model": b} for a, b in (f for f in factorisations(n, 2) if len(f) == 2) if a > 1 and b > 1]
 
 
 def parse_meshes(text: str, n: int) -> list[dict[str, int]]:

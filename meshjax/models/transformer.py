@@ -29,13 +29,12 @@ Example::
     >>> config = gpt.PRESETS["gpt-tiny"]
     >>> params = gpt.init(config, jax.random.key(0))
     >>> tokens, targets = gpt.example_batch(config, jax.random.key(1))
-    >>> gpt.loss(params, tokens, targets).dims
+    >>> jax.jit(gpt.loss)(params, tokens, targets).dims
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -46,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls, host_rng
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, param_functions,
+)
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
@@ -56,20 +57,8 @@ scores, mask, softmax and context as separate ops (every intermediate visible to
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a GPT-style decoder. ``heads * head_dim`` need not equal ``embed``."""
-
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
-    mlp: int = 128
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
-    attention: str = "flash"  # one of ATTENTION_FORMS
 
 
 PRESETS: dict[str, Config] = {
@@ -90,19 +79,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def sizes(config: Config) -> dict[str, int]:
-    """Dim name -> size (``key_seq`` is ``seq``)."""
-    return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
-        "head_dim": config.head_dim,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
-    }
+sizes = decoder_sizes  # dim name -> size (``key_seq`` is ``seq``)
 
 
 # --- declarations ----------------------------------------------------------------------------
@@ -110,13 +87,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """Declarations of one block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))  # GPT-2's scaled residual projections
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     def norm() -> dict[str, mj.Param]:
         return {"scale": p("embed", Constant(1.0)), "bias": p("embed", Constant(0.0))}
@@ -134,8 +107,9 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     }
 
 
-def decls(config: Config) -> dict[str, Any]:
-    """Declarations of the whole decoder (see the module docstring for the names)."""
+def decls(config: Config, block_decls=block_decls) -> dict[str, Any]:
+    """Declarations of the whole decoder (see the module docstring for the names), its blocks
+    declared by ``block_decls`` (the MoE decoder passes its own)."""
     dt = config.dtype
     tree: dict[str, Any] = {
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
@@ -150,20 +124,7 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
-    values as ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    """Number of parameters (computed from the declarations, nothing allocated)."""
-    return count_params(abstract_params(config))
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -253,7 +214,12 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, form: str = "flash") 
 
 def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, form: str = "flash") -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens, form=form)
+    return next_token_loss(forward(params, tokens, form=form), targets)
+
+
+def next_token_loss(logits: NamedArray, targets: NamedArray) -> NamedArray:
+    """Mean cross-entropy of ``logits`` "batch seq vocab" against ``targets`` "batch seq"
+    (tensors ``head/xent`` and ``loss``), the loss of every decoder here."""
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
@@ -276,10 +242,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return mj.named(jnp.asarray(stream[:, :-1]), "batch seq"), mj.named(jnp.asarray(stream[:, 1:]), "batch seq")
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 # --- one block on its own --------------------------------------------------------------------
@@ -302,11 +265,6 @@ def block_example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArra
 
 def block_abstract_batch(config: Config) -> tuple[NamedArray]:
     return (mj.abstract("batch seq embed", sizes(config), config.dtype),)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` (the registry uses it for overrides)."""
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [
