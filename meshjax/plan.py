@@ -44,6 +44,9 @@ class Plan:
     solve_time_s: float = 0.0
     memory_budget: float | None = None
     op_costs: list[OpCost] = field(default_factory=list)
+    remat: dict[str, str] = field(default_factory=dict)  # repeated block -> policy (training)
+    microbatches: int = 1  # ``graph`` is one of this many micro-batches of the step
+    optimizer_state_factor: float = 2.0
 
     # --- what users read ---------------------------------------------------------------------
     @property
@@ -100,11 +103,13 @@ class Plan:
     def step_time_s(self) -> float:
         return self.comm_time_s + self.compute_time_s
 
-    def memory_breakdown(self, optimizer_state_factor: float = 2.0) -> dict[str, float]:
+    def memory_breakdown(self, optimizer_state_factor: float | None = None) -> dict[str, float]:
         """Predicted bytes per device by kind (see :func:`meshjax.solver.evaluate.memory_breakdown`)."""
         states = self.state_layouts if self.train else {}
+        factor = self.optimizer_state_factor if optimizer_state_factor is None else optimizer_state_factor
         return evaluate.memory_breakdown(
-            self.graph, self.mesh_shape, self.train, self.layouts, states, self.operand_layouts, optimizer_state_factor
+            self.graph, self.mesh_shape, self.train, self.layouts, states, self.operand_layouts, factor,
+            remat=self.remat, microbatches=self.microbatches,
         )
 
     @property
@@ -143,7 +148,7 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts)
+        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts, self.remat)
 
     @property
     def operand_layouts(self) -> dict[str, tuple[Layout, ...]]:

@@ -37,6 +37,9 @@ def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, me
         solve_time_s=solve_time,
         memory_budget=memory_budget,
         op_costs=op_costs(problem, solution.choice),
+        remat=dict(problem.remat),
+        microbatches=problem.microbatches,
+        optimizer_state_factor=problem.optimizer_state_factor,
     )
 
 
@@ -53,6 +56,8 @@ def solve(
     time_limit: float | None = None,
     optimizer_state_factor: float = 2.0,
     zero: bool = False,
+    remat: str | Mapping[str, str] = "none",
+    microbatches: int | str = 1,
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
@@ -61,21 +66,28 @@ def solve(
     gradients and optimizer state over more axes than their param. With ``memory_budget`` (bytes
     per device) layouts that do not fit are excluded; if none fits, the error gives the smallest
     memory any layout reaches and the tensors that dominate it.
+
+    In training, ``remat`` is a policy for every repeated block (``"none"``, ``"selective"``,
+    ``"full"``), a mapping block -> policy, or ``"auto"``: the solver picks each block's policy
+    together with the layouts. ``microbatches`` is a count of micro-batches the global batch is
+    split into (gradient accumulation), or ``"auto"``: the solver picks it among the divisors of
+    the batch. Both are chosen exactly: see :mod:`meshjax.levers`.
     """
+    from meshjax.levers import search
+
     start = time.perf_counter()
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
     hw = get_hardware(hardware)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
-    problem = build_problem(
-        graph, mesh_shape, hw, train=train, constraints=constraints,
-        optimizer_state_factor=optimizer_state_factor, zero=zero,
-    )
-    try:
-        solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
-    except InfeasibleError:
-        if memory_budget is None:
-            raise
-        raise _memory_infeasible(problem, memory_budget) from None
+
+    def build(g: Graph, policies: Mapping[str, str], k: int, cache: dict) -> Problem:
+        return build_problem(
+            g, mesh_shape, hw, train=train, constraints=constraints,
+            optimizer_state_factor=optimizer_state_factor, zero=zero, remat=policies, microbatches=k, cache=cache,
+        )
+
+    problem, solution = search(graph, build, train=train, remat=remat, microbatches=microbatches,
+                               memory_budget=memory_budget, time_limit=time_limit, infeasible=_memory_infeasible)
     return plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
 
 

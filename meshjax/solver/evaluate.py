@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshjax.cost.collectives import Collective
-from meshjax.cost.memory import backward_working_set, kept_copies, working_set
+from meshjax.cost.memory import backward_working_set, working_set
+from meshjax.cost.remat import kept_under, working_under
 from meshjax.cost.strategies import per_device_bytes, reshard
 from meshjax.graph import Graph
 from meshjax.layout import Layout
@@ -35,25 +36,30 @@ def op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
     for e in problem.edges:
         a = e.src_group[choice[e.src]]
         b = e.dst_group[choice[e.dst]]
-        t, colls = reshard(
+        _, colls = reshard(
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
         )
-        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
+        if e.rerun:  # a rematerialised consumer's forward reshard runs again
+            colls += reshard(e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware)[1]
+        incoming[e.dst].append((float(e.cost[a, b]), tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
     out = []
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         if node.op is None:
             continue
         s = node.options[c]
         mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in s.collectives)
+        ran = s.collectives + (tuple(node.recompute_collectives[c]) if node.recompute_collectives is not None else ())
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in ran)
+        compute = s.compute_time * mult + (float(node.recompute_compute[c]) if node.recompute_compute is not None else 0.0)
         comm = s.comm_time * mult
         for t, extra in incoming.get(k, []):
             comm += t
             colls += extra
-        # A self-edge (tied instances feeding their own twin) was folded into the node's time.
-        comm += float(node.time[c]) - s.time * mult
-        out.append(OpCost(node.key, node.op.kind, s.label, comm, s.compute_time * mult, colls))
+        # A self-edge (tied instances feeding their own twin) and a recomputation's collectives
+        # were folded into the node's time.
+        comm += float(node.time[c]) - s.time * mult - (compute - s.compute_time * mult)
+        out.append(OpCost(node.key, node.op.kind, s.label, comm, compute, colls))
     return out
 
 
@@ -91,12 +97,22 @@ def memory_breakdown(
     states: Mapping[str, Layout],
     operands: Mapping[str, tuple[Layout, ...]],
     optimizer_state_factor: float = 2.0,
+    remat: Mapping[str, str] | None = None,
+    microbatches: int = 1,
 ) -> dict[str, float]:
     """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations
-    (in training, those kept for the backward pass, plus its peak)."""
+    (in training, those kept for the backward pass, plus its peak). With ``remat`` (block ->
+    policy), ``recompute`` is what a recomputing block holds for one instance; with
+    ``microbatches`` (``graph`` is one micro-batch), ``grad_accumulator`` the summed gradients
+    and ``inputs`` the whole batch."""
+    from meshjax.microbatch import accumulator_bytes
+
     out: dict[str, float] = defaultdict(float)
     peak = 0.0
-    kept = kept_copies(graph) if train else {}
+    kept = kept_under(graph, remat) if train else {}
+    if train and remat:
+        for name, copies in working_under(graph, remat).items():
+            out["recompute"] += copies * per_device_bytes(graph.tensors[name], layouts[name], mesh_shape)
     for name, tensor in graph.tensors.items():
         b = per_device_bytes(tensor, layouts[name], mesh_shape)
         if tensor.role == "param":
@@ -104,8 +120,10 @@ def memory_breakdown(
             if train:
                 out["grads"] += b  # computed in the param's layout, whatever the state's
                 out["optimizer_state"] += per_device_bytes(tensor, states[name], mesh_shape) * optimizer_state_factor
+                if microbatches > 1:
+                    out["grad_accumulator"] += accumulator_bytes(tensor, layouts[name], mesh_shape)
         elif tensor.role == "input":
-            out["inputs"] += b
+            out["inputs"] += b * microbatches
         elif tensor.role != "constant":
             if train:
                 out["activations"] += kept.get(name, 0) * b * graph.trip_count(tensor.block)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_working_set, keeps_operand, kept_copies, working_set
+from meshjax.cost.memory import backward_working_set, keeps_operand, working_set
+from meshjax.cost.remat import kept_under, recompute_times, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
 from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.errors import InfeasibleError
@@ -79,6 +80,8 @@ class Node:
     peak: np.ndarray  # per option: bytes of a transient (training: the backward's; inference: the op's working set)
     multiplicity: int
     members: list[str]  # every tensor name this node decides
+    recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
+    recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Edge:
     multiplicity: int
     needs_grad: bool = True
     recompute: bool = False  # the consumer's backward re-does the reshard (it reads the operand)
+    rerun: bool = False  # the consumer is rematerialised: its forward reshard runs again
 
 
 @dataclass
@@ -106,6 +110,9 @@ class Problem:
     nodes: list[Node]
     edges: list[Edge]
     node_of: dict[str, int]  # tensor name -> node index
+    remat: dict[str, str] = field(default_factory=dict)  # repeated block -> policy
+    microbatches: int = 1
+    optimizer_state_factor: float = 2.0
 
     def total_time(self, choice: Sequence[int]) -> float:
         t = sum(float(n.time[c]) for n, c in zip(self.nodes, choice))
@@ -161,12 +168,20 @@ def build_problem(
     constraints: Constraints | None = None,
     optimizer_state_factor: float = 2.0,
     zero: bool = False,
+    remat: Mapping[str, str] | None = None,
+    microbatches: int = 1,
+    cache: dict | None = None,
 ) -> Problem:
     """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
 
     ``optimizer_state_factor``: optimizer-state bytes per parameter byte (Adam keeps two moments).
     ``zero``: in training, let optimizer state be sharded over more mesh axes than its param
     (ZeRO-1); sharding the param itself (FSDP / ZeRO-3) is always an option.
+    ``remat``: repeated block -> policy (:mod:`meshjax.cost.remat`), in training.
+    ``microbatches``: ``graph`` is one of that many micro-batches of the step
+    (:mod:`meshjax.microbatch`): ops and reshards run that many times, the optimizer once.
+    ``cache``: a dict shared by builds of the same graph and mesh (other policies) to reuse
+    the strategies and reshard times priced before.
     """
     mesh_shape = dict(mesh_shape)
     constraints = constraints or Constraints()
@@ -177,7 +192,11 @@ def build_problem(
 
     nodes: list[Node] = []
     node_of: dict[str, int] = {}
-    kept = kept_copies(graph) if train else {}
+    remat = {u: p for u, p in (remat or {}).items() if p != "none"} if train else {}
+    kept = kept_under(graph, remat) if train else {}
+    working = working_under(graph, remat)
+    units = unit_of(graph) if remat else {}
+    cache = {} if cache is None else cache
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
@@ -219,9 +238,11 @@ def build_problem(
                 time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
                 nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
         else:
+            if ("strategies", op.name) not in cache:
+                cache[("strategies", op.name)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
             strategies = [
                 s
-                for s in op_strategies(op, graph, mesh_shape, hardware, train=train)
+                for s in cache[("strategies", op.name)]
                 if constraints.allows(s.result_layout) and all(constraints.allows(l) for l in s.operand_layouts)
                 and (pin is None or s.result_layout == pin)
             ]
@@ -233,13 +254,19 @@ def build_problem(
             if train:
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
-                memory = act * mult * kept.get(key, 0)
+                # A recomputing block also holds what one instance recomputes (charged as resident).
+                memory = act * (mult * kept.get(key, 0) + working.get(key, 0))
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
             else:
                 memory = np.zeros(len(strategies))
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
-            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names))
+            recompute, rerun_colls = None, None
+            if units.get(op.name) in remat and _recomputed(graph, units[op.name], remat, op.name):
+                extra, recompute, rerun_colls = recompute_times(op, graph, strategies, mesh_shape, hardware, cache)
+                time = time + extra * mult
+                recompute = recompute * mult
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names, recompute, rerun_colls))
         for name in names:
             node_of[name] = len(nodes) - 1
 
@@ -249,13 +276,17 @@ def build_problem(
         for i, name in enumerate(op.inputs):
             edge_mult[(node_of[name], dst, i, canon[name])] += graph.trip_count(op.block)
 
-    cache: dict[tuple, float] = {}
-
-    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool) -> float:
+    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool, rerun: bool = False) -> float:
         key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
         if key not in cache:
             cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad, recompute=recompute)[0]
-        return cache[key]
+        if not rerun:
+            return cache[key]
+        # A recomputed consumer re-does its forward reshard.
+        fwd = ("forward", *key[:5])
+        if fwd not in cache:
+            cache[fwd] = reshard(tensor, a, b, mesh_shape, hardware)[0]
+        return cache[key] + cache[fwd]
 
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
@@ -266,12 +297,13 @@ def build_problem(
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
         recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
+        rerun = units.get(consumer.name) in remat and _recomputed(graph, units[consumer.name], remat, consumer.name)
         cost = np.array(
             [
                 [
                     np.inf
                     if _gathers_before_reducing(consumer, i, a, b)
-                    else reshard_time(tensor, a, b, needs_grad, recompute) * mult
+                    else reshard_time(tensor, a, b, needs_grad, recompute, rerun) * mult
                     for b in dst_layouts
                 ]
                 for a in src_layouts
@@ -281,8 +313,41 @@ def build_problem(
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute))
-    return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun))
+    problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, dict(remat), microbatches, optimizer_state_factor)
+    if microbatches > 1:
+        _accumulate(problem, microbatches)
+    return problem
+
+
+def _recomputed(graph: Graph, unit: str, remat: Mapping[str, str], op_name: str) -> bool:
+    from meshjax.cost.remat import remat_effect
+
+    return op_name in remat_effect(graph, unit, remat[unit]).recomputed
+
+
+def _accumulate(problem: Problem, k: int) -> None:
+    """Price ``k`` micro-batches: every op and reshard runs ``k`` times; the global batch is
+    fed (and held) once; each param gets a float32 gradient accumulator (see
+    :func:`meshjax.microbatch.accumulator_bytes`)."""
+    from meshjax.microbatch import accumulator_bytes
+
+    for node in problem.nodes:
+        if node.op is not None:
+            node.time = node.time * k
+            node.multiplicity *= k
+            if node.recompute_compute is not None:
+                node.recompute_compute = node.recompute_compute * k
+        elif node.tensor.role == "input":
+            node.time = node.time * k
+            node.memory = node.memory * k
+        elif node.tensor.role == "param" and problem.train:
+            node.memory = node.memory + np.array(
+                [accumulator_bytes(node.tensor, l, problem.mesh_shape) for l in node.result_layouts]
+            ) * node.multiplicity
+    for e in problem.edges:
+        e.cost = e.cost * k
+        e.multiplicity *= k
 
 
 def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
