@@ -56,6 +56,7 @@ def add_parser(commands) -> None:
     plan.add_argument("--rules", default=None,
                       help='dim rules: "batch=data,mlp=model,seq=none" or "batch:data;seq:none"')
     plan.add_argument("--memory-limit", default=None, help="per-device memory budget, e.g. 16GiB")
+    add_lever_arguments(plan)
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
@@ -64,6 +65,27 @@ def add_parser(commands) -> None:
 
 
 # --- shared helpers (used by ``compare`` too) -----------------------------------------------
+
+
+def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--remat`` and ``--microbatches``, shared by ``plan`` and ``train``."""
+    parser.add_argument("--remat", default="auto", choices=("auto", "none", "selective", "full"),
+                        help="rematerialisation of every repeated block; auto: the solver picks per block (default)")
+    parser.add_argument("--microbatches", default="auto", metavar="auto|N",
+                        help="gradient accumulation over N micro-batches; auto: the solver picks (default)")
+
+
+def parse_microbatches(text: str) -> int | str:
+    """``"auto"`` or a positive count."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise MeshjaxError(f"--microbatches {text!r}: expected auto or a positive integer")
+    return value
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -182,6 +204,8 @@ def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
     }
     if compiled is not None:
         out["compiled"] = compiled_json(compiled)
+    out["remat"] = full["remat"]
+    out["microbatches"] = full["microbatches"]
     out["solve_time_s"] = plan.solve_time_s
     return out
 
@@ -201,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     hardware = get_hardware(args.hardware)
     rules = parse_rules(args.rules) if args.rules else None
     overrides = parse_overrides(args.overrides)
+    microbatches = parse_microbatches(args.microbatches)
     compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
     n = math.prod(mesh_shape.values())
     if compile_it or args.devices is not None:
@@ -214,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     console = commands.console()
     model = load_model(args.model, overrides)
     graph = mj.trace(model.loss, model.params, *model.batch)
-    plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
+    plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget,
+                 remat=args.remat if args.train else "none", microbatches=microbatches if args.train else 1)
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())

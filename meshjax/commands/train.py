@@ -18,6 +18,8 @@ shards of a checkpoint (``--checkpoint`` must be on a filesystem every process s
 from __future__ import annotations
 
 import argparse
+
+from meshjax.commands.plan import add_lever_arguments
 import json
 import math
 import os
@@ -36,6 +38,10 @@ def add_parser(commands) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
     p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
+    p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
+                   help="override model config fields, e.g. scan_layers=true,layers=4")
+    p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB")
+    add_lever_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
     p.add_argument("--losses-json", dest="losses_json", default=None, metavar="FILE", help="write the losses as JSON")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="save a checkpoint here at the end")
@@ -48,8 +54,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshjax.commands.plan import parse_microbatches, parse_overrides
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
+    from meshjax.units import parse_bytes
 
     axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
     mesh_shape = parse_mesh_shape(args.mesh, axes)
@@ -61,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise MeshjaxError(f"--{flag} must be positive, got {value}")
+    config_overrides = parse_overrides(args.overrides)
+    microbatches = parse_microbatches(args.microbatches)
+    budget = parse_bytes(args.memory_limit) if args.memory_limit else None
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
     # Before anything starts a JAX backend.
@@ -96,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     multi = jax.process_count() > 1
     console = commands.console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
-    overrides: dict[str, Any] = {"vocab": data.VOCAB}
+    overrides: dict[str, Any] = {**config_overrides, "vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
     if args.seq is not None:
@@ -112,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     # axes that cross them on the slow link.
     mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
     hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
-    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
+    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules, memory_budget=budget,
+                 remat=args.remat, microbatches=microbatches)
     trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")

@@ -5,6 +5,7 @@ breakdown. The plan reports these; it never prices anything itself.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,18 @@ def op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
         out.append(OpCost(node.key, node.op.kind, s.label, comm, compute, colls))
     return out
 
+
+
+def recompute_flops(problem: Problem, choice: Sequence[int]) -> float:
+    """Floating-point work per device the backward pass spends recomputing (rematerialised
+    blocks' forward ops), per step."""
+    total = 0.0
+    for node, c in zip(problem.nodes, choice):
+        if node.op is None or node.recompute_compute is None:
+            continue
+        split = math.prod(problem.mesh_shape[a] for _, axes in node.options[c].assign for a in axes)
+        total += node.op.index.flops / split * node.multiplicity
+    return total
 
 
 def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[Layout, ...]]:
