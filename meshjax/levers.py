@@ -20,10 +20,10 @@ Without a budget the levers only cost time: ``auto`` is no recompute and one mic
 
 Example::
 
-    >>> plan = solve(graph, {"data": 8, "model": 8}, train=True, memory_budget=80e9,
-    ...              remat="auto", microbatches="auto")                   # doctest: +SKIP
-    >>> plan.remat, plan.microbatches
-    ({'blocks': 'selective'}, 8)
+    >>> plan = solve(graph, {"data": 8, "model": 8}, train=True, memory_budget=80e9,   # doctest: +SKIP
+    ...              remat="auto", microbatches="auto")
+    >>> plan.remat, plan.microbatches                                      # doctest: +SKIP
+    ({'blocks': 'full'}, 12)
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def search(
             assignments = assignments[:1]
         if microbatches == "auto":
             ks = [1]
+    else:
+        # Under a budget the leanest policies fit soonest: their plan is a cutoff for the rest.
+        assignments = assignments[::-1]
     searching = len(ks) > 1 or len(assignments) > 1
     limit = memory_budget * (1 + BUDGET_TOLERANCE) if memory_budget is not None else math.inf
 
@@ -151,12 +154,12 @@ def search(
                     continue
                 break  # more micro-batches only add time
             try:
-                solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=remaining())
+                solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=remaining(), cutoff=best_time)
             except InfeasibleError:
                 if memory_budget is None:
                     raise
                 continue
-            if solution.objective < best_time:
+            if solution is not None and solution.objective < best_time:
                 best, best_time = (problem, solution), solution.objective
             break  # the fewest micro-batches that fit these policies
     if best is None:

@@ -10,8 +10,11 @@ update runs once.
 
 Example::
 
-    >>> micro = split_batch(graph, 4)                               # doctest: +SKIP
-    >>> micro.tensors["tokens"].shape, graph.tensors["tokens"].shape
+    >>> import meshjax as mj
+    >>> from meshjax import models
+    >>> ex = models.example("gpt-tiny", abstract=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> split_batch(graph, 4).tensors["tokens"].shape, graph.tensors["tokens"].shape
     ((2, 16), (8, 16))
 """
 

@@ -29,4 +29,10 @@ def repeated(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     with context.scope(name):
         if policy is None:
             return fn(*args)
-        return jax.checkpoint(fn, policy=policy)(*args)
+
+        # A fresh function per instance: jax.checkpoint caches traces by function, and a cached
+        # trace would carry another instance's tensor names (which its policy does not save).
+        def instance(*values: Any) -> Any:
+            return fn(*values)
+
+        return jax.checkpoint(instance, policy=policy)(*args)

@@ -29,7 +29,8 @@ def test_plan_gpt_small_json(tmp_path, capsys):
                "--rules", "batch=data,seq=none"])
     assert rc == 0
     doc = json.loads(path.read_text())
-    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "solve_time_s"]
+    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "remat",
+                         "microbatches", "solve_time_s"]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
     assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes"}
     tensor = next(t for t in doc["tensors"] if t["name"] == "tokens")

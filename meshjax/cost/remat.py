@@ -18,9 +18,14 @@ are :func:`saved_names`, so what runs is what is priced.
 
 Example::
 
-    >>> effect = remat_effect(graph, "blocks", "selective")          # doctest: +SKIP
-    >>> sorted(effect.kept)[:2], sorted(effect.recomputed)[:2]
-    (['blocks/attn/k', 'blocks/attn/q'], ['blocks/attn/ln', 'blocks/attn/probs'])
+    >>> import meshjax as mj
+    >>> from meshjax import models
+    >>> ex = models.example("gpt-tiny", abstract=True, scan_layers=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> sorted(remat_effect(graph, "blocks", "selective").kept)
+    ['blocks/attn/k', 'blocks/attn/out', 'blocks/attn/q', 'blocks/attn/v', 'blocks/carry', 'blocks/mlp/hidden']
+    >>> sorted(remat_effect(graph, "blocks", "full").kept)
+    ['blocks/carry']
 """
 
 from __future__ import annotations
