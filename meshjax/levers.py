@@ -1,20 +1,19 @@
 """Choosing the memory levers with the layouts: a rematerialisation policy per repeated block
-and the number of micro-batches, exactly.
+and the number of micro-batches.
 
 For a fixed micro-batch count ``k`` and policy per block, the layouts are the layout ILP's
 (:func:`~meshjax.solver.ilp.solve_ilp`) with the policies' terms in its coefficients
-(:mod:`meshjax.cost.remat`, :mod:`meshjax.microbatch`). The search visits the pairs and proves
-the best one optimal with bounds, without solving most of them:
+(:mod:`meshjax.cost.remat`, :mod:`meshjax.microbatch`), solved exactly. Around it:
 
-- *memory*: the least memory a problem can reach (each node at its leanest option) must fit
-  the budget; before building a ``k``, a bound scaled from ``k = 1`` under the leanest policies
-  (batch-sized bytes shrink by ``k``) screens it out;
-- *time*: the least time a problem can reach (each node and edge at its fastest) must beat the
-  best plan found;
-- *monotone in k*: a layout that runs ``k'`` micro-batches (``k'`` a multiple of ``k``) is never
-  faster than the same layout at ``k`` (the same flops and bytes, more collective launches), and
-  rematerialising only adds time, so once the fastest plan at ``k`` with no recompute and no
-  budget is no faster than the best found, no multiple of ``k`` can beat it.
+- *policies*: every assignment of ``none`` / ``selective`` / ``full`` to the scan bodies
+  (``auto``; unrolled blocks keep ``none`` unless forced), leanest first under a budget, so the
+  first plan found is a cutoff: a later assignment's ILP stops as soon as its relaxation bound
+  proves it cannot beat the best plan (``solve_ilp(cutoff=...)``);
+- *micro-batches*: for each assignment, the fewest micro-batches that fit. Counts are screened
+  before any problem is built with a memory lower bound scaled from one micro-batch
+  (batch-sized bytes shrink by ``k``). More micro-batches run the same layouts with more
+  collective launches and weight re-gathers, so they are slower for a fixed layout; the search
+  does not prove that no larger count unlocks a faster layout.
 
 Without a budget the levers only cost time: ``auto`` is no recompute and one micro-batch.
 
@@ -43,7 +42,7 @@ from meshjax.solver.ilp import Solution, solve_ilp
 from meshjax.solver.problem import Problem
 from meshjax.solver.reduce import BUDGET_TOLERANCE
 
-Build = Callable[[Graph, Mapping[str, str], int, dict], Problem]
+Build = Callable[..., Problem]  # (graph, policies, k, cache, edges=True) -> Problem
 
 
 def policy_assignments(graph: Graph, remat: str | Mapping[str, str], train: bool) -> list[dict[str, str]]:
@@ -58,8 +57,13 @@ def policy_assignments(graph: Graph, remat: str | Mapping[str, str], train: bool
             raise MeshjaxError(f"remat policy {bad[0]!r}: expected one of {', '.join(POLICIES)}")
         return [{u: remat.get(u, "none") for u in units}]
     if remat == "auto":
-        combos = itertools.product(POLICIES, repeat=len(units))
-        return [dict(zip(units, c)) for c in sorted(combos, key=lambda c: sorted(POLICIES.index(p) for p in c)[::-1])]
+        # Only scan bodies: XLA schedules an unrolled block's recomputation wherever it likes
+        # (measured on XLA:CPU: all of it at the start of the backward pass, saving nothing),
+        # while a scan runs it one iteration at a time. ``--remat`` still forces unrolled ones.
+        chosen = [u for u in units if graph.blocks[u].kind == "scan"]
+        combos = itertools.product(POLICIES, repeat=len(chosen))
+        ordered = sorted(combos, key=lambda c: sorted(POLICIES.index(p) for p in c)[::-1])
+        return [{u: dict(zip(chosen, c)).get(u, "none") for u in units} for c in ordered]
     if remat not in POLICIES:
         raise MeshjaxError(f"remat {remat!r}: expected auto or one of {', '.join(POLICIES)}")
     return [{u: remat for u in units}]
@@ -138,20 +142,20 @@ def search(
     best: tuple[Problem, Solution] | None = None
     best_time = math.inf
     leanest: Problem | None = None
-    cache_1: dict = {}
-    caches: dict[int, dict] = {1: cache_1}
+    cache: dict = {}  # strategies and reshard times, shared by every build
     for policies in assignments:
         screen = None
         if len(ks) > 1 and memory_budget is not None:
-            screen = _scaled_memory(build(graph, policies, 1, cache_1), BATCH_DIM)
+            screen = _scaled_memory(build(graph, policies, 1, cache, edges=False), BATCH_DIM)
         for k in ks:
             if screen is not None and screen(k) > limit:
                 continue
-            problem = build(split_batch(graph, k, BATCH_DIM), policies, k, caches.setdefault(k, {}))
+            g = split_batch(graph, k, BATCH_DIM)
+            if searching and least_memory(build(g, policies, k, cache, edges=False)) > limit:
+                continue
+            problem = build(g, policies, k, cache)
             leanest = problem
-            if searching and (least_memory(problem) > limit or least_time(problem) >= best_time):
-                if least_memory(problem) > limit:
-                    continue
+            if searching and least_time(problem) >= best_time:
                 break  # more micro-batches only add time
             try:
                 solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=remaining(), cutoff=best_time)

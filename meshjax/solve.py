@@ -80,10 +80,10 @@ def solve(
     hw = get_hardware(hardware)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
 
-    def build(g: Graph, policies: Mapping[str, str], k: int, cache: dict) -> Problem:
+    def build(g: Graph, policies: Mapping[str, str], k: int, cache: dict, edges: bool = True) -> Problem:
         return build_problem(
-            g, mesh_shape, hw, train=train, constraints=constraints,
-            optimizer_state_factor=optimizer_state_factor, zero=zero, remat=policies, microbatches=k, cache=cache,
+            g, mesh_shape, hw, train=train, constraints=constraints, optimizer_state_factor=optimizer_state_factor,
+            zero=zero, remat=policies, microbatches=k, cache=cache, edges=edges,
         )
 
     problem, solution = search(graph, build, train=train, remat=remat, microbatches=microbatches,

@@ -19,7 +19,10 @@ from meshjax.errors import MeshjaxError
 from meshjax.hlo import inspect_compiled
 from meshjax.microbatch import split_batch
 from meshjax.solve import solve
+from meshjax.cost.hardware import get_hardware
 from meshjax.solver.evaluate import recompute_flops
+from meshjax.solver.ilp import solve_ilp
+from meshjax.solver.problem import build_problem
 from meshjax.train import make_train_step
 from meshjax.verify import compile_plan
 
@@ -88,15 +91,11 @@ def test_training_under_levers_matches_one_device(scan, remat, k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", [
-    "selective",
-    # Measured 1.01 and 1.11 on two runs: XLA:CPU's schedule of the recomputation varies.
-    pytest.param("full", marks=pytest.mark.xfail(reason="compiled/predicted memory measured up to 1.11", strict=False)),
-])
-def test_compiled_memory_matches_prediction(remat):
-    ex, g = _graph("gpt-small")
+@pytest.mark.parametrize("remat,k", [("selective", 1), ("full", 1), ("full", 2)])
+def test_compiled_memory_matches_prediction(remat, k):
+    ex, g = _graph("gpt-small", scan_layers=True)
     mesh_shape = {"data": 4, "model": 2}
-    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat=remat, microbatches=2)
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat=remat, microbatches=k)
     mesh = make_mesh(mesh_shape)
     report = inspect_compiled(compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch), mesh)
     assert 0.9 <= report.memory["peak_bytes"] / plan.peak_memory_bytes <= 1.1
@@ -104,6 +103,7 @@ def test_compiled_memory_matches_prediction(remat):
 
 @pytest.mark.slow
 def test_full_remat_compiled_flops_match_predicted_recompute():
+    # Unrolled, one micro-batch: XLA's cost analysis counts a while loop's body once.
     ex, g = _graph("gpt-small")
     mesh_shape = {"data": 4, "model": 2}
     mesh = make_mesh(mesh_shape)
@@ -116,6 +116,22 @@ def test_full_remat_compiled_flops_match_predicted_recompute():
     assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(reason="measured compiled/predicted 1.115: a scanned block's weight-slice gradients "
+                          "coexist in the backward pass, which the working-set model does not count", strict=False)
+def test_half_the_least_memory_compiles_within_budget():
+    ex, g = _graph("gpt-small", scan_layers=True)
+    mesh_shape = {"data": 4, "model": 2}
+    least = solve_ilp(build_problem(g, mesh_shape, get_hardware("cpu-sim"), train=True), objective="memory").memory
+    budget = least / 2
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, memory_budget=budget, remat="auto", microbatches="auto")
+    assert plan.peak_memory_bytes <= budget and (plan.remat != {"blocks": "none"} or plan.microbatches > 1)
+    mesh = make_mesh(mesh_shape)
+    compiled = inspect_compiled(compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch), mesh).memory["peak_bytes"]
+    assert 0.9 <= compiled / plan.peak_memory_bytes <= 1.1
+    assert compiled <= budget
+
+
 def test_cli_plan_reports_levers(tmp_path, capsys):
     out = tmp_path / "plan.json"
     code = cli.main(["plan", "gpt-tiny", "--mesh", "4x2", "--no-verify", "--remat", "full", "--microbatches", "2",
@@ -125,3 +141,16 @@ def test_cli_plan_reports_levers(tmp_path, capsys):
     assert doc["remat"] == {"block_": "full"} and doc["microbatches"] == 2
     assert cli.main(["plan", "gpt-tiny", "--no-verify", "--microbatches", "0"]) != 0
     assert "--microbatches '0'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_under_half_the_memory_matches_one_device(tmp_path):
+    _, g = _graph("gpt-small", scan_layers=True)
+    least = solve_ilp(build_problem(g, {"data": 4, "model": 2}, get_hardware("cpu-sim"), train=True), objective="memory").memory
+    common = ["gpt-small", "--steps", "10", "--set", "scan_layers=true"]
+    levers, one = tmp_path / "levers.json", tmp_path / "one.json"
+    assert cli.main(["train", *common, "--mesh", "4x2", "--memory-limit", f"{least / 2:.0f}B",
+                     "--losses-json", str(levers)]) == 0
+    assert cli.main(["train", *common, "--mesh", "1", "--axes", "data", "--remat", "none", "--microbatches", "1",
+                     "--losses-json", str(one)]) == 0
+    np.testing.assert_allclose(json.loads(levers.read_text())["losses"], json.loads(one.read_text())["losses"], rtol=1e-4)

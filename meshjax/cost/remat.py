@@ -267,11 +267,10 @@ def recompute_times(
     (compute and forward collectives, as the forward strategy with the same split runs them),
     the compute part of it, and the collectives it re-runs."""
     cache = {} if cache is None else cache
-    if ("forward", op.name) not in cache:
-        cache[("forward", op.name)] = {
-            (s.assign, s.result_layout): s for s in op_strategies(op, graph, mesh_shape, hw, train=False)
-        }
-    forward = cache[("forward", op.name)]
+    key = ("forward strategies", op.name, op.index)
+    if key not in cache:
+        cache[key] = {(s.assign, s.result_layout): s for s in op_strategies(op, graph, mesh_shape, hw, train=False)}
+    forward = cache[key]
     total, compute, colls = [], [], []
     for s in strategies:
         f = forward.get((s.assign, s.result_layout))

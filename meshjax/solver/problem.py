@@ -171,6 +171,7 @@ def build_problem(
     remat: Mapping[str, str] | None = None,
     microbatches: int = 1,
     cache: dict | None = None,
+    edges: bool = True,
 ) -> Problem:
     """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
 
@@ -180,8 +181,9 @@ def build_problem(
     ``remat``: repeated block -> policy (:mod:`meshjax.cost.remat`), in training.
     ``microbatches``: ``graph`` is one of that many micro-batches of the step
     (:mod:`meshjax.microbatch`): ops and reshards run that many times, the optimizer once.
-    ``cache``: a dict shared by builds of the same graph and mesh (other policies) to reuse
-    the strategies and reshard times priced before.
+    ``cache``: a dict shared by builds on the same mesh and hardware (other policies, other
+    micro-batch counts) to reuse the strategies and reshard times priced before.
+    ``edges=False`` prices the nodes only (enough for memory bounds; no reshard is priced).
     """
     mesh_shape = dict(mesh_shape)
     constraints = constraints or Constraints()
@@ -238,11 +240,11 @@ def build_problem(
                 time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
                 nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
         else:
-            if ("strategies", op.name) not in cache:
-                cache[("strategies", op.name)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
+            if ("strategies", op.name, op.index) not in cache:
+                cache[("strategies", op.name, op.index)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
             strategies = [
                 s
-                for s in cache[("strategies", op.name)]
+                for s in cache[("strategies", op.name, op.index)]
                 if constraints.allows(s.result_layout) and all(constraints.allows(l) for l in s.operand_layouts)
                 and (pin is None or s.result_layout == pin)
             ]
@@ -270,6 +272,11 @@ def build_problem(
         for name in names:
             node_of[name] = len(nodes) - 1
 
+    if not edges:
+        problem = Problem(graph, mesh_shape, hardware, train, nodes, [], node_of, dict(remat), microbatches, optimizer_state_factor)
+        if microbatches > 1:
+            _accumulate(problem, microbatches)
+        return problem
     edge_mult: dict[tuple[int, int, int, str], int] = defaultdict(int)
     for op in graph.ops:
         dst = node_of[op.output]
@@ -277,13 +284,13 @@ def build_problem(
             edge_mult[(node_of[name], dst, i, canon[name])] += graph.trip_count(op.block)
 
     def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool, rerun: bool = False) -> float:
-        key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
+        key = ("reshard", tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
         if key not in cache:
             cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad, recompute=recompute)[0]
         if not rerun:
             return cache[key]
         # A recomputed consumer re-does its forward reshard.
-        fwd = ("forward", *key[:5])
+        fwd = ("forward reshard", *key[1:6])
         if fwd not in cache:
             cache[fwd] = reshard(tensor, a, b, mesh_shape, hardware)[0]
         return cache[key] + cache[fwd]
