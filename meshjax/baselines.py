@@ -46,6 +46,7 @@ from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.errors import InfeasibleError, MeshjaxError
 from meshjax.graph import Graph, Tensor
 from meshjax.layout import Layout
+from meshjax.optimizer import Optimizer
 from meshjax.solver.ilp import solve_ilp
 from meshjax.solver.problem import Problem, build_problem
 from meshjax.solver.reduce import restrict
@@ -229,7 +230,7 @@ def predict(
     train: bool = False,
     *,
     strict: bool = False,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Optimizer | str | None = None,
     problem: Problem | None = None,
 ):
     """Price a manual assignment with the solver's cost model: ``(plan, notes)``.
@@ -239,7 +240,8 @@ def predict(
     layout (they differ in operand layouts, hence reshards) the cheapest is taken. Tensors with
     no layout given are left free and chosen by the solver: an optimistic price for what XLA's
     propagation does with them. A layout that is not among a decision's options is reported in
-    ``notes`` and that decision left free too (``strict=True`` raises instead). ``problem``: an
+    ``notes`` and that decision left free too (``strict=True`` raises instead). ``optimizer``:
+    whose state training keeps (default Adam). ``problem``: an
     unconstrained :func:`~meshjax.solver.problem.build_problem` of the same graph, mesh,
     hardware and mode, to reuse across assignments.
     """
@@ -247,7 +249,7 @@ def predict(
     mesh_shape = dict(mesh_shape)
     hw = get_hardware(hardware)
     if problem is None:
-        problem = build_problem(graph, mesh_shape, hw, train=train, optimizer_state_factor=optimizer_state_factor)
+        problem = build_problem(graph, mesh_shape, hw, train=train, optimizer=optimizer)
     notes: list[str] = []
     allowed = []
     for node in problem.nodes:

@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from meshjax.errors import TraceError
-from meshjax.graph import Block, IndexForm, Op, Tensor
+from meshjax.graph import Block, IndexForm, Op, OpFacts, Tensor
 from meshjax.named import NamedArray
 
 _CURRENT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
@@ -78,7 +78,7 @@ class _Context:
         for stem in [s for s in self.used if s == prefix or s.startswith(prefix + "/")]:
             del self.used[stem]
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         raise NotImplementedError
 
     def pin_as(self, array: NamedArray, name: str) -> NamedArray:
@@ -129,7 +129,12 @@ class Recorder(_Context):
             return entry[1]
         return self.register(array, self.fresh_name("constant"), "constant").name
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> NamedArray:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> NamedArray:
+        if not isinstance(facts, OpFacts):
+            raise TraceError(
+                f"op {name or kind!r} (kind {kind!r}) was emitted without its OpFacts: the cost model "
+                "needs to know what its backward pass reads; pass facts= to emit"
+            )
         input_names = tuple(self.name_of(a) for a in inputs)
         if (id(output.value), output.dims) in self._names:
             # An op that hands back its input's value (a no-op cast) still gets its own tensor.
@@ -144,6 +149,7 @@ class Recorder(_Context):
             index=index,
             attrs=dict(attrs),
             block=self.block,
+            facts=facts,
         )
         return output, out_name
 
@@ -162,7 +168,7 @@ class Recorder(_Context):
             result=index.result,
             flops=index.flops,
         )
-        self.ops[op_name] = Op(op.name, op.kind, (*op.inputs, self.name_of(array)), op.output, index, op.attrs, op.block)
+        self.ops[op_name] = Op(op.name, op.kind, (*op.inputs, self.name_of(array)), op.output, index, op.attrs, op.block, op.facts)
 
 
 class Pinner(_Context):
@@ -247,7 +253,7 @@ class Pinner(_Context):
             array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),)
         )
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         out_name = self.fresh_name(name or kind)
         with jax.named_scope(out_name):
             pinned = self.pin(output, out_name)
@@ -324,9 +330,15 @@ def emit(
     index: IndexForm,
     attrs: dict | None = None,
     name: str | None = None,
+    *,
+    facts: OpFacts | None = None,
 ) -> NamedArray:
-    """Report a finished op to the active context; returns the (possibly pinned) result."""
-    return emit_with_name(kind, inputs, output, index, attrs, name)[0]
+    """Report a finished op to the active context; returns the (possibly pinned) result.
+
+    ``facts`` declares what the cost model needs beyond ``index`` (what the op's backward pass
+    reads, whether it is a reduction); tracing an op without them is an error.
+    """
+    return emit_with_name(kind, inputs, output, index, attrs, name, facts=facts)[0]
 
 
 def emit_with_name(
@@ -336,9 +348,11 @@ def emit_with_name(
     index: IndexForm,
     attrs: dict | None = None,
     name: str | None = None,
+    *,
+    facts: OpFacts | None = None,
 ) -> tuple[NamedArray, str | None]:
     """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
     ctx = current()
     if ctx is None:
         return output, None
-    return ctx.emit(kind, inputs, output, index, attrs or {}, name)
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)

@@ -143,6 +143,13 @@ def search(
     best_time = math.inf
     leanest: Problem | None = None
     cache: dict = {}  # strategies and reshard times, shared by every build
+    if searching and memory_budget is not None and 1 in ks and all(p == "none" for p in assignments[-1].values()):
+        # The fastest levers (no recompute, one micro-batch) solved with no budget: when that
+        # plan fits, nothing is faster, and the search is over.
+        problem = build(graph, assignments[-1], 1, cache)
+        free = solve_ilp(problem, time_limit=remaining())
+        if free.memory <= limit:
+            return problem, free
     for policies in assignments:
         screen = None
         if len(ks) > 1 and memory_budget is not None:

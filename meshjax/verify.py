@@ -155,7 +155,8 @@ def verify(
     An inference plan compiles ``fn``; a training plan compiles the whole training step
     (:func:`~meshjax.train.make_train_step`: loss, gradients and the optimizer update, params and
     optimizer state donated), so compiled memory counts everything the plan's memory does.
-    ``optimizer`` defaults to Adam, whose two moments the plan's optimizer-state memory assumes.
+    ``optimizer`` defaults to the plan's (:class:`~meshjax.optimizer.Optimizer`: Adam with fp32
+    moments and fp32 master weights unless solved otherwise), whose state the plan's memory counts.
     ``params`` and ``args`` may be abstract (``ShapeDtypeStruct`` leaves).
     """
     compiled = compile_plan(plan, fn, mesh, params, *args, optimizer=optimizer)
@@ -171,9 +172,9 @@ def compile_plan(
     optimizer: optax.GradientTransformation | None = None,
 ) -> jax.stages.Compiled:
     """The executable :func:`verify` reads: ``fn`` for an inference plan, the whole training
-    step (Adam unless ``optimizer``) for a training plan."""
+    step (the plan's optimizer unless ``optimizer``) for a training plan."""
     if not plan.train:
         return plan.program(fn, mesh).compile(params, *args)
-    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
+    trainer = make_train_step(plan, fn, mesh, optimizer)
     trainer.check_structure(params)
     return trainer.lower(trainer.abstract_state(), *args).compile()

@@ -29,10 +29,16 @@ def test_plan_gpt_small_json(tmp_path, capsys):
                "--rules", "batch=data,seq=none"])
     assert rc == 0
     doc = json.loads(path.read_text())
-    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "remat",
-                         "microbatches", "solve_time_s"]
+    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "settings", "predicted", "compiled",
+                         "remat", "microbatches", "solve_time_s"]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
-    assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes"}
+    assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes", "memory_breakdown"}
+    breakdown = doc["predicted"]["memory_breakdown"]
+    assert {"params", "gradients", "optimizer_state", "activations"} <= set(breakdown)
+    assert breakdown["total"] == pytest.approx(doc["predicted"]["peak_memory_bytes"])
+    assert breakdown["optimizer_state"] == pytest.approx(2 * breakdown["params"])  # fp32 Adam: two moments
+    assert doc["settings"]["memory_budget"] == pytest.approx(0.9 * 24 * 2**30 / 8)  # cpu-sim's usable memory
+    assert doc["settings"]["optimizer"].startswith("adam")
     tensor = next(t for t in doc["tensors"] if t["name"] == "tokens")
     assert set(tensor) == {"name", "dims", "shape", "role", "spec"}
     assert tensor["spec"][0] in ("data", ["data"]) and tensor["spec"][1] is None

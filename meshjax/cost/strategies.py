@@ -22,7 +22,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 
 from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
@@ -42,6 +41,9 @@ class Strategy:
     collectives: tuple[Collective, ...]
     comm_time: float
     compute_time: float
+    # The layout the op computes its result in, before a reduce-scatter or gather moves it to
+    # ``result_layout`` (a split contraction makes whole partial sums first).
+    computed_layout: Layout | None = None
 
     @property
     def time(self) -> float:
@@ -125,15 +127,12 @@ def zero_sync_time(tensor: Tensor, option: ParamOption, mesh_shape: MeshShape, h
     return max(0.0, gather + scatter - reduce) + max(hw.link(mesh_shape, a).latency for a in extra)
 
 
-def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
-    return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
-
-
 def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
     """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
 
     Parameter-gradient all-reduces pay a share of the latency only: XLA's all-reduce combiner
-    merges a step's gradient syncs into a few large collectives.
+    merges a step's gradient syncs into a few large collectives (a scanned layer's, summed over
+    its trips, as much as an unrolled one's).
     """
     grad_latency_share = 1.0 / max(1, len(graph.params))
     index = op.index
@@ -166,9 +165,15 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
         if train:
             for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
                 grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
-                if grad_partial and _needs_grad(t, graph):
+                if grad_partial and graph.needs_grad(t.name):
                     axes = tuple(a for a in mesh_shape if a in grad_partial)
-                    share = grad_latency_share if t.role == "param" else 1.0
+                    share = 1.0
+                    if t.role == "param":
+                        share = grad_latency_share
+                    elif t.name in graph.sliced_from:
+                        # A scanned layer's weight gradient: XLA combines the per-trip syncs
+                        # into the stacked gradient's, so the trips share one latency.
+                        share = grad_latency_share / graph.trip_count(t.block)
                     fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))
         options: list[tuple[Layout, list[Collective]]] = []
         if not partial:
@@ -205,6 +210,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     collectives=all_colls,
                     comm_time=comm,
                     compute_time=compute,
+                    computed_layout=base,
                 )
             )
     return strategies

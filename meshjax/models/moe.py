@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 import meshjax as mj
 from meshjax.context import emit
+from meshjax.graph import OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
 from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
@@ -214,7 +215,7 @@ def route(
         flops=float(4 * top_k * math.prod(s for _, s in loop)),
     )
     attrs = {"top_k": top_k, "capacity": capacity, "normalize": normalize}
-    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name)
+    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name, facts=OpFacts.reading(1))
 
 
 def _positive(c):

@@ -29,12 +29,14 @@ import numpy as np
 
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.memory import backward_working_set, keeps_operand, working_set
-from meshjax.cost.remat import kept_under, recompute_times, unit_of, working_under
-from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
-from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
+from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
+from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
+from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
 from meshjax.layout import Layout, Rules, as_layout, check_rules, parse_rules
+from meshjax.optimizer import Optimizer, get_optimizer
+from meshjax.solver.evaluate import price_accumulation, price_param_options, price_source_options
 
 MeshShape = Mapping[str, int]
 
@@ -76,10 +78,11 @@ class Node:
     options: list  # Strategy (op) or Layout (source)
     result_layouts: list[Layout]
     time: np.ndarray  # per option, already times the multiplicity
-    memory: np.ndarray  # per option: bytes per device this node keeps resident
+    memory: np.ndarray  # per option: bytes per device this node keeps resident (the sum of parts)
     peak: np.ndarray  # per option: bytes of a transient (training: the backward's; inference: the op's working set)
     multiplicity: int
     members: list[str]  # every tensor name this node decides
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # memory by kind (meshjax.solver.evaluate)
     recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
     recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
 
@@ -110,9 +113,10 @@ class Problem:
     nodes: list[Node]
     edges: list[Edge]
     node_of: dict[str, int]  # tensor name -> node index
-    remat: dict[str, str] = field(default_factory=dict)  # repeated block -> policy
-    microbatches: int = 1
-    optimizer_state_factor: float = 2.0
+    optimizer: Optimizer | None = None  # training: what each param's state costs
+    zero: bool = False  # training: optimizer state may be sharded over more axes than its param
+    remat: dict[str, str] = field(default_factory=dict)  # training: repeated block -> policy
+    microbatches: int = 1  # training: ``graph`` is one of this many micro-batches of the step
 
     def total_time(self, choice: Sequence[int]) -> float:
         t = sum(float(n.time[c]) for n, c in zip(self.nodes, choice))
@@ -166,19 +170,21 @@ def build_problem(
     *,
     train: bool = False,
     constraints: Constraints | None = None,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Optimizer | str | None = None,
     zero: bool = False,
     remat: Mapping[str, str] | None = None,
     microbatches: int = 1,
     cache: dict | None = None,
     edges: bool = True,
 ) -> Problem:
-    """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
+    """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``, each option
+    priced by :mod:`meshjax.solver.evaluate`.
 
-    ``optimizer_state_factor``: optimizer-state bytes per parameter byte (Adam keeps two moments).
+    ``optimizer``: in training, the :class:`~meshjax.optimizer.Optimizer` (or its name) whose
+    state each param keeps (default Adam, fp32 moments, fp32 master copy of low-precision params).
     ``zero``: in training, let optimizer state be sharded over more mesh axes than its param
     (ZeRO-1); sharding the param itself (FSDP / ZeRO-3) is always an option.
-    ``remat``: repeated block -> policy (:mod:`meshjax.cost.remat`), in training.
+    ``remat``: in training, repeated block -> policy (:mod:`meshjax.cost.remat`).
     ``microbatches``: ``graph`` is one of that many micro-batches of the step
     (:mod:`meshjax.microbatch`): ops and reshards run that many times, the optimizer once.
     ``cache``: a dict shared by builds on the same mesh and hardware (other policies, other
@@ -186,6 +192,7 @@ def build_problem(
     ``edges=False`` prices the nodes only (enough for memory bounds; no reshard is priced).
     """
     mesh_shape = dict(mesh_shape)
+    optimizer = get_optimizer(optimizer)
     constraints = constraints or Constraints()
     canon = canonical_names(graph)
     members: dict[str, list[str]] = defaultdict(list)
@@ -221,24 +228,15 @@ def build_problem(
                     for layout in layouts
                     for state in (state_layouts(tensor, layout, mesh_shape) if zero else [layout])
                 ]
-                # XLA materialises the whole gradient in the param's layout before scattering it,
-                # so a sharded state saves optimizer-state memory only (ZeRO-1).
-                memory = np.array(
-                    [
-                        2.0 * per_device_bytes(tensor, o.layout, mesh_shape)
-                        + optimizer_state_factor * per_device_bytes(tensor, o.state, mesh_shape)
-                        for o in options
-                    ]
-                ) * per_instance
-                time = np.array([zero_sync_time(tensor, o, mesh_shape, hardware) for o in options]) * per_instance
+                time, parts = price_param_options(tensor, options, mesh_shape, hardware, optimizer, per_instance)
                 result_layouts = [o.layout for o in options]
-                nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names))
             else:
-                nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts])
-                memory = nbytes * per_instance
-                # Inputs are fed from the host every step, so each device should receive only its shard.
-                time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
-                nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
+                options = result_layouts = layouts
+                time, parts = price_source_options(tensor, layouts, mesh_shape, hardware, per_instance)
+            if microbatches > 1 and train:
+                time, parts = price_accumulation(tensor, result_layouts, time, parts, mesh_shape, microbatches, per_instance)
+            memory = sum(parts.values())
+            nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts))
         else:
             if ("strategies", op.name, op.index) not in cache:
                 cache[("strategies", op.name, op.index)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
@@ -256,27 +254,33 @@ def build_problem(
             if train:
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
+                memory = act * mult * kept.get(key, 0)
                 # A recomputing block also holds what one instance recomputes (charged as resident).
-                memory = act * (mult * kept.get(key, 0) + working.get(key, 0))
-                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                recomputing = act * working.get(key, 0)
+                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             else:
-                memory = np.zeros(len(strategies))
-                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                memory = recomputing = np.zeros(len(strategies))
+                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
+            parts = {"activations": memory}
+            if recomputing.any():
+                parts["recompute"] = recomputing
             recompute, rerun_colls = None, None
-            if units.get(op.name) in remat and _recomputed(graph, units[op.name], remat, op.name):
+            if units.get(op.name) in remat and op.name in remat_effect(graph, units[op.name], remat[units[op.name]]).recomputed:
                 extra, recompute, rerun_colls = recompute_times(op, graph, strategies, mesh_shape, hardware, cache)
                 time = time + extra * mult
                 recompute = recompute * mult
-            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names, recompute, rerun_colls))
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory + recomputing,
+                              peak, mult, names, parts, recompute, rerun_colls))
         for name in names:
             node_of[name] = len(nodes) - 1
 
     if not edges:
-        problem = Problem(graph, mesh_shape, hardware, train, nodes, [], node_of, dict(remat), microbatches, optimizer_state_factor)
-        if microbatches > 1:
-            _accumulate(problem, microbatches)
+        problem = Problem(graph, mesh_shape, hardware, train, nodes, [], node_of, optimizer if train else None, zero,
+                          dict(remat), microbatches)
+        _repeat(problem, microbatches)
         return problem
+
     edge_mult: dict[tuple[int, int, int, str], int] = defaultdict(int)
     for op in graph.ops:
         dst = node_of[op.output]
@@ -289,7 +293,7 @@ def build_problem(
             cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad, recompute=recompute)[0]
         if not rerun:
             return cache[key]
-        # A recomputed consumer re-does its forward reshard.
+        # A rematerialised consumer re-does its forward reshard.
         fwd = ("forward reshard", *key[1:6])
         if fwd not in cache:
             cache[fwd] = reshard(tensor, a, b, mesh_shape, hardware)[0]
@@ -298,13 +302,14 @@ def build_problem(
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
         tensor = graph.tensors[tname]
-        needs_grad = tname in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        needs_grad = graph.needs_grad(tname)
         src_group, src_layouts = _grouped(nodes[src].result_layouts)
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
         recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
-        rerun = units.get(consumer.name) in remat and _recomputed(graph, units[consumer.name], remat, consumer.name)
+        unit = units.get(consumer.name)
+        rerun = unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
         cost = np.array(
             [
                 [
@@ -321,37 +326,23 @@ def build_problem(
             node.time = node.time + cost[src_group, dst_group]
             continue
         edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun))
-    problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, dict(remat), microbatches, optimizer_state_factor)
-    if microbatches > 1:
-        _accumulate(problem, microbatches)
+    problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero,
+                      dict(remat), microbatches)
+    _repeat(problem, microbatches)
     return problem
 
 
-def _recomputed(graph: Graph, unit: str, remat: Mapping[str, str], op_name: str) -> bool:
-    from meshjax.cost.remat import remat_effect
-
-    return op_name in remat_effect(graph, unit, remat[unit]).recomputed
-
-
-def _accumulate(problem: Problem, k: int) -> None:
-    """Price ``k`` micro-batches: every op and reshard runs ``k`` times; the global batch is
-    fed (and held) once; each param gets a float32 gradient accumulator (see
-    :func:`meshjax.microbatch.accumulator_bytes`)."""
-    from meshjax.microbatch import accumulator_bytes
-
+def _repeat(problem: Problem, k: int) -> None:
+    """Run every op and reshard of one micro-batch ``k`` times (sources are priced for the
+    whole step by :func:`~meshjax.solver.evaluate.price_accumulation`)."""
+    if k == 1:
+        return
     for node in problem.nodes:
         if node.op is not None:
             node.time = node.time * k
             node.multiplicity *= k
             if node.recompute_compute is not None:
                 node.recompute_compute = node.recompute_compute * k
-        elif node.tensor.role == "input":
-            node.time = node.time * k
-            node.memory = node.memory * k
-        elif node.tensor.role == "param" and problem.train:
-            node.memory = node.memory + np.array(
-                [accumulator_bytes(node.tensor, l, problem.mesh_shape) for l in node.result_layouts]
-            ) * node.multiplicity
     for e in problem.edges:
         e.cost = e.cost * k
         e.multiplicity *= k
@@ -368,13 +359,10 @@ def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
-_REDUCTIONS = ("sum", "mean", "max", "logsumexp", "cross_entropy")
-
-
 def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:
     """XLA reduces a split dim locally and all-reduces the (smaller) result; it never gathers
     the operand first. Plans that would are not what runs, so they are excluded."""
-    if op.kind not in _REDUCTIONS:
+    if not op.facts.reduction:
         return False
     reduced = set(op.index.reduced)
     loop_dims = op.index.operands[operand]
