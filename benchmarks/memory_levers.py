@@ -4,8 +4,8 @@ and MFU, for paper-size models; compiled against predicted memory on simulated C
 Lever sets: ``none`` (no recompute, one micro-batch), ``+selective`` and ``+full`` (that
 recompute in every scanned block, one micro-batch), ``+accumulation`` (no recompute, the
 solver's micro-batch count) and ``solver`` (both chosen by the solver). Paper-size models are
-planned abstractly (bf16, fp32 master and Adam moments: ``optimizer_state_factor=6``, 80 GB
-per device); the largest batch is searched over powers of two up to the paper batch.
+planned abstractly (bf16 params; Adam with an fp32 master copy and fp32 moments, the
+default optimizer; 80 GB per device); the largest batch is searched over powers of two up to the paper batch.
 
 On 8 simulated CPU devices, ``gpt-small`` (scanned) under half the least memory it needs with no
 levers: each lever set's plan (or why none fits), predicted and compiled memory.
@@ -51,14 +51,12 @@ BIG = [
     ("llama-70b", {"seq": 4096}, {"data": 8, "model": 8}, "h100-2node", 256),
 ]
 BUDGET = 80e9
-STATE_FACTOR = 6.0  # bf16 params: fp32 master + two fp32 moments = 12 bytes per 2-byte param
 
 
 def _plan(name, overrides, mesh, hardware, batch, levers):
     ex = models.example(name, abstract=True, batch=batch, dtype="bfloat16", scan_layers=True, **overrides)
     graph = mj.trace(ex.loss, ex.params, *ex.batch)
-    plan = solve(graph, mesh, hardware=hardware, train=True, memory_budget=BUDGET,
-                 optimizer_state_factor=STATE_FACTOR, **levers)
+    plan = solve(graph, mesh, hardware=hardware, train=True, memory_budget=BUDGET, **levers)
     return plan
 
 
@@ -119,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    out = {"budget_bytes": BUDGET, "optimizer_state_factor": STATE_FACTOR, "big": [], "gpt_small": None}
+    out = {"budget_bytes": BUDGET, "optimizer": "adam (fp32 master and moments)", "big": [], "gpt_small": None}
     for name, overrides, mesh, hardware, paper in BIG[:1] if args.quick else BIG:
         for label, levers in LEVERS.items():
             row = largest_batch(name, overrides, mesh, hardware, paper, levers)

@@ -143,10 +143,12 @@ def search(
     best_time = math.inf
     leanest: Problem | None = None
     cache: dict = {}  # strategies and reshard times, shared by every build
-    if searching and memory_budget is not None and 1 in ks and all(p == "none" for p in assignments[-1].values()):
+    fastest = assignments[-1] if memory_budget is not None else assignments[0]
+    if (searching and memory_budget is not None and 1 in ks and all(p == "none" for p in fastest.values())
+            and least_memory(build(graph, fastest, 1, cache, edges=False)) <= limit):
         # The fastest levers (no recompute, one micro-batch) solved with no budget: when that
         # plan fits, nothing is faster, and the search is over.
-        problem = build(graph, assignments[-1], 1, cache)
+        problem = build(graph, fastest, 1, cache)
         free = solve_ilp(problem, time_limit=remaining())
         if free.memory <= limit:
             return problem, free

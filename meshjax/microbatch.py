@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from meshjax.errors import MeshjaxError
 from meshjax.cost.strategies import per_device_bytes
-from meshjax.graph import Graph, Op, Tensor
+from meshjax.graph import Graph, Tensor
 from meshjax.layout import Layout
 
 BATCH_DIM = "batch"
@@ -59,7 +59,7 @@ def split_batch(graph: Graph, k: int, dim: str = BATCH_DIM) -> Graph:
             if t.role in ("param", "constant"):
                 raise MeshjaxError(f"micro-batches: {t.role} {name!r} has the batch dim {dim!r}; only data can be split")
             shape = tuple(micro if d == dim else s for d, s in zip(t.dims, t.shape))
-            t = Tensor(t.name, t.dims, shape, t.dtype, t.role, t.block)
+            t = replace(t, shape=shape)
         tensors[name] = t
     ops = []
     for op in graph.ops:
@@ -70,7 +70,7 @@ def split_batch(graph: Graph, k: int, dim: str = BATCH_DIM) -> Graph:
                 raise MeshjaxError(f"micro-batches: op {op.name!r} has {dim!r} of size {loop[dim]}, not the batch {n}")
             loop[dim] = micro
             index = replace(index, loop=tuple(loop.items()), flops=index.flops / k)
-        ops.append(Op(op.name, op.kind, op.inputs, op.output, index, op.attrs, op.block))
+        ops.append(replace(op, index=index))
     return Graph(tensors, ops, dict(graph.blocks), graph.outputs, graph.signature, graph.out_tree)
 
 
