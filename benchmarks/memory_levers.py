@@ -72,19 +72,24 @@ def _mfu(plan, name, overrides, batch, hardware):
 
 
 def largest_batch(name, overrides, mesh, hardware, paper, levers):
-    """The largest power of two up to ``paper`` (and ``paper`` itself) that fits, with its plan."""
+    """The largest power of two up to ``paper`` (or ``paper`` itself) that fits, with its plan:
+    a binary search, as memory grows with the batch for fixed levers."""
     sizes = sorted({2**i for i in range(0, paper.bit_length()) if 2**i <= paper} | {paper})
-    best = None
-    for batch in sizes:  # ascending: memory grows with the batch for fixed levers
+    best, lo, hi = None, 0, len(sizes) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        batch = sizes[mid]
         start = time.perf_counter()
         try:
             plan = _plan(name, overrides, mesh, hardware, batch, levers)
         except InfeasibleError:
-            break
+            hi = mid - 1
+            continue
+        lo = mid + 1
         best = {
             "batch": batch, "step_time_s": plan.step_time_s, "peak_memory_gb": plan.peak_memory_bytes / 1e9,
-            "microbatches": plan.microbatches, "remat": plan.remat, "mfu": _mfu(plan, name, overrides, batch, hardware),
-            "solve_s": time.perf_counter() - start,
+            "microbatches": plan.microbatches, "remat": dict(plan.remat),
+            "mfu": _mfu(plan, name, overrides, batch, hardware), "solve_s": time.perf_counter() - start,
         }
     return best
 
@@ -106,7 +111,7 @@ def small(quick: bool):
             continue
         compiled = inspect_compiled(compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch), mesh).memory["peak_bytes"]
         rows.append({
-            "levers": label, "fits": True, "remat": plan.remat, "microbatches": plan.microbatches,
+            "levers": label, "fits": True, "remat": dict(plan.remat), "microbatches": plan.microbatches,
             "step_time_ms": plan.step_time_s * 1e3, "predicted_bytes": plan.peak_memory_bytes,
             "compiled_bytes": compiled, "ratio": compiled / plan.peak_memory_bytes,
         })
