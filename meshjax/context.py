@@ -139,6 +139,13 @@ class Recorder(_Context):
         if (id(output.value), output.dims) in self._names:
             # An op that hands back its input's value (a no-op cast) still gets its own tensor.
             output = NamedArray.tree_unflatten(output.dims, (jnp.array(output.value, copy=True),))
+        if name:
+            taken = self.tensors.get("/".join([*self.scopes, name]))
+            if taken is not None and taken.role in ("param", "input"):
+                raise TraceError(
+                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"give the op another name"
+                )
         out_name = self.fresh_name(name or kind)
         self.register(output, out_name, "activation")
         self.ops[out_name] = Op(
@@ -180,6 +187,7 @@ class Pinner(_Context):
         specs: dict[str, jax.sharding.PartitionSpec],
         operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
         recomputed: dict[str, tuple[bool, ...]] | None = None,
+        computed_specs: dict[str, jax.sharding.PartitionSpec] | None = None,
         remat: dict[str, tuple[str, ...]] | None = None,
     ):
         super().__init__()
@@ -187,6 +195,7 @@ class Pinner(_Context):
         self.specs = specs
         self.operand_specs = operand_specs or {}
         self.recomputed = recomputed or {}
+        self.computed_specs = computed_specs or {}
         # Scope prefix of a rematerialised block -> the tensor names its checkpoint saves.
         self.remat = remat or {}
 
@@ -245,6 +254,10 @@ class Pinner(_Context):
         return out
 
     def pin(self, array: NamedArray, name: str) -> NamedArray:
+        computed = self.computed_specs.get(name)
+        if computed is not None:  # computed sharded, then gathered (the planned strategy)
+            sharding = jax.sharding.NamedSharding(self.mesh, computed)
+            array = NamedArray.tree_unflatten(array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),))
         spec = self.specs.get(name)
         if spec is None:
             return array

@@ -66,7 +66,8 @@ class IndexForm:
     - ``operands[i][k]``: the loop dim that axis ``k`` of input ``i`` walks.
     - ``result[k]``: the loop dim that axis ``k`` of the output walks.
     - ``reduced``: loop dims summed (or max-ed) away; splitting one leaves partial results.
-    - ``reduction``: ``"sum"``, ``"max"`` or ``"lse"`` (log-sum-exp: two all-reduces).
+    - ``reduction``: ``"sum"``, ``"max"``, ``"lse"`` (log-sum-exp: two all-reduces, of the max
+      and of the sum) or ``"xent"`` (cross-entropy: the log-sum-exp's two and the target's logit).
     - ``stats``: loop dims kept in the result whose splitting needs small all-reduces of
       per-row statistics (softmax, norms), with how many statistics.
     - ``whole``: loop dims that must not be split (minor dims of a reshape, a scan's ``layers``).
@@ -85,6 +86,15 @@ class IndexForm:
     @property
     def loop_sizes(self) -> dict[str, int]:
         return dict(self.loop)
+
+    @property
+    def partial_results(self) -> int:
+        """How many results of the result's size a split reduced dim leaves to combine, each
+        with an all-reduce."""
+        return _PARTIAL_RESULTS[self.reduction]
+
+
+_PARTIAL_RESULTS = {"sum": 1, "max": 1, "lse": 2, "xent": 3}
 
 
 @dataclass(frozen=True)
@@ -181,13 +191,16 @@ class Graph:
 
     @cached_property
     def requires_grad(self) -> frozenset[str]:
-        """Tensors whose value depends on a param: the ones a backward pass computes gradients of."""
+        """Tensors whose value depends on a param through floating values: the ones a backward
+        pass computes gradients of. A bool or integer tensor stops the chain (``cast(x > 0)``
+        has no gradient, however it is used)."""
+        differentiable = {n for n, t in self.tensors.items() if t.floating}
         out = {t.name for t in self.tensors.values() if t.role == "param"}
         changed = True
         while changed:  # loops (scan carries) need more than one topological pass
             changed = False
             for op in self.ops:
-                if op.output not in out and any(i in out for i in op.inputs):
+                if op.output in differentiable and op.output not in out and any(i in out for i in op.inputs):
                     out.add(op.output)
                     changed = True
         return frozenset(out)

@@ -30,6 +30,7 @@ from meshjax import context
 from meshjax.cost.memory import keeps_operand
 from meshjax.cost.remat import saved_names
 from meshjax.devices import auto_axes, mesh_shape
+from meshjax import validate as checks
 from meshjax.errors import TraceError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, validate
@@ -61,6 +62,7 @@ class Program:
         mesh: Mesh,
         layouts: Mapping[str, Layout],
         operand_layouts: Mapping[str, tuple[Layout, ...]] | None = None,
+        computed_layouts: Mapping[str, Layout] | None = None,
         remat: Mapping[str, str] | None = None,
     ):
         if graph.signature is None:
@@ -74,6 +76,9 @@ class Program:
         self.operand_specs = {
             op: tuple(layout.spec() for layout in operand) for op, operand in (operand_layouts or {}).items()
         }
+        # op name -> the layout the op computes its result in before gathering it into its
+        # planned layout (pinned first, so XLA gathers the result, not the operands).
+        self.computed_specs = {op: layout.spec() for op, layout in (computed_layouts or {}).items()}
         # op name -> per operand, whether the backward pass re-does its reshard (see module doc).
         ops = {op.name: op for op in graph.ops}
         self.recomputed = {
@@ -120,6 +125,7 @@ class Program:
         """``device_put`` params and inputs with their planned shardings."""
         sig = self.graph.signature
         leaves = sig.flatten(params, *args)
+        checks.arrays_match(self.graph, sig.names, leaves)
         placed = [
             NamedArray.tree_unflatten(leaf.dims, (jax.device_put(leaf.value, self.sharding(name)),))
             for leaf, name in zip(leaves, sig.names)
@@ -148,7 +154,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.remat)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, self.remat)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)
@@ -204,6 +210,7 @@ class Jitted:
     def _split(self, params: Any, args: tuple, abstract: bool = False) -> tuple[list, list]:
         p = self.program
         leaves = p.graph.signature.flatten(params, *args)
+        checks.arrays_match(p.graph, p.graph.signature.names, leaves)
         values = [
             jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if abstract else leaf.value for leaf in leaves
         ]

@@ -23,7 +23,7 @@ from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
-from meshjax.layout import Layout, Rules, rules_of
+from meshjax.layout import Layout, Rules, rules_conflict, rules_of
 from meshjax.optimizer import Optimizer
 from meshjax.solver.evaluate import OpCost
 from meshjax.solver.ilp import Solution
@@ -61,6 +61,9 @@ class Plan:
     problem: Problem | None = field(default=None, compare=False, repr=False)
     solution: Solution | None = None
     solve_time_s: float = 0.0
+    # Op name -> the layout an op computes its result in before a reduce-scatter or gather
+    # moves it to its planned layout (pinned first when lowered).
+    computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
     remat: Mapping[str, str] = field(default_factory=dict)  # training: repeated block -> policy
     microbatches: int = 1  # training: ``graph`` is one of this many micro-batches of the step
 
@@ -97,8 +100,14 @@ class Plan:
 
     @property
     def rules(self) -> Rules | None:
-        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name."""
+        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name;
+        ``None`` otherwise, and :meth:`rules_conflict` says which dim is split two ways."""
         return rules_of(self.graph, self.layouts)
+
+    def rules_conflict(self) -> str | None:
+        """Why :attr:`rules` is ``None``: the first dim split one way in one tensor and another
+        way in another (``None`` when the plan has rules)."""
+        return rules_conflict(self.layouts)
 
     def logical_axis_rules(self) -> list[tuple[str, Any]] | None:
         """``plan.rules`` in the form ``nnx.logical_axis_rules`` takes."""
@@ -169,7 +178,10 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.remat))
+        return Program(
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts),
+            dict(self.remat),
+        )
 
     # --- output (meshjax.report) --------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:

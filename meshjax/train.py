@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax.devices import auto_axes
 from meshjax.lower import named_sharding, sharding_tree
+from meshjax import validate
 from meshjax.errors import MeshjaxError, TraceError
 from meshjax.microbatch import BATCH_DIM, global_shape
 from meshjax.named import NamedArray
@@ -255,14 +256,25 @@ class TrainStep:
 
     ``optimizer``: ``None`` (the plan's :class:`~meshjax.optimizer.Optimizer`, with the fp32
     master weights and state dtype its memory counts), an :class:`Optimizer`, or any optax
-    transformation (run as given, on the params in their own dtype).
+    transformation (run as given, on the params in their own dtype). ``program``: the loss laid
+    out otherwise than every tensor as planned (a baseline that pins only its params and inputs
+    and leaves the rest to XLA's propagation).
     """
 
-    def __init__(self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation | Optimizer | None = None, *, donate: bool = True):
+    def __init__(
+        self,
+        plan,
+        loss_fn,
+        mesh: Mesh,
+        optimizer: optax.GradientTransformation | Optimizer | None = None,
+        *,
+        donate: bool = True,
+        program=None,
+    ):
         if not plan.train:
             raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
         self.plan = plan
-        self.program = plan.program(loss_fn, mesh)
+        self.program = program if program is not None else plan.program(loss_fn, mesh)
         self.mesh = self.program.mesh
         self.spec: Optimizer | None = None
         if optimizer is None or isinstance(optimizer, Optimizer):
@@ -330,6 +342,9 @@ class TrainStep:
             self.param_shardings, is_leaf=_is_named
         ):
             raise TraceError("params do not have the structure the plan was made for")
+        sig = _signature(self.plan)
+        names = [n for n, r in zip(sig.names, sig.roles) if r == "param"]
+        validate.arrays_match(self.plan.graph, names, jax.tree_util.tree_leaves(params, is_leaf=_is_named))
 
     def place_params(self, params: Any) -> Any:
         """Copies of ``params`` with their planned shardings (the originals stay valid even when
@@ -379,6 +394,10 @@ class TrainStep:
         """Batch leaves as global arrays: host (numpy) leaves are sharded with :func:`shard_batch`;
         NamedArrays around jax arrays pass through."""
         if all(_is_named(b) and isinstance(b.value, jax.Array) for b in batch):
+            names = input_names(self.plan)
+            if len(batch) != len(names):
+                raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch)}")
+            validate.arrays_match(self.plan.graph, names, batch)
             # Already on devices: move to the planned layout (a no-op when it is already there).
             return jax.device_put(tuple(batch), self.input_shardings)
         return shard_batch(self.plan, self.mesh, batch)
@@ -443,10 +462,19 @@ def _accumulated(loss_fn: Any, k: int, param_shardings: Any) -> Any:
     return run
 
 
-def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation | Optimizer | None = None, *, donate: bool = True) -> TrainStep:
+def make_train_step(
+    plan,
+    loss_fn,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation | Optimizer | None = None,
+    *,
+    donate: bool = True,
+    program=None,
+) -> TrainStep:
     """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
-    ``optimizer`` defaults to the plan's (see :class:`TrainStep`)."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate)
+    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
+    :class:`TrainStep`)."""
+    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
 
 
 __all__ = [

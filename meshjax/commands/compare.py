@@ -5,6 +5,7 @@ Example::
     $ meshjax compare gpt-tiny --devices 8                      # 8, 8 (model), 2x4, 4x2
     $ meshjax compare gpt-small --devices 8 --meshes 4x2 --hardware h100-node --json cmp.json
     $ meshjax compare gpt3-1.3b --devices 64 --hardware h100-2node   # large: predictions only
+    $ meshjax compare vit.py:make --roles batch=img,mlp=ffn            # your model's dim names
 
 For each mesh (the 1D mesh as ``data`` and as ``model``, then every 2D factorisation
 ``data x model`` with both sizes above one) it solves a plan and lays out each baseline of
@@ -21,8 +22,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshjax.commands.plan import add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices
+from meshjax.commands.plan import (
+    add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices, trace_model,
+)
 from meshjax.errors import MeshjaxError
+from meshjax.units import format_bytes
 
 SMALL_MODEL_PARAMS = 10_000_000
 
@@ -30,13 +34,16 @@ SMALL_MODEL_PARAMS = 10_000_000
 def add_parser(commands) -> None:
     cmp = commands.add_parser("compare", help="the solver's plan against hand-written strategies on every mesh shape",
                               description=__doc__.split("\n\n")[0])
-    add_model_arguments(cmp)
+    add_model_arguments(cmp, default_model="gpt-tiny")
     cmp.add_argument("--devices", type=int, default=8, metavar="N", help="device count (default: 8)")
     cmp.add_argument("--meshes", default=None,
                      help="comma-separated meshes to compare, e.g. 8,4x2 (1D meshes are named data; "
                           "write model:8 for a 1D model axis); default: all")
     cmp.add_argument("--strategies", default=None,
                      help="comma-separated subset of solver," + ",".join(_baseline_names()) + " (default: all)")
+    cmp.add_argument("--roles", default=None, metavar="ROLE=DIM,...",
+                     help="which of the model's dims play the baselines' roles (batch, mlp, heads, vocab, experts, "
+                          "embed; default: the dims of those names), e.g. batch=img,mlp=ffn")
     cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
                      help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
     cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
@@ -97,11 +104,20 @@ class Entry:
     compile_s: float | None = None
 
     def layout_key(self) -> tuple:
-        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())))
+        """What the compiled program depends on: the pinned layouts, operands' included."""
+        operands = () if self.partial else tuple(
+            sorted((op, tuple(l.axes for l in ls)) for op, ls in self.plan.operand_layouts.items())
+        )
+        computed = () if self.partial else tuple(sorted((op, l.axes) for op, l in self.plan.computed_layouts.items()))
+        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())),
+                operands, computed)
 
 
-def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None) -> list[Entry]:
-    """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware``."""
+def evaluate(
+    graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None, roles=None
+) -> list[Entry]:
+    """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware`` as a
+    plan (``roles``: role -> the model's dim, see :mod:`meshjax.baselines`)."""
     from meshjax.baselines import BASELINES, predict
     from meshjax.errors import InfeasibleError
     from meshjax.solve import solve
@@ -117,7 +133,7 @@ def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategie
                 continue
             out.append(Entry("solver", mesh_shape, plan.layouts, plan))
             continue
-        base = BASELINES[name](graph, mesh_shape)
+        base = BASELINES[name](graph, mesh_shape, roles)
         plan, notes = predict(graph, mesh_shape, base.layouts, hardware, train)
         if base.partial:
             notes = ["activations: XLA propagation (predicted: solver's completion)", *notes]
@@ -126,16 +142,18 @@ def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategie
 
 
 def compile_entry(model, graph, entry: Entry, train: bool) -> None:
-    """Compile ``entry``'s layouts (loss + grads when training) and read the HLO back."""
+    """Compile ``entry``'s plan as ``verify`` does (the whole Adam step when training, every
+    tensor and operand pinned; a partial baseline pins only its own layouts) and read the HLO."""
     import time
 
     from meshjax.devices import make_mesh
     from meshjax.hlo import inspect_compiled
-    from meshjax.lower import Program
+    from meshjax.verify import compile_plan
 
     mesh = make_mesh(entry.mesh)
     start = time.perf_counter()
-    compiled = Program(model.loss, graph, mesh, entry.layouts).compile(model.params, *model.batch, grad=train)
+    pinned = entry.layouts if entry.partial else None
+    compiled = compile_plan(entry.plan, model.loss, mesh, model.params, *model.batch, pinned=pinned)
     entry.compile_s = time.perf_counter() - start
     entry.report = inspect_compiled(compiled, mesh)
 
@@ -203,7 +221,7 @@ def table(entries: list[Entry], hardware, title: str):
             if best is not None and e.plan.step_time_s <= best * (1 + 1e-9):
                 step = f"[bold green]{step}[/]"
             mem = e.plan.peak_memory_bytes
-            mem_s = f"{mem / 2**20:,.2f} MiB" + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
+            mem_s = format_bytes(mem) + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
             comp = f"{e.report.comm_bytes:,}" if e.report is not None else "-"
             t.add_row(label if i == 0 else "", e.strategy, step, mem_s, f"{e.plan.comm_bytes:,.0f}", comp,
                       refs(e.notes))
@@ -222,6 +240,13 @@ def run(args: argparse.Namespace) -> int:
     meshes = parse_meshes(args.meshes, n) if args.meshes else mesh_shapes(n)
     hardware = get_hardware(args.hardware)
     overrides = parse_overrides(args.overrides)
+    from meshjax import validate
+
+    validate.writable_file(args.json_path, "--json")
+
+    from meshjax.baselines import parse_roles
+
+    roles = parse_roles(args.roles)
     strategies = None
     if args.strategies:
         known = ["solver", *_baseline_names()]
@@ -234,11 +259,9 @@ def run(args: argparse.Namespace) -> int:
 
     from meshjax import commands
 
-    import meshjax as mj
-
     console = commands.console()
     model = load_model(args.model, overrides)
-    graph = mj.trace(model.loss, model.params, *model.batch)
+    graph = trace_model(model)
     n_params = sum(math.prod(t.shape) for t in graph.params)
     verify = args.verify if args.verify is not None else n_params <= SMALL_MODEL_PARAMS
     if args.verify is None and not verify:
@@ -246,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
     entries: list[Entry] = []
     for shape in meshes:
-        entries += evaluate(graph, shape, hardware, args.train, strategies)
+        entries += evaluate(graph, shape, hardware, args.train, strategies, roles)
     if verify:
         compile_all(model, graph, entries, args.train, console)
 

@@ -46,6 +46,21 @@ def keeps_operand(op: Op, position: int) -> bool:
     return position in kept_operands(op)
 
 
+# Ops linear in each operand: the backward reads an operand only for the other operands' gradients.
+_MULTILINEAR = {"einsum"}
+
+
+def backward_reads(op: Op, position: int, graph: Graph) -> bool:
+    """Whether a training step's backward pass reads ``op``'s operand at ``position``: the op
+    keeps it and a gradient that needs it is computed. An einsum reads each operand only for
+    the others' gradients (``x @ w`` with ``x`` an input never reads ``w`` again)."""
+    if not keeps_operand(op, position) or op.output not in graph.requires_grad:
+        return False
+    if op.kind in _MULTILINEAR:
+        return any(name in graph.requires_grad for j, name in enumerate(op.inputs) if j != position)
+    return True
+
+
 def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
     if op.facts.saves_result:

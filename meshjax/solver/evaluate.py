@@ -229,12 +229,26 @@ def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[
     return out
 
 
+def computed_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, Layout]:
+    """Op name -> the layout the op computes its result in, where the chosen strategy then
+    reduce-scatters or gathers it into another (ops that compute in place are absent)."""
+    graph = problem.graph
+    out = {}
+    for op in graph.ops:
+        k = problem.node_of[op.output]
+        strategy = problem.nodes[k].options[choice[k]]
+        layout = strategy.computed_layout
+        if layout is not None and layout.axes != strategy.result_layout.axes:
+            out[op.name] = Layout(graph.tensors[op.output].dims, layout.axes)
+    return out
+
+
 def state_layouts(problem: Problem, choice: Sequence[int], layouts: Mapping[str, Layout]) -> dict[str, Layout]:
     """Layout of each param's optimizer state (and of its gradient once reduced): the param's
     own, or (ZeRO-1) one sharded over more mesh axes, where the update then runs."""
     out = {}
     for t in problem.graph.params:
         k = problem.node_of[t.name]
-        state = getattr(problem.nodes[k].options[choice[k]], "state", None)
-        out[t.name] = Layout(t.dims, state.axes) if state is not None else layouts[t.name]
+        option = problem.nodes[k].options[choice[k]]
+        out[t.name] = Layout(t.dims, option.state.axes) if isinstance(option, ParamOption) else layouts[t.name]
     return out

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_working_set, keeps_operand, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, working_set
 from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -307,7 +307,7 @@ def build_problem(
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
-        recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
+        recompute = train and backward_reads(consumer, i, graph)
         unit = units.get(consumer.name)
         rerun = unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
         cost = np.array(
