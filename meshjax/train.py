@@ -397,7 +397,7 @@ class TrainStep:
             names = input_names(self.plan)
             if len(batch) != len(names):
                 raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch)}")
-            validate.arrays_match(self.plan.graph, names, batch)
+            validate.arrays_match(self.plan.graph, names, batch, self.plan.microbatches)
             # Already on devices: move to the planned layout (a no-op when it is already there).
             return jax.device_put(tuple(batch), self.input_shardings)
         return shard_batch(self.plan, self.mesh, batch)
