@@ -114,7 +114,10 @@ def scan(
         return [c.value for c in c_out], [leaf.value for leaf in y_leaves]
 
     stacked_x = [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves]
-    final_values, stacked_y = jax.lax.scan(step, [c.value for c in carry_leaves], stacked_x, length=length)
+    policy = ctx.remat_policy(block.name + "/") if hasattr(ctx, "remat_policy") else None
+    # A rematerialised body keeps only what its policy saves; the backward pass recomputes the rest.
+    body_fn = step if policy is None else jax.checkpoint(step, policy=policy, prevent_cse=False)
+    final_values, stacked_y = jax.lax.scan(body_fn, [c.value for c in carry_leaves], stacked_x, length=length)
 
     ctx = context.current()
     with context.scope(name):

@@ -84,6 +84,7 @@ def add_parser(commands) -> None:
                       help="per-device memory budget, e.g. 16GiB or 80GB (units below); 'none' for no budget "
                       "(default: the hardware profile's memory less its reserve)")
     plan.add_argument("--zero", action="store_true", help="let optimizer state be sharded beyond its param (ZeRO-1)")
+    add_lever_arguments(plan)
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
@@ -112,6 +113,27 @@ def _presets() -> tuple[str, ...]:
 
 
 # --- shared helpers (used by ``compare`` too) -----------------------------------------------
+
+
+def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--remat`` and ``--microbatches``, shared by ``plan`` and ``train``."""
+    parser.add_argument("--remat", default="auto", choices=("auto", "none", "selective", "full"),
+                        help="rematerialisation of every repeated block; auto: the solver picks per block (default)")
+    parser.add_argument("--microbatches", default="auto", metavar="auto|N",
+                        help="gradient accumulation over N micro-batches; auto: the solver picks (default)")
+
+
+def parse_microbatches(text: str) -> int | str:
+    """``"auto"`` or a positive count."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise MeshjaxError(f"--microbatches {text!r}: expected auto or a positive integer")
+    return value
 
 
 def parse_overrides(text: str | None) -> dict[str, str]:
@@ -232,6 +254,8 @@ def plan_json(model: str, plan, check=None) -> dict[str, Any]:
     if check is not None:  # a meshjax.verify.Verification
         out["compiled"] = compiled_json(check.compiled)
         out["verification"] = check.ratios_json()
+    out["remat"] = full["remat"]
+    out["microbatches"] = full["microbatches"]
     out["solve_time_s"] = plan.solve_time_s
     return out
 
@@ -252,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
     overrides = parse_overrides(args.overrides)
+    microbatches = parse_microbatches(args.microbatches)
     validate.count(args.top, "--top", minimum=0)
     validate.writable_file(args.json_path, "--json")
     validate.writable_file(args.hlo, "--hlo")
@@ -272,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     plan = solve(
         graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget,
         optimizer=args.optimizer, zero=getattr(args, "zero", False),
+        remat=args.remat if args.train else "none", microbatches=microbatches if args.train else 1,
     )
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))

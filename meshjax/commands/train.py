@@ -18,6 +18,8 @@ shards of a checkpoint (``--checkpoint`` must be on a filesystem every process s
 from __future__ import annotations
 
 import argparse
+
+from meshjax.commands.plan import add_lever_arguments
 import json
 import math
 import os
@@ -41,6 +43,10 @@ def add_parser(commands) -> None:
                    help="adam, sgd or adafactor (default: adam; fp32 master weights for bf16/fp16 params)")
     p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
+    p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
+                   help="override model config fields, e.g. scan_layers=true,layers=4")
+    p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB")
+    add_lever_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
     p.add_argument("--losses-json", dest="losses_json", default=None, metavar="FILE", help="write the losses as JSON")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="save a checkpoint here at the end")
@@ -56,8 +62,10 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshjax import validate
+    from meshjax.commands.plan import parse_microbatches, parse_overrides
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
+    from meshjax.units import parse_bytes
 
     mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
     validate.count(args.steps, "--steps", minimum=0)
@@ -70,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     validate.positive_number(args.lr, "--lr")
     validate.writable_file(args.losses_json, "--losses-json")
     validate.writable_dir(args.checkpoint, "--checkpoint")
+    config_overrides = parse_overrides(args.overrides)
+    microbatches = parse_microbatches(args.microbatches)
+    budget = parse_bytes(args.memory_limit) if args.memory_limit else None
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
     if args.skip_damaged and not args.resume:
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = not distributed.is_main_process()  # process 0 speaks
     console = commands.console(quiet=quiet)  # what the run did: stdout
     progress_console = commands.console(stderr=True, quiet=quiet)  # the live progress bar: stderr
-    overrides: dict[str, Any] = {"vocab": data.VOCAB}
+    overrides: dict[str, Any] = {**config_overrides, "vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
     if args.seq is not None:
@@ -148,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
     hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
     optimizer = Optimizer(args.optimizer, args.lr)
-    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules, optimizer=optimizer)
+    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules, optimizer=optimizer,
+                 memory_budget=budget, remat=args.remat, microbatches=microbatches)
     trainer = make_train_step(plan, example.loss, mesh)
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
