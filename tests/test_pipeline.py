@@ -1,0 +1,125 @@
+"""Pipeline parallelism: a scanned layer stack split over a stage mesh axis trains like one
+device; the schedule's timeline; one-line errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import meshjax as mj
+from meshjax import data, models
+from meshjax.devices import make_mesh
+from meshjax.errors import LayoutError
+from meshjax.pipeline import Pipeline, timeline
+from meshjax.pipeline.plan import solve_pipelined
+from meshjax.solve import solve
+from meshjax.train import make_train_step
+
+STEPS = 10
+LR = 3e-3
+
+
+def gpt4(dtype="float32"):
+    ex = models.example("gpt-tiny", key=0, layers=4, scan_layers=True, vocab=data.VOCAB, dtype=dtype)
+    return ex, mj.trace(ex.loss, ex.params, *ex.batch)
+
+
+def losses(plan, ex, mesh_shape, steps=STEPS):
+    trainer = make_train_step(plan, ex.loss, make_mesh(mesh_shape), optax.adam(LR))
+    state = trainer.init(ex.params)
+    out = []
+    for batch in data.batches(ex.config.batch, ex.config.seq, seed=0, steps=steps):
+        state, loss = trainer.step(state, *batch)
+        out.append(float(loss))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    ex, graph = gpt4()
+    return losses(solve(graph, {"data": 1}, train=True, hardware="cpu-sim"), ex, {"data": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh_shape, microbatches",
+    [({"data": 2, "model": 2, "stage": 2}, 2), ({"stage": 4, "model": 2}, 4), ({"stage": 4, "model": 2}, 8)],
+)
+def test_pipelined_training_matches_one_device(one_device, mesh_shape, microbatches):
+    ex, graph = gpt4()
+    plan = solve_pipelined(graph, mesh_shape, microbatches=microbatches, train=True, hardware="cpu-sim")
+    assert plan.specs["blocks/mlp/w_in"][0] == "stage"  # each stage holds only its layers
+    got = losses(plan, ex, mesh_shape)
+    np.testing.assert_allclose(got, one_device, rtol=1e-4)
+    assert got[-1] < got[0] - 0.5  # it trains
+
+
+@pytest.mark.slow
+def test_pipelined_training_bfloat16():
+    ex, graph = gpt4("bfloat16")
+    reference = losses(solve(graph, {"data": 1}, train=True, hardware="cpu-sim"), ex, {"data": 1}, steps=3)
+    shape = {"data": 2, "model": 2, "stage": 2}
+    plan = solve_pipelined(graph, shape, microbatches=2, train=True, hardware="cpu-sim")
+    got = losses(plan, ex, shape, steps=3)
+    # bf16 sums micro-batches in another order: agreement to bf16's precision.
+    np.testing.assert_allclose(got, reference, rtol=2e-2)
+
+
+def test_layers_must_split_into_stages():
+    ex = models.example("gpt-tiny", key=0, layers=3, scan_layers=True)
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    with pytest.raises(LayoutError, match="dim 'layers' of size 3 does not split into 2 stages"):
+        solve_pipelined(graph, {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
+    with pytest.raises(LayoutError, match="dim 'batch' of size 8 does not split into 3 micro-batches"):
+        solve_pipelined(graph, {"stage": 1, "model": 4}, microbatches=3, train=True, hardware="cpu-sim")
+    unrolled = models.example("gpt-tiny", key=0, layers=4)
+    graph = mj.trace(unrolled.loss, unrolled.params, *unrolled.batch)
+    with pytest.raises(LayoutError, match="no scan over 'layers'"):
+        solve_pipelined(graph, {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
+
+
+def test_unknown_stage_axis_is_one_line():
+    _, graph = gpt4()
+    with pytest.raises(Exception, match="mesh axis 'pipe' is not in the mesh"):
+        solve_pipelined(graph, {"data": 4, "model": 2}, axis="pipe", train=True, hardware="cpu-sim")
+
+
+def test_pipeline_record():
+    pipe = Pipeline(stages=4, microbatches=12)
+    assert pipe.iterations == 15
+    assert pipe.bubble_fraction == pytest.approx(3 / 15)
+    assert pipe.in_flight == 12 and Pipeline(stages=4, microbatches=12, schedule="1f1b").in_flight == 4
+    with pytest.raises(LayoutError, match="unknown schedule 'zb'"):
+        Pipeline(schedule="zb")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", [(2, 2), (4, 8), (4, 3), (8, 16)])
+def test_timeline_runs_every_op_once_in_order(schedule, p, m):
+    slots = timeline(p, m, schedule)
+    assert sorted((s.stage, s.microbatch, s.kind) for s in slots) == sorted(
+        (s, i, k) for s in range(p) for i in range(m) for k in "FB"
+    )
+    end = {(s.kind, s.stage, s.microbatch): s.time + s.duration for s in slots}
+    for s in slots:  # a forward follows the previous stage's, a backward the next stage's
+        if s.kind == "F" and s.stage > 0:
+            assert s.time >= end[("F", s.stage - 1, s.microbatch)]
+        if s.kind == "B" and s.stage < p - 1:
+            assert s.time >= end[("B", s.stage + 1, s.microbatch)]
+    busy = [sum(x.duration for x in slots if x.stage == st) for st in range(p)]
+    makespan = max(end.values())
+    # Both schedules idle (p - 1) forward+backward slots per stage: the bubble (p-1)/(m+p-1).
+    assert makespan == pytest.approx((m + p - 1) * 3)
+    assert 1 - busy[0] / makespan == pytest.approx(Pipeline(stages=p, microbatches=m).bubble_fraction)
+
+
+@pytest.mark.parametrize("p, m", [(4, 8), (3, 6)])
+def test_1f1b_holds_at_most_p_microbatches(p, m):
+    """Activations in flight on a stage (forwards done, backwards not yet): GPipe m, 1F1B p - s."""
+    for schedule, first_stage in (("gpipe", m), ("1f1b", p)):
+        slots = [s for s in timeline(p, m, schedule) if s.stage == 0]
+        held, most = 0, 0
+        for s in sorted(slots, key=lambda x: x.time):
+            held += 1 if s.kind == "F" else -1
+            most = max(most, held)
+        assert most == first_stage == Pipeline(stages=p, microbatches=m, schedule=schedule).in_flight
