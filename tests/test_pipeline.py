@@ -11,7 +11,9 @@ from meshjax import data, models
 from meshjax.devices import make_mesh
 from meshjax.errors import LayoutError
 from meshjax.pipeline import Pipeline, timeline
+from meshjax.hlo import inspect_compiled
 from meshjax.pipeline.plan import solve_pipelined
+from meshjax.pipeline.stage_graph import preset_tracer
 from meshjax.solve import solve
 from meshjax.train import make_train_step
 
@@ -24,8 +26,16 @@ def gpt4(dtype="float32"):
     return ex, mj.trace(ex.loss, ex.params, *ex.batch)
 
 
+def tracer(dtype="float32", **sizes):
+    return preset_tracer("gpt-tiny", layers=4, scan_layers=True, vocab=data.VOCAB, dtype=dtype, **sizes)
+
+
+def trainer_for(plan, ex, mesh_shape):
+    return make_train_step(plan, ex.loss, make_mesh(mesh_shape), optax.adam(LR))
+
+
 def losses(plan, ex, mesh_shape, steps=STEPS):
-    trainer = make_train_step(plan, ex.loss, make_mesh(mesh_shape), optax.adam(LR))
+    trainer = trainer_for(plan, ex, mesh_shape)
     state = trainer.init(ex.params)
     out = []
     for batch in data.batches(ex.config.batch, ex.config.seq, seed=0, steps=steps):
@@ -42,16 +52,39 @@ def one_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mesh_shape, microbatches",
-    [({"data": 2, "model": 2, "stage": 2}, 2), ({"stage": 4, "model": 2}, 4), ({"stage": 4, "model": 2}, 8)],
+    "mesh_shape, microbatches, remat",
+    [
+        ({"data": 2, "model": 2, "stage": 2}, 2, False),
+        ({"stage": 4, "model": 2}, 4, False),
+        ({"stage": 4, "model": 2}, 8, True),
+        ({"data": 2, "model": 2, "stage": 2}, 4, True),
+    ],
 )
-def test_pipelined_training_matches_one_device(one_device, mesh_shape, microbatches):
-    ex, graph = gpt4()
-    plan = solve_pipelined(graph, mesh_shape, microbatches=microbatches, train=True, hardware="cpu-sim")
+def test_pipelined_training_matches_one_device(one_device, mesh_shape, microbatches, remat):
+    ex, _ = gpt4()
+    plan = solve_pipelined(tracer(), mesh_shape, microbatches=microbatches, remat=remat, train=True, hardware="cpu-sim")
     assert plan.specs["blocks/mlp/w_in"][0] == "stage"  # each stage holds only its layers
+    assert (plan.pipeline.microbatches, plan.pipeline.remat) == (microbatches, remat)
     got = losses(plan, ex, mesh_shape)
     np.testing.assert_allclose(got, one_device, rtol=1e-4)
     assert got[-1] < got[0] - 0.5  # it trains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape, microbatches", [({"data": 2, "model": 2, "stage": 2}, 2), ({"stage": 4, "model": 2}, 4)])
+def test_predicted_comm_matches_compiled(mesh_shape, microbatches):
+    """The whole training step's collectives (in-stage and over the stage axis) against the
+    prediction: total bytes within 5%, and the stage axis's collective-permutes exactly."""
+    ex, _ = gpt4()
+    plan = solve_pipelined(tracer(), mesh_shape, microbatches=microbatches, remat=False, train=True, hardware="cpu-sim")
+    trainer = trainer_for(plan, ex, mesh_shape)
+    report = inspect_compiled(trainer.lower(trainer.abstract_state(), *ex.batch).compile(), trainer.mesh)
+    permutes = [c for c in report.collectives if c.kind == "collective-permute"]
+    predicted = [c for c in plan.cost.collectives if c.kind == "collective-permute"]
+    assert sum(c.comm_bytes for c in permutes) == sum(c.comm_bytes for c in predicted) > 0
+    assert {c.axes for c in permutes} == {("stage",)}
+    assert sum(c.count for c in permutes) == 2 * plan.pipeline.iterations
+    assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=0.05)
 
 
 @pytest.mark.slow
@@ -59,29 +92,25 @@ def test_pipelined_training_bfloat16():
     ex, graph = gpt4("bfloat16")
     reference = losses(solve(graph, {"data": 1}, train=True, hardware="cpu-sim"), ex, {"data": 1}, steps=3)
     shape = {"data": 2, "model": 2, "stage": 2}
-    plan = solve_pipelined(graph, shape, microbatches=2, train=True, hardware="cpu-sim")
+    plan = solve_pipelined(tracer("bfloat16"), shape, microbatches=2, remat=True, train=True, hardware="cpu-sim")
     got = losses(plan, ex, shape, steps=3)
     # bf16 sums micro-batches in another order: agreement to bf16's precision.
     np.testing.assert_allclose(got, reference, rtol=2e-2)
 
 
 def test_layers_must_split_into_stages():
-    ex = models.example("gpt-tiny", key=0, layers=3, scan_layers=True)
-    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    three = preset_tracer("gpt-tiny", layers=3, scan_layers=True)
     with pytest.raises(LayoutError, match="dim 'layers' of size 3 does not split into 2 stages"):
-        solve_pipelined(graph, {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
+        solve_pipelined(three, {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
     with pytest.raises(LayoutError, match="dim 'batch' of size 8 does not split into 3 micro-batches"):
-        solve_pipelined(graph, {"stage": 1, "model": 4}, microbatches=3, train=True, hardware="cpu-sim")
-    unrolled = models.example("gpt-tiny", key=0, layers=4)
-    graph = mj.trace(unrolled.loss, unrolled.params, *unrolled.batch)
+        solve_pipelined(three, {"stage": 1, "model": 4}, microbatches=3, train=True, hardware="cpu-sim")
     with pytest.raises(LayoutError, match="no scan over 'layers'"):
-        solve_pipelined(graph, {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
+        solve_pipelined(preset_tracer("gpt-tiny", layers=4), {"stage": 2, "model": 4}, train=True, hardware="cpu-sim")
 
 
 def test_unknown_stage_axis_is_one_line():
-    _, graph = gpt4()
-    with pytest.raises(Exception, match="mesh axis 'pipe' is not in the mesh"):
-        solve_pipelined(graph, {"data": 4, "model": 2}, axis="pipe", train=True, hardware="cpu-sim")
+    with pytest.raises(LayoutError, match="mesh axis 'pipe' is not in the mesh"):
+        solve_pipelined(tracer(), {"data": 4, "model": 2}, axis="pipe", train=True, hardware="cpu-sim")
 
 
 def test_pipeline_record():

@@ -61,6 +61,45 @@ def add_parser(commands) -> None:
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
     plan.add_argument("--hlo", default=None, metavar="FILE", help="write the compiled HLO text (implies compiling)")
     plan.add_argument("--top", type=int, default=20, help="rows of the cost table (default: 20)")
+    add_pipeline_arguments(plan)
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--stage-axis``/``--microbatches``/``--remat-stages``: ``plan`` and ``train`` share them."""
+    parser.add_argument("--stage-axis", dest="stage_axis", default="stage", metavar="AXIS",
+                        help="the mesh axis that pipelines the layer scan, when the mesh has it (default: stage)")
+    parser.add_argument("--microbatches", type=int, default=None, metavar="M",
+                        help="pipeline micro-batches (default: the solver picks)")
+    parser.add_argument("--remat-stages", dest="remat_stages", default=None, choices=("on", "off"),
+                        help="recompute each stage's forward in the backward pass (default: the solver picks)")
+
+
+def staged_overrides(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], mesh_shape: dict[str, int]) -> dict[str, Any]:
+    """``overrides`` plus ``scan_layers=True`` when the mesh pipelines and the preset can scan
+    its layers (a pipeline splits a scan), unless the user set it."""
+    from meshjax import models
+
+    if args.stage_axis not in mesh_shape or "scan_layers" in overrides or model_spec not in models.PRESETS:
+        return overrides
+    _, config = models.get(model_spec)
+    return {**overrides, "scan_layers": True} if hasattr(config, "scan_layers") else overrides
+
+
+def solve_for(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], graph, mesh_shape: dict[str, int], **kwargs: Any):
+    """A pipelined plan when the mesh has ``--stage-axis``, else a plain one."""
+    if args.stage_axis not in mesh_shape:
+        from meshjax.solve import solve
+
+        return solve(graph, mesh_shape, **kwargs)
+    import meshjax as mj
+    from meshjax.pipeline.plan import solve_pipelined
+
+    def trace_for(sizes):
+        model = load_model(model_spec, {**overrides, **sizes})
+        return mj.trace(model.loss, model.params, *model.batch)
+
+    remat = None if args.remat_stages is None else args.remat_stages == "on"
+    return solve_pipelined(trace_for, mesh_shape, axis=args.stage_axis, microbatches=args.microbatches, remat=remat, **kwargs)
 
 
 # --- shared helpers (used by ``compare`` too) -----------------------------------------------
@@ -182,6 +221,8 @@ def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
     }
     if compiled is not None:
         out["compiled"] = compiled_json(compiled)
+    if "pipeline" in full:
+        out["pipeline"] = full["pipeline"]
     out["solve_time_s"] = plan.solve_time_s
     return out
 
@@ -200,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.memory_limit) if args.memory_limit else None
     hardware = get_hardware(args.hardware)
     rules = parse_rules(args.rules) if args.rules else None
-    overrides = parse_overrides(args.overrides)
+    overrides = staged_overrides(args, args.model, parse_overrides(args.overrides), mesh_shape)
     compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
     n = math.prod(mesh_shape.values())
     if compile_it or args.devices is not None:
@@ -209,12 +250,11 @@ def run(args: argparse.Namespace) -> int:
     from meshjax import commands
 
     import meshjax as mj
-    from meshjax.solve import solve
 
     console = commands.console()
     model = load_model(args.model, overrides)
     graph = mj.trace(model.loss, model.params, *model.batch)
-    plan = solve(graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
+    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
@@ -234,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"wrote compiled HLO to {args.hlo}")
         report = inspect_compiled(compiled, mesh)
         console.print(report.table())
-        console.print(Verification(plan, report).op_table())
+        if not hasattr(plan, "pipeline"):  # per-op attribution: the pipeline's loop has no op names
+            console.print(Verification(plan, report).op_table())
         predicted_mem = plan.peak_memory_bytes
         compiled_mem = report.memory.get("peak_bytes")
         console.print(f"comm bytes/step: predicted {plan.comm_bytes:,.0f}, compiled {report.comm_bytes:,}")

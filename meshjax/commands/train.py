@@ -5,6 +5,10 @@ Example::
     $ meshjax train gpt-tiny --mesh 4x2 --steps 100 --losses-json losses.json
     $ meshjax train gpt-tiny --mesh 4x2 --steps 50 --checkpoint ckpt --save-every 25
     $ meshjax train gpt-tiny --mesh 2x4 --steps 100 --resume ckpt     # continues at step 50
+    $ meshjax train gpt-tiny --mesh 2x2x2 --axes data,model,stage --set layers=4,scan_layers=true
+
+A mesh axis named ``stage`` (``--stage-axis``) pipelines the scanned layer stack over it
+(``--microbatches``, ``--remat-stages``; by default the solver picks them).
 
 Tokens are bytes, so the model's vocab is set to 256. ``--steps`` is the total step count: a
 resumed run continues from the checkpoint's step up to it.
@@ -26,6 +30,8 @@ from typing import Any
 
 
 def add_parser(commands) -> None:
+    from meshjax.commands.plan import add_pipeline_arguments
+
     p = commands.add_parser("train", help="train a model preset on the shipped text under a solved plan")
     p.add_argument("model", nargs="?", default="gpt-tiny", help="model preset (default: gpt-tiny)")
     p.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2 (default: 4x2)")
@@ -42,15 +48,20 @@ def add_parser(commands) -> None:
     p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
                    help="also save every N steps (needs --checkpoint)")
     p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
+    p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
+                   help="override model config fields, e.g. layers=4,scan_layers=true")
+    add_pipeline_arguments(p)
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run that JAX detects (SLURM, TPU pods, Kubernetes); "
                         "runs started by `meshjax launch` join automatically")
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshjax.commands.plan import parse_overrides
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
 
+    settings = parse_overrides(args.overrides)
     axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
     mesh_shape = parse_mesh_shape(args.mesh, axes)
     if args.steps < 0:
@@ -91,12 +102,13 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.cost.hardware import hardware_for
     from meshjax.data import lm_batch
     from meshjax.devices import global_mesh, make_mesh
-    from meshjax.solve import solve
     from meshjax.train import make_train_step
 
     multi = jax.process_count() > 1
     console = commands.console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
-    overrides: dict[str, Any] = {"vocab": data.VOCAB}
+    from meshjax.commands.plan import solve_for, staged_overrides
+
+    overrides: dict[str, Any] = {**staged_overrides(args, args.model, settings, mesh_shape), "vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
     if args.seq is not None:
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     # axes that cross them on the slow link.
     mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
     hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
-    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
+    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
     trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
@@ -172,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             "specs": {name: str(spec) for name, spec in plan.param_specs.items()},
             "processes": jax.process_count(),
         }
+        if hasattr(plan, "pipeline"):
+            out["pipeline"] = plan.pipeline.to_json()
         with open(args.losses_json, "w") as f:
             json.dump(out, f, indent=2)
         console.print(f"wrote {args.losses_json}")

@@ -132,6 +132,8 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
             raise ShapeError(f"pipelined scan {name!r}: the body may not return stacked values (y)")
         return [leaf.align_to(d) for leaf, d in zip(_leaves(out, "the new carry")[0], c_dims)]
 
+    if pipe.remat:  # keep each slot's input only; the backward pass recomputes the stage
+        stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
     run_stages = jax.vmap(stage, in_axes=(0, 0, 0, 0), spmd_axis_name=pipe.axis)
     stage_ids = _stage_major(ctx, jnp.arange(p))
 
@@ -191,6 +193,8 @@ class PipelinedProgram(Program):
         size = dict(zip(mesh.axis_names, mesh.devices.shape))[pipeline.axis]
         if size != pipeline.stages:
             raise LayoutError(f"pipeline: {pipeline.stages} stages need mesh axis {pipeline.axis!r} of size {pipeline.stages}, got {size}")
+        if pipeline.schedule != "gpipe":
+            raise LayoutError(f"pipeline: schedule {pipeline.schedule!r} is priced but not lowered; lower 'gpipe'")
         super().__init__(fn, graph, mesh, layouts, operand_layouts)
         self.pipeline = pipeline
         self.layouts = staged_layouts(graph, self.layouts, pipeline)

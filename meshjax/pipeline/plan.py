@@ -5,25 +5,35 @@ stack over the stage axis. It reads like a ``Plan`` (specs, state specs, ``progr
 
 Example::
 
-    >>> plan = solve_pipelined(graph, {"data": 2, "model": 2, "stage": 2}, train=True)   # doctest: +SKIP
-    >>> plan.pipeline.stages, plan.specs["blocks/mlp/w_in"]
-    (2, PartitionSpec('stage', None, 'model'))
+    >>> from meshjax.pipeline.stage_graph import preset_tracer
+    >>> trace_for = preset_tracer("gpt-tiny", layers=4, scan_layers=True)
+    >>> plan = solve_pipelined(trace_for, {"data": 2, "model": 2, "stage": 2}, train=True, hardware="cpu-sim")
+    >>> plan.pipeline.stages, plan.specs["blocks/mlp/w_in"][0]
+    (2, 'stage')
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from jax.sharding import Mesh, PartitionSpec
 
+from meshjax.cost.collectives import Collective
+from meshjax.cost.hardware import Hardware, get_hardware
+from meshjax.cost.pipeline import PipelineCost, pipeline_cost, prepare_problem
 from meshjax.errors import InfeasibleError, LayoutError
 from meshjax.graph import Graph
 from meshjax.layout import Layout
 from meshjax.pipeline.lower import PipelinedProgram, staged_layouts
 from meshjax.pipeline.schedule import Pipeline
+from meshjax.pipeline.stage_graph import TraceFor, dim_size, scan_block, stage_graph
 from meshjax.plan import Plan
+from meshjax.solver.ilp import solve_ilp
+from meshjax.solver.problem import Constraints, build_problem
+from meshjax.units import format_bytes
 
 
 @dataclass
@@ -35,6 +45,32 @@ class PipelinedPlan:
     pipeline: Pipeline
     graph: Graph
     mesh_shape: dict[str, int]
+    cost: PipelineCost
+
+    # --- what the pipeline adds to the stage plan's prediction --------------------------------
+    @property
+    def step_time_s(self) -> float:
+        return self.cost.step_time_s
+
+    @property
+    def collectives(self) -> list[Collective]:
+        return [*self.stage_plan.collectives, *self.cost.collectives]
+
+    @property
+    def comm_bytes(self) -> float:
+        return self.stage_plan.comm_bytes + self.cost.comm_bytes
+
+    @property
+    def comm_time_s(self) -> float:
+        return self.stage_plan.comm_time_s + self.cost.p2p_time_s + self.cost.boundary_time_s
+
+    @property
+    def compute_time_s(self) -> float:
+        return self.stage_plan.compute_time_s + self.cost.recompute_time_s
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return self.cost.memory_bytes
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "stage_plan":
@@ -71,58 +107,128 @@ class PipelinedPlan:
     def summary(self) -> str:
         pipe = self.pipeline
         return (
-            f"pipeline: {pipe.stages} stages over {pipe.axis!r}, {pipe.microbatches} micro-batches ({pipe.schedule}); "
-            f"in-stage {self.stage_plan.summary()}"
+            f"pipeline: {pipe.stages} stages over {pipe.axis!r}, {pipe.microbatches} micro-batches ({pipe.schedule}"
+            f"{', stage remat' if pipe.remat else ''}), bubble {pipe.bubble_fraction:.1%}: step {self.step_time_s * 1e3:.4f} ms, "
+            f"memory {format_bytes(self.peak_memory_bytes)}/device; one stage: {self.stage_plan.summary()}"
         )
 
     def to_json(self) -> dict[str, Any]:
         out = self.stage_plan.to_json()
         out["mesh"] = dict(self.mesh_shape)
-        out["pipeline"] = self.pipeline.to_json()
+        out["pipeline"] = self.cost.to_json()
+        out["step_time_s"] = self.step_time_s
+        out["comm_bytes"] = self.comm_bytes
+        out["peak_memory_bytes"] = self.peak_memory_bytes
         return out
 
 
-def stage_mesh(mesh_shape: dict[str, int], axis: str) -> dict[str, int]:
+def stage_mesh(mesh_shape: Mapping[str, int], axis: str) -> dict[str, int]:
     """The mesh one stage lays its tensors out on: every axis but the stage axis."""
     if axis not in mesh_shape:
-        raise InfeasibleError(f"pipeline: mesh axis {axis!r} is not in the mesh {mesh_shape}")
+        raise LayoutError(f"pipeline: mesh axis {axis!r} is not in the mesh {dict(mesh_shape)}")
     return {a: n for a, n in mesh_shape.items() if a != axis}
 
 
-def dim_size(graph: Graph, dim: str) -> int:
-    """The size of ``dim`` in ``graph`` (one-line error when no tensor has it)."""
-    for tensor in graph.tensors.values():
-        if dim in tensor.dims:
-            return tensor.shape[tensor.dims.index(dim)]
-    raise LayoutError(f"pipeline: no tensor of the graph has a dim {dim!r} (pipelining needs a scan over it)")
+def microbatch_candidates(batch: int, stages: int) -> list[int]:
+    """Micro-batch counts the solver tries: ``p``, ``2p``, ``4p`` ... that divide the batch (fewer
+    than ``p`` leave most of every step idle). Without a pipeline, one.
+
+    >>> microbatch_candidates(1536, 8)
+    [8, 16, 32, 64, 128, 256, 512]
+    """
+    if stages == 1:
+        return [1]
+    out, m = [], stages
+    while m <= batch:
+        if batch % m == 0:
+            out.append(m)
+        m *= 2
+    return out or [d for d in range(1, batch + 1) if batch % d == 0][-1:]
 
 
-def check_graph(graph: Graph, pipe: Pipeline) -> None:
-    """One-line errors for a graph ``pipe`` cannot split (layer stack, batch)."""
-    if not any(b.kind == "scan" for b in graph.blocks.values()):
-        raise LayoutError(f"pipeline: the model has no scan over {pipe.dim!r} (set scan_layers=true)")
-    pipe.check(dim_size(graph, pipe.dim), dim_size(graph, pipe.batch_dim))
+def plan_stage(
+    trace_for: TraceFor,
+    full: Graph,
+    mesh_shape: Mapping[str, int],
+    pipe: Pipeline,
+    *,
+    hardware: str | Hardware = "h100-node",
+    train: bool = True,
+    memory_budget: float | None = None,
+    rules: Any = None,
+    pins: Mapping[str, Any] | None = None,
+    candidates: Mapping[str, list] | None = None,
+    time_limit: float | None = None,
+    optimizer_state_factor: float = 2.0,
+    zero: bool = False,
+) -> PipelinedPlan:
+    """Lay out one stage of ``pipe`` (micro-batches and remat fixed) and price the pipeline."""
+    from meshjax.solve import plan_from_choice
+
+    start = time.perf_counter()
+    graph = stage_graph(trace_for, full, pipe)
+    block = scan_block(full, pipe)
+    inner = stage_mesh(mesh_shape, pipe.axis)
+    if mesh_shape[pipe.axis] != pipe.stages:
+        raise LayoutError(f"pipeline: {pipe.stages} stages need mesh axis {pipe.axis!r} of size {pipe.stages}")
+    hw = get_hardware(hardware)
+    constraints = Constraints.make(graph, inner, rules, pins, candidates)
+    problem = build_problem(
+        graph, inner, hw, train=train, constraints=constraints, optimizer_state_factor=optimizer_state_factor, zero=zero
+    )
+    prepare_problem(problem, block, pipe)
+    solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
+    stage_plan = plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
+    cost = pipeline_cost(stage_plan, block, pipe, mesh_shape, hw, problem.memory(solution.choice))
+    if memory_budget is not None and cost.memory_bytes > memory_budget:
+        raise InfeasibleError(
+            f"pipeline {pipe.stages}x{pipe.microbatches}: {format_bytes(cost.memory_bytes)} per device with its "
+            f"buffers ({format_bytes(cost.buffer_bytes)}) exceeds {format_bytes(memory_budget)}"
+        )
+    return PipelinedPlan(stage_plan, pipe, full, dict(mesh_shape), cost)
 
 
 def solve_pipelined(
-    graph: Graph,
-    mesh: Mesh | dict[str, int],
+    trace_for: TraceFor,
+    mesh: Mesh | Mapping[str, int],
     *,
     axis: str = "stage",
     microbatches: int | None = None,
+    remat: bool | None = None,
     schedule: str = "gpipe",
     **solve_kwargs: Any,
 ) -> PipelinedPlan:
-    """Pipeline ``graph``'s layer scan over mesh axis ``axis`` with ``microbatches`` (default:
-    as many as stages) and solve the in-stage layouts on the other axes."""
-    from meshjax.solve import solve
-
+    """Pipeline the model's layer scan over mesh axis ``axis`` and lay out its stages on the
+    other axes: the fastest predicted plan over the micro-batch counts
+    (:func:`microbatch_candidates`, or ``microbatches``) and with and without stage remat (or
+    ``remat``), each solved exactly. ``trace_for(sizes)`` traces the model with some sizes
+    replaced (:func:`~meshjax.pipeline.stage_graph.preset_tracer` for presets)."""
+    start = time.perf_counter()
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
-    inner = stage_mesh(mesh_shape, axis)
-    pipe = Pipeline(axis=axis, stages=mesh_shape[axis], microbatches=microbatches or mesh_shape[axis], schedule=schedule)
-    check_graph(graph, pipe)
-    stage_plan = solve(graph, inner, **solve_kwargs)
-    return PipelinedPlan(stage_plan, pipe, graph, mesh_shape)
+    stage_mesh(mesh_shape, axis)
+    full = trace_for({})
+    stages = mesh_shape[axis]
+    probe = Pipeline(axis=axis, stages=stages, microbatches=microbatches or 1, schedule=schedule)
+    scan_block(full, probe)
+    batch = dim_size(full, probe.batch_dim)
+    probe.check(dim_size(full, probe.dim), batch)
+    counts = [microbatches] if microbatches else microbatch_candidates(batch, stages)
+    best: PipelinedPlan | None = None
+    errors: list[str] = []
+    for remat_choice in ([remat] if remat is not None else [False, True]):
+        for m in counts:
+            pipe = Pipeline(axis=axis, stages=stages, microbatches=m, schedule=schedule, remat=remat_choice)
+            try:
+                plan = plan_stage(trace_for, full, mesh_shape, pipe, **solve_kwargs)
+            except InfeasibleError as err:
+                errors.append(f"m={m}{' remat' if remat_choice else ''}: {err}")
+                continue
+            if best is None or plan.step_time_s < best.step_time_s:
+                best = plan
+    if best is None:
+        raise InfeasibleError(f"no pipeline over {axis!r} fits: " + "; ".join(errors[:2]))
+    best.stage_plan.solve_time_s = time.perf_counter() - start
+    return best
 
 
-__all__ = ["PipelinedPlan", "solve_pipelined", "stage_mesh"]
+__all__ = ["PipelinedPlan", "microbatch_candidates", "plan_stage", "solve_pipelined", "stage_mesh"]

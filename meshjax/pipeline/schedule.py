@@ -22,12 +22,15 @@ SCHEDULES = ("gpipe", "1f1b")
 @dataclass(frozen=True)
 class Pipeline:
     """A stage mesh axis of ``stages`` devices over which the scan over ``dim`` (the layer
-    stack) is split into contiguous stages, fed ``microbatches`` slices of ``batch_dim``."""
+    stack) is split into contiguous stages, fed ``microbatches`` slices of ``batch_dim``.
+    With ``remat`` each stage keeps only its input per micro-batch and recomputes its forward
+    in the backward pass."""
 
     axis: str = "stage"
     stages: int = 2
     microbatches: int = 2
     schedule: str = "gpipe"
+    remat: bool = False
     dim: str = "layers"
     batch_dim: str = "batch"
 
@@ -68,7 +71,10 @@ class Pipeline:
             )
 
     def to_json(self) -> dict:
-        return {"axis": self.axis, "stages": self.stages, "microbatches": self.microbatches, "schedule": self.schedule}
+        return {
+            "axis": self.axis, "stages": self.stages, "microbatches": self.microbatches,
+            "schedule": self.schedule, "remat": self.remat,
+        }
 
 
 @dataclass(frozen=True)
