@@ -152,3 +152,78 @@ def test_1f1b_holds_at_most_p_microbatches(p, m):
             held += 1 if s.kind == "F" else -1
             most = max(most, held)
         assert most == first_stage == Pipeline(stages=p, microbatches=m, schedule=schedule).in_flight
+
+
+# --- the solver ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_search_finds_the_best_of_every_microbatch_count_and_remat():
+    from meshjax.pipeline.plan import microbatch_candidates, plan_stage
+
+    mesh_shape = {"data": 2, "model": 2, "stage": 2}
+    trace_for = tracer(batch=16)
+    full = trace_for({})
+    chosen = solve_pipelined(trace_for, mesh_shape, train=True, hardware="h100-2node")
+    every = [
+        plan_stage(trace_for, full, mesh_shape, Pipeline(stages=2, microbatches=m, remat=r), train=True, hardware="h100-2node")
+        for m in microbatch_candidates(16, 2)
+        for r in (False, True)
+    ]
+    assert chosen.step_time_s == pytest.approx(min(p.step_time_s for p in every), rel=1e-12)
+    for plan in every:  # the bound the search prunes with never exceeds a real plan
+        from meshjax.cost.pipeline import compute_bound
+        from meshjax.pipeline.stage_graph import scan_block, stage_graph
+
+        pipe = plan.pipeline
+        bound = compute_bound(stage_graph(trace_for, full, pipe), scan_block(full, pipe), {"data": 2, "model": 2},
+                              plan.hardware, pipe)
+        assert 0 < bound <= plan.step_time_s
+        assert plan.cost.p2p_time_s > 0 and plan.cost.collectives[0].count == 2 * pipe.iterations
+
+
+@pytest.mark.slow
+def test_remat_trades_memory_for_time_and_budgets_hold():
+    from meshjax.pipeline.plan import plan_stage
+
+    mesh_shape = {"data": 2, "model": 2, "stage": 2}
+    trace_for = tracer(batch=32, seq=64)
+    full = trace_for({})
+    kept, remat = (
+        plan_stage(trace_for, full, mesh_shape, Pipeline(stages=2, microbatches=8, remat=r), train=True, hardware="h100-node")
+        for r in (False, True)
+    )
+    assert remat.peak_memory_bytes < kept.peak_memory_bytes
+    assert remat.cost.recompute_time_s > 0 == kept.cost.recompute_time_s
+    budget = (remat.peak_memory_bytes + kept.peak_memory_bytes) / 2
+    fitted = solve_pipelined(trace_for, mesh_shape, microbatches=8, train=True, hardware="h100-node", memory_budget=budget)
+    assert fitted.pipeline.remat and fitted.peak_memory_bytes <= budget
+
+
+@pytest.mark.slow
+def test_gpt3_175b_on_1024_devices_pipelines_within_80gb_quickly():
+    import time
+
+    trace_for = preset_tracer("gpt3-175b", batch=1536, seq=2048, dtype="bfloat16", scan_layers=True)
+    start = time.process_time()
+    plan = solve_pipelined(trace_for, {"data": 16, "stage": 8, "model": 8}, train=True, hardware="h100-2node", memory_budget=80e9)
+    assert time.process_time() - start < 5.0
+    assert plan.pipeline.stages == 8 and plan.pipeline.microbatches > 8
+    assert plan.peak_memory_bytes <= 80e9
+
+
+@pytest.mark.slow
+def test_cli_plan_json_has_the_pipeline(tmp_path):
+    import json
+
+    from meshjax import cli
+
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "gpt-tiny", "--mesh", "2x2x2", "--axes", "data,model,stage", "--set", "layers=4",
+                   "--no-verify", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["pipeline"]["stages"] == 2 and doc["pipeline"]["schedule"] == "gpipe"
+    assert doc["pipeline"]["microbatches"] in (4, 8)
+    assert doc["mesh"] == {"data": 2, "model": 2, "stage": 2}
+    assert doc["predicted"]["step_time_s"] == pytest.approx(doc["pipeline"]["step_time_s"])

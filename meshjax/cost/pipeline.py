@@ -52,6 +52,23 @@ def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:
+    """A lower bound on the step time of ``pipe`` from the stage graph ``graph``: its flops (with
+    remat, the stage's forward once more) split perfectly over the stage's devices at peak, with
+    no communication. The micro-batch search skips counts whose bound exceeds a plan it has."""
+    devices = 1
+    for n in mesh_shape.values():
+        devices *= n
+    total = 0.0
+    for op in graph.ops:
+        dtype = graph.tensors[op.output].dtype
+        flops = op.index.flops * graph.trip_count(op.block) * (3 if train else 1)
+        if op.block == block and pipe.remat and train:
+            flops *= 1 + RECOMPUTE_SHARE
+        total += flops / hardware.peak_flops(dtype if dtype != "bool" else "float32")
+    return total / devices
+
+
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     """Make the solver's memory row the pipeline's (in place): with ``pipe.remat`` a stage keeps
     one micro-batch's activations and, per time slot, its input carry."""
@@ -157,4 +174,4 @@ def pipeline_cost(
     )
 
 
-__all__ = ["PipelineCost", "RECOMPUTE_SHARE", "carry_names", "p2p_sends", "pipeline_cost", "prepare_problem"]
+__all__ = ["PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.pipeline import PipelineCost, pipeline_cost, prepare_problem
+from meshjax.cost.pipeline import PipelineCost, compute_bound, pipeline_cost, prepare_problem
 from meshjax.errors import InfeasibleError, LayoutError
 from meshjax.graph import Graph
 from meshjax.layout import Layout
@@ -109,7 +109,8 @@ class PipelinedPlan:
         return (
             f"pipeline: {pipe.stages} stages over {pipe.axis!r}, {pipe.microbatches} micro-batches ({pipe.schedule}"
             f"{', stage remat' if pipe.remat else ''}), bubble {pipe.bubble_fraction:.1%}: step {self.step_time_s * 1e3:.4f} ms, "
-            f"memory {format_bytes(self.peak_memory_bytes)}/device; one stage: {self.stage_plan.summary()}"
+            f"memory {format_bytes(self.peak_memory_bytes)}/device, solved in {self.solve_time_s:.3f} s; "
+            f"in-stage layouts on mesh {self.stage_plan.mesh_shape}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -130,15 +131,20 @@ def stage_mesh(mesh_shape: Mapping[str, int], axis: str) -> dict[str, int]:
 
 
 def microbatch_candidates(batch: int, stages: int) -> list[int]:
-    """Micro-batch counts the solver tries: ``p``, ``2p``, ``4p`` ... that divide the batch (fewer
-    than ``p`` leave most of every step idle). Without a pipeline, one.
+    """Micro-batch counts the solver tries: ``2p``, ``4p``, ``8p`` ... that divide the batch (with
+    ``p`` or fewer, half of every step or more is bubble), or the largest that divides it.
+    Without a pipeline, one.
 
     >>> microbatch_candidates(1536, 8)
-    [8, 16, 32, 64, 128, 256, 512]
+    [16, 32, 64, 128, 256, 512]
+    >>> microbatch_candidates(8, 4)
+    [8]
+    >>> microbatch_candidates(6, 4)
+    [6]
     """
     if stages == 1:
         return [1]
-    out, m = [], stages
+    out, m = [], 2 * stages
     while m <= batch:
         if batch % m == 0:
             out.append(m)
@@ -200,33 +206,70 @@ def solve_pipelined(
 ) -> PipelinedPlan:
     """Pipeline the model's layer scan over mesh axis ``axis`` and lay out its stages on the
     other axes: the fastest predicted plan over the micro-batch counts
-    (:func:`microbatch_candidates`, or ``microbatches``) and with and without stage remat (or
-    ``remat``), each solved exactly. ``trace_for(sizes)`` traces the model with some sizes
-    replaced (:func:`~meshjax.pipeline.stage_graph.preset_tracer` for presets)."""
+    (:func:`microbatch_candidates`, or ``microbatches``) with and without stage remat (or
+    ``remat``), the layouts of each solved exactly. ``trace_for(sizes)`` traces the model with
+    some sizes replaced (:func:`~meshjax.pipeline.stage_graph.preset_tracer` for presets).
+
+    The micro-batch counts are walked from ``4p`` upwards until the step time rises (it falls
+    with the bubble and rises with per-micro-batch costs), then downwards while it falls and
+    the compute bound (:func:`~meshjax.cost.pipeline.compute_bound`) of the next count is below
+    the best plan; without remat, only if the largest count fits the memory budget (a stage's
+    activations shrink as ``m`` grows)."""
     start = time.perf_counter()
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
     stage_mesh(mesh_shape, axis)
     full = trace_for({})
     stages = mesh_shape[axis]
     probe = Pipeline(axis=axis, stages=stages, microbatches=microbatches or 1, schedule=schedule)
-    scan_block(full, probe)
+    block = scan_block(full, probe)
     batch = dim_size(full, probe.batch_dim)
     probe.check(dim_size(full, probe.dim), batch)
     counts = [microbatches] if microbatches else microbatch_candidates(batch, stages)
-    best: PipelinedPlan | None = None
     errors: list[str] = []
-    for remat_choice in ([remat] if remat is not None else [False, True]):
-        for m in counts:
+
+    def attempt(m: int, remat_choice: bool) -> PipelinedPlan | None:
+        pipe = Pipeline(axis=axis, stages=stages, microbatches=m, schedule=schedule, remat=remat_choice)
+        try:
+            return plan_stage(trace_for, full, mesh_shape, pipe, **solve_kwargs)
+        except InfeasibleError as err:
+            errors.append(f"m={m}{' with stage remat' if remat_choice else ''}: {err}")
+            return None
+
+    plans: list[PipelinedPlan] = []
+    hw = get_hardware(solve_kwargs.get("hardware", "h100-node"))
+    train = solve_kwargs.get("train", False)
+    inner = stage_mesh(mesh_shape, axis)
+
+    def walk(ms: list[int], remat_choice: bool) -> None:
+        """Solve ``ms`` in order until the step time rises or the compute bound says no later
+        count can beat the best plan so far."""
+        previous: float | None = None
+        for m in ms:
             pipe = Pipeline(axis=axis, stages=stages, microbatches=m, schedule=schedule, remat=remat_choice)
-            try:
-                plan = plan_stage(trace_for, full, mesh_shape, pipe, **solve_kwargs)
-            except InfeasibleError as err:
-                errors.append(f"m={m}{' remat' if remat_choice else ''}: {err}")
+            best = min((p.step_time_s for p in plans), default=None)
+            if best is not None and compute_bound(stage_graph(trace_for, full, pipe), block, inner, hw, pipe, train) >= best:
+                break
+            plan = attempt(m, remat_choice)
+            if plan is None:
                 continue
-            if best is None or plan.step_time_s < best.step_time_s:
-                best = plan
-    if best is None:
-        raise InfeasibleError(f"no pipeline over {axis!r} fits: " + "; ".join(errors[:2]))
+            plans.append(plan)
+            if previous is not None and plan.step_time_s > previous:
+                break
+            previous = plan.step_time_s
+
+    for remat_choice in ([remat] if remat is not None else [False, True]):
+        if not remat_choice and len(counts) > 1 and attempt(counts[-1], False) is None:
+            # Without remat a stage keeps (m + p - 1) micro-batches of activations, which shrinks
+            # as m grows: if the most micro-batches do not fit, none do.
+            continue
+        # Start near m = 4p (bubble ~20%), walk up while the step time falls, then down while
+        # it falls and the compute bound (rising as the bubble grows) leaves room.
+        first = min(range(len(counts)), key=lambda i: abs(counts[i] - 4 * stages))
+        walk(counts[first:], remat_choice)
+        walk(counts[:first][::-1], remat_choice)
+    if not plans:
+        raise InfeasibleError(f"no pipeline over {axis!r} fits: " + "; ".join(errors[-2:]))
+    best = min(plans, key=lambda p: p.step_time_s)
     best.stage_plan.solve_time_s = time.perf_counter() - start
     return best
 
