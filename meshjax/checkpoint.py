@@ -2,7 +2,7 @@
 
 A checkpoint directory holds one numbered subdirectory per saved step (an orbax
 ``CheckpointManager``). Every array is stored under its readable name (``params/block_0/mlp/w_in``,
-``opt_state/0/mu/block_0/mlp/w_in``, see :func:`meshjax.train.state_leaves`), so a checkpoint
+``opt_state/0/mu/block_0/mlp/w_in``, see :func:`state_leaves`), so a checkpoint
 saved under one plan restores under any other: each process reads only the shards its target
 shardings ask for.
 
@@ -23,11 +23,42 @@ import jax
 import numpy as np
 
 from meshjax.errors import MeshjaxError
-from meshjax.train import TrainState, opt_state_shardings, param_shardings, replace_leaves, state_leaves
+from meshjax.named import NamedArray
+from meshjax.params import path_name
+from meshjax.train import TrainState, opt_state_shardings, param_shardings
 
 
 class CheckpointError(MeshjaxError):
     """A checkpoint that is missing or does not match the model it is restored into."""
+
+
+def state_leaves(state: TrainState) -> dict[str, Any]:
+    """Every array of ``state`` by a readable name: ``params/<tensor>`` and ``opt_state/<path>``
+    (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
+    out: dict[str, Any] = {}
+    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)[0]:
+            name = path_name(path)
+            out[f"{group}/{name}" if name else group] = leaf.value if isinstance(leaf, NamedArray) else leaf
+    return out
+
+
+def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None = None) -> TrainState:
+    """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
+    trees = {}
+    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)
+        new = []
+        for path, leaf in flat:
+            name = path_name(path)
+            value = values[f"{group}/{name}" if name else group]
+            new.append(NamedArray.tree_unflatten(leaf.dims, (value,)) if isinstance(leaf, NamedArray) else value)
+        trees[group] = jax.tree_util.tree_unflatten(treedef, new)
+    return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
+
+
+def _is_named_array(x: Any) -> bool:
+    return isinstance(x, NamedArray)
 
 
 def _ocp():

@@ -35,6 +35,21 @@ from meshjax.layout import Layout, validate
 from meshjax.named import NamedArray
 
 
+def named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
+    """The ``NamedSharding`` of ``spec`` on ``mesh`` (``None``: replicated)."""
+    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+
+
+def sharding_tree(signature: Any, mesh: Mesh, specs: Mapping[str, PartitionSpec]) -> Any:
+    """``(params, args)`` shaped like the traced arguments of ``signature``, with the
+    ``NamedSharding`` of each leaf's spec in ``specs`` (by tensor name) in place of its array."""
+    leaves = [
+        NamedArray.tree_unflatten(dims, (named_sharding(mesh, specs.get(name)),))
+        for name, dims in zip(signature.names, signature.dims)
+    ]
+    return jax.tree_util.tree_unflatten(signature.treedef, leaves)
+
+
 class Program:
     """``fn`` (as traced into ``graph``) laid out on ``mesh`` by ``layouts`` (name -> Layout)."""
 
@@ -81,7 +96,7 @@ class Program:
         return layout.spec() if layout is not None else PartitionSpec()
 
     def sharding(self, name: str) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(name))
+        return named_sharding(self.mesh, self.spec(name))
 
     @property
     def specs(self) -> dict[str, PartitionSpec]:

@@ -32,6 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax.devices import auto_axes
+from meshjax.lower import named_sharding, sharding_tree
 from meshjax.errors import MeshjaxError, TraceError
 from meshjax.named import NamedArray
 from meshjax.params import path_name
@@ -53,36 +54,7 @@ class TrainState:
         return TrainState(**{"params": self.params, "opt_state": self.opt_state, "step": self.step, **changes})
 
 
-def state_leaves(state: TrainState) -> dict[str, Any]:
-    """Every array of ``state`` by a readable name: ``params/<tensor>`` and ``opt_state/<path>``
-    (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
-    out: dict[str, Any] = {}
-    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]:
-            name = path_name(path)
-            out[f"{group}/{name}" if name else group] = leaf.value if _is_named(leaf) else leaf
-    return out
-
-
-def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None = None) -> TrainState:
-    """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
-    trees = {}
-    for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)
-        new = []
-        for path, leaf in flat:
-            name = path_name(path)
-            value = values[f"{group}/{name}" if name else group]
-            new.append(NamedArray.tree_unflatten(leaf.dims, (value,)) if _is_named(leaf) else value)
-        trees[group] = jax.tree_util.tree_unflatten(treedef, new)
-    return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
-
-
 # --- shardings ---------------------------------------------------------------------------------
-
-
-def _named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
-    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
 
 
 def _signature(plan) -> Any:
@@ -94,22 +66,13 @@ def _signature(plan) -> Any:
 
 def _sharding_trees(plan, mesh: Mesh) -> tuple[Any, tuple]:
     """``(params, args)`` shaped like the traced arguments, with a NamedSharding at each leaf."""
-    sig = _signature(plan)
-    specs = plan.specs
-    leaves = [NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),)) for n, d in zip(sig.names, sig.dims)]
-    params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
+    params, args = sharding_tree(_signature(plan), mesh, plan.specs)
     return params, tuple(args)
 
 
 def _state_sharding_tree(plan, mesh: Mesh) -> Any:
     """The params pytree with each param's gradient / optimizer-state sharding at its leaf."""
-    sig = _signature(plan)
-    specs = plan.state_specs
-    leaves = [
-        NamedArray.tree_unflatten(d, (_named_sharding(mesh, specs.get(n)),))
-        for n, d in zip(sig.names, sig.dims)
-    ]
-    return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
+    return sharding_tree(_signature(plan), mesh, plan.state_specs)[0]
 
 
 def param_shardings(plan, mesh: Mesh) -> Any:
@@ -153,13 +116,13 @@ def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_sta
                         f"optimizer state leaf '{where}/{name}' has shape {shape} but its param {name!r} has "
                         f"shape {tuple(param.shape)}: it has no layout in the plan"
                     )
-                sharding = _named_sharding(mesh, state_specs.get(name))
+                sharding = named_sharding(mesh, state_specs.get(name))
                 shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
             out.append(jax.tree_util.tree_unflatten(params_def, shardings))
             continue
         value = leaf.value if _is_named(leaf) else leaf
         if np.shape(value) == ():
-            sharding = _named_sharding(mesh, PartitionSpec())
+            sharding = named_sharding(mesh, PartitionSpec())
             out.append(NamedArray.tree_unflatten(leaf.dims, (sharding,)) if _is_named(leaf) else sharding)
             continue
         raise MeshjaxError(
@@ -194,14 +157,14 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
         tensor = plan.graph.tensors[name]
         if callable(host) and hasattr(host, "shape"):
             # A meshjax.data.BlockFetch: this process builds only its devices' block.
-            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, _named_sharding(mesh, specs.get(name))),)))
+            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name))),)))
             continue
         host = np.asarray(host)
         if tuple(host.shape) != tuple(tensor.shape):
             raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
         if host.dtype != np.dtype(tensor.dtype):
             host = host.astype(tensor.dtype)
-        sharding = _named_sharding(mesh, specs.get(name))
+        sharding = named_sharding(mesh, specs.get(name))
         array = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
         out.append(NamedArray.tree_unflatten(dims_of[name], (array,)))
     return tuple(out)
@@ -274,7 +237,7 @@ class TrainStep:
         leaves = []
         for name, dims in zip(sig.names, sig.dims):
             t = graph.tensors[name]
-            sds = jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype), sharding=_named_sharding(self.mesh, specs.get(name)))
+            sds = jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype), sharding=named_sharding(self.mesh, specs.get(name)))
             leaves.append(NamedArray.tree_unflatten(dims, (sds,)))
         return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
 
@@ -387,5 +350,14 @@ def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransfor
 
 __all__ = [
     "TrainState", "TrainStep", "make_train_step", "shard_batch", "param_shardings", "opt_state_shardings",
-    "pinned_loss", "state_leaves", "replace_leaves", "input_names",
+    "pinned_loss", "input_names",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Checkpoint leaf naming moved to meshjax.checkpoint, which imports this module.
+    if name in ("state_leaves", "replace_leaves"):
+        from meshjax import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'meshjax.train' has no attribute {name!r}")

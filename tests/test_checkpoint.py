@@ -12,7 +12,8 @@ from meshjax import checkpoint, models
 from meshjax.checkpoint import CheckpointError
 from meshjax.devices import make_mesh
 from meshjax.plan import solve
-from meshjax.train import make_train_step, state_leaves
+from meshjax.checkpoint import state_leaves
+from meshjax.train import make_train_step
 
 OPT = optax.adam(1e-2)
 

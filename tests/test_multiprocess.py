@@ -324,7 +324,7 @@ def child_restore(path: str, step: int, shape_text: str, out: str) -> None:
     from jax.experimental import multihost_utils
 
     from meshjax import checkpoint, distributed
-    from meshjax.train import state_leaves
+    from meshjax.checkpoint import state_leaves
 
     ex, plan, mesh, hw, trainer = _child_setup(shape_text)
     state = checkpoint.restore(path, plan, mesh, trainer.abstract_state(), step=step)

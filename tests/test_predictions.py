@@ -98,7 +98,7 @@ def test_per_op_comm_bytes_match_compiled_for_megatron_inference():
 
 
 def test_combined_collective_names_expand_to_every_op():
-    from meshjax.verify import expand_op_names, ops_named
+    from meshjax.hlo.metadata import expand_op_names, ops_named
 
     text = "jit(step)/transpose(jvp(block_1/attn/(q))/abc->ab/dot_general:v))/abc->ab/dot_general:k))/abc->ab/dot_general)"
     assert [p.split("jvp(")[1].split(")")[0] for p in expand_op_names(text)] == [

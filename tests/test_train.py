@@ -15,7 +15,8 @@ from meshjax import cli, data, models
 from meshjax.devices import make_mesh
 from meshjax.errors import MeshjaxError
 from meshjax.plan import solve
-from meshjax.train import make_train_step, shard_batch, state_leaves
+from meshjax.checkpoint import state_leaves
+from meshjax.train import make_train_step, shard_batch
 
 RULES = "batch:data;heads:model;mlp:model"
 LR = 1e-2
