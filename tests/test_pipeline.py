@@ -227,3 +227,19 @@ def test_cli_plan_json_has_the_pipeline(tmp_path):
     assert doc["pipeline"]["microbatches"] in (4, 8)
     assert doc["mesh"] == {"data": 2, "model": 2, "stage": 2}
     assert doc["predicted"]["step_time_s"] == pytest.approx(doc["pipeline"]["step_time_s"])
+
+
+@pytest.mark.slow
+def test_cli_compare_grows_a_3d_section(tmp_path):
+    import json
+
+    from meshjax import cli
+
+    out = tmp_path / "cmp.json"
+    rc = cli.main(["compare", "gpt-tiny", "--devices", "4", "--set", "layers=4", "--stage", "--no-verify",
+                   "--strategies", "solver", "--json", str(out)])
+    assert rc == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["strategy"] == "solver (pipelined)"]
+    assert [r["mesh"] for r in rows] == [{"data": 1, "model": 2, "stage": 2}, {"data": 2, "model": 1, "stage": 2},
+                                         {"data": 1, "model": 1, "stage": 4}]
+    assert all(r["predicted"]["step_time_s"] > 0 for r in rows)

@@ -70,16 +70,21 @@ def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardw
 
 
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
-    """Make the solver's memory row the pipeline's (in place): with ``pipe.remat`` a stage keeps
-    one micro-batch's activations and, per time slot, its input carry."""
-    if not (problem.train and pipe.remat):
+    """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
+    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` a stage keeps one
+    micro-batch's activations and, per slot, its input carry. A 1F1B schedule (priced, not
+    lowered) holds ``min(p, m)`` micro-batches instead of all slots."""
+    if not problem.train:
+        return
+    held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
+    if not pipe.remat and held == pipe.iterations:
         return
     for node in problem.nodes:
         if node.op is not None and node.op.block == block:
-            node.memory = node.memory / pipe.iterations
-            if node.op.kind == "loop_carry":
+            node.memory = node.memory / pipe.iterations * (1 if pipe.remat else held)
+            if pipe.remat and node.op.kind == "loop_carry":
                 act = [per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts]
-                node.memory = node.memory + pipe.iterations * _array(act)
+                node.memory = node.memory + held * _array(act)
 
 
 def _array(values):
