@@ -73,18 +73,29 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
     slot's activations, as the lowered GPipe program does. With ``pipe.remat`` a stage keeps one
     micro-batch's activations and, per slot, its input carry. A 1F1B schedule (priced, not
-    lowered) holds ``min(p, m)`` micro-batches instead of all slots."""
+    lowered) holds ``min(p, m)`` micro-batches instead of all slots. The micro-batched input and
+    output buffers (a whole-batch carry each) are charged to the scan's final carry."""
     if not problem.train:
         return
     held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
-    if not pipe.remat and held == pipe.iterations:
-        return
     for node in problem.nodes:
-        if node.op is not None and node.op.block == block:
+        if node.op is None:
+            continue
+        act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
+        if node.op.block == block and (pipe.remat or held != pipe.iterations):
             node.memory = node.memory / pipe.iterations * (1 if pipe.remat else held)
             if pipe.remat and node.op.kind == "loop_carry":
-                act = [per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts]
-                node.memory = node.memory + held * _array(act)
+                node.memory = node.memory + held * act
+        elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
+            node.memory = node.memory + BUFFERS * act
+
+
+BUFFERS = 2  # the micro-batched input and output of the pipelined scan, a whole-batch carry each
+
+
+def _reads_block(graph: Graph, op, block: str) -> bool:
+    producer = graph.producer.get(op.inputs[0])
+    return producer is not None and producer.block == block
 
 
 def _array(values):
@@ -103,7 +114,7 @@ class PipelineCost:
     p2p_time_s: float
     boundary_time_s: float
     collectives: tuple[Collective, ...]  # over the stage axis
-    memory_bytes: float  # per device: the solver's memory row plus the pipeline's buffers
+    memory_bytes: float  # per device: the solver's memory row (the pipeline's buffers included)
     buffer_bytes: float
     outside_time_s: float  # embedding, head and loss: every stage runs them on the whole batch
 
@@ -165,7 +176,7 @@ def pipeline_cost(
     inside = {op.name for op in graph.ops if op.block == block}
     recompute = sum(c.compute_time for c in stage_plan.op_costs if c.op in inside) * RECOMPUTE_SHARE if pipe.remat else 0.0
     outside = sum(c.comm_time + c.compute_time for c in stage_plan.op_costs if c.op not in inside)
-    buffers = 2.0 * full_out if pipe.stages > 1 else 0.0  # the micro-batched input and output
+    buffers = BUFFERS * full_out if pipe.stages > 1 else 0.0  # already in the solver's row
     return PipelineCost(
         pipeline=pipe,
         stage_time_s=stage_plan.step_time_s,
@@ -173,10 +184,10 @@ def pipeline_cost(
         p2p_time_s=p2p,
         boundary_time_s=boundary,
         collectives=tuple(colls),
-        memory_bytes=memory_bytes + buffers,
+        memory_bytes=memory_bytes,
         buffer_bytes=buffers,
         outside_time_s=outside,
     )
 
 
-__all__ = ["PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]
+__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]
