@@ -1,16 +1,20 @@
 """The solver's plan against hand-written strategies, on every 8-device mesh, compiled and run.
 
 For each model x mesh (``8`` as data, ``8`` as model, ``4x2``, ``2x4``) x strategy (the solver's
-plan and each baseline of :mod:`meshjax.baselines`), training step (loss + grads):
+plan and each baseline of :mod:`meshjax.baselines`), the whole training step (loss, gradients and
+the Adam update), compiled as :func:`meshjax.verify.verify` compiles it (every tensor and every
+op's operands pinned as the plan, or the baseline priced as a plan, has them):
 
 - predicted step time under every hardware profile (the solver row is the plan solved for that
   profile; baselines are priced with the same cost model), predicted memory per device;
 - compiled comm bytes per collective kind and compiled memory per device (XLA's
-  ``memory_analysis``: arguments + outputs + temporaries - aliased), compile time;
+  ``memory_analysis``: arguments + outputs + temporaries - aliased), both as ratios to the
+  cpu-sim prediction, compile time;
 - measured step time on the simulated CPU devices (median of ``--repeats`` runs after a
   warm-up, concrete params), solve time.
 
-The solver row that is compiled and run is the plan solved for ``cpu-sim``. Rows where the
+The solver row that is compiled and run is the plan solved for ``cpu-sim``; a baseline row, the
+baseline priced on ``cpu-sim`` (``xla-prop`` pins only its params and inputs). Rows where the
 solver's plan is worse than the best baseline that fits (predicted time under the profile it was
 solved for, or compiled comm bytes against that same baseline) are flagged.
 
@@ -40,6 +44,7 @@ import meshjax.devices
 meshjax.devices.use_cpu_devices(8)
 
 import jax  # noqa: E402
+import optax  # noqa: E402
 
 import meshjax as mj  # noqa: E402
 from meshjax import models  # noqa: E402
@@ -50,6 +55,8 @@ from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
 from meshjax.hlo import inspect_compiled  # noqa: E402
 from meshjax.lower import Program  # noqa: E402
+from meshjax.train import make_train_step  # noqa: E402
+from meshjax.verify import Verification, compile_plan, platform_of  # noqa: E402
 from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
@@ -72,28 +79,33 @@ def machine() -> dict:
     }
 
 
-def run_layouts(ex, graph, mesh_shape, layouts, repeats: int) -> dict:
-    """Compile loss + grads under ``layouts``, read the HLO, time ``repeats`` steps."""
+def run_plan(ex, plan, mesh_shape, pinned, repeats: int) -> dict:
+    """Compile ``plan``'s training step as ``verify`` does (Adam, every tensor and operand pinned;
+    ``pinned``: only these layouts, the rest left to XLA), read the HLO, time ``repeats`` steps."""
     mesh = make_mesh(mesh_shape)
-    program = Program(ex.loss, graph, mesh, layouts)
-    jitted = program.jit(grad=True)
     start = time.perf_counter()
-    compiled = jitted.lower(ex.params, *ex.batch).compile()
+    compiled = compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch, pinned=pinned)
     compile_s = time.perf_counter() - start
-    report = inspect_compiled(compiled, mesh)
-    params, batch = program.place(ex.params, *ex.batch)
-    pv, av = jitted._split(params, batch)
-    jax.block_until_ready(compiled(pv, av))  # warm-up
+    check = Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
+    program = Program(ex.loss, plan.graph, mesh, pinned) if pinned is not None else None
+    trainer = make_train_step(plan, ex.loss, mesh, optax.adam(1e-3), program=program)
+    state = trainer.init(ex.params)
+    state, loss = trainer.step(state, *ex.batch)  # warm-up (compiles the same step)
+    jax.block_until_ready(loss)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(pv, av))
+        state, loss = trainer.step(state, *ex.batch)
+        jax.block_until_ready(loss)
         times.append(time.perf_counter() - t)
+    report = check.compiled
     return {
         "compile_s": compile_s,
         "comm_bytes": report.comm_bytes,
         "collectives": report.by_kind(),
         "memory_bytes": report.memory.get("peak_bytes"),
+        "comm_ratio": check.comm_ratio,
+        "memory_ratio": check.memory_ratio,
         "measured_step_s": statistics.median(times),
         "measured_steps": len(times),
     }
@@ -107,9 +119,7 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
         label = mesh_label(mesh_shape)
         solved = {}
         for hw in HARDWARE:
-            start = time.perf_counter()
-            solved[hw] = solve(graph, mesh_shape, hardware=hw, train=True)
-            solved[hw].solve_time_s = time.perf_counter() - start
+            solved[hw] = solve(graph, mesh_shape, hardware=hw, train=True)  # records its solve time
         problems = {hw: build_problem(graph, mesh_shape, PROFILES[hw], train=True) for hw in HARDWARE}
         strategies = {"solver": (solved["cpu-sim"].layouts, [], False)}
         for bname, fn in BASELINES.items():
@@ -119,6 +129,7 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
         for sname, (layouts, notes, partial) in strategies.items():
             row = {"model": name, "mesh": mesh_shape, "mesh_label": label, "strategy": sname, "notes": notes}
             predicted = {}
+            cpu_plan = None
             for hw in HARDWARE:
                 if sname == "solver":
                     plan = solved[hw]
@@ -127,6 +138,8 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
                     plan, extra = predict(graph, mesh_shape, layouts, hw, True, problem=problems[hw])
                     if hw == "cpu-sim":
                         notes.extend(extra)
+                if hw == "cpu-sim":
+                    cpu_plan = plan
                 predicted[hw] = {
                     "step_time_s": plan.step_time_s,
                     "comm_bytes": plan.comm_bytes,
@@ -141,12 +154,14 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
             if partial:
                 notes.insert(0, "activations left to XLA propagation (predicted: the solver's completion)")
             row["predicted"] = predicted
-            key = (partial, tuple(sorted((n, l.axes) for n, l in layouts.items())))
+            # The cpu-sim plan (the solver's, or the baseline priced on cpu-sim) is what is compiled.
+            key = (partial, tuple(sorted((n, str(l)) for n, l in layouts.items())),
+                   () if partial else tuple(sorted((op, tuple(map(str, ls))) for op, ls in cpu_plan.operand_layouts.items())))
             if key in compiled_cache:
                 same, result = compiled_cache[key]
                 notes.append(f"same layout as {same}")
             else:
-                result = run_layouts(ex, graph, mesh_shape, layouts, repeats)
+                result = run_plan(ex, cpu_plan, mesh_shape, layouts if partial else None, repeats)
                 compiled_cache[key] = (sname, result)
             row["compiled"] = result
             rows.append(row)
@@ -270,7 +285,7 @@ def markdown(doc: dict) -> str:
         f"# Solver vs hand-written strategies on 8 devices{' (quick)' if doc['quick'] else ''}",
         "",
         f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, JAX {m['jax']}, {m['devices']}.",
-        f"Training step (loss + grads). Measured: median of {doc['repeats']} CPU steps after a warm-up. "
+        f"Whole training step (loss, gradients, Adam update), compiled with every tensor and operand pinned. Measured: median of {doc['repeats']} CPU steps after a warm-up. "
         "Predicted times per hardware profile in ms; the solver row's plan is solved for each profile "
         "(compiled/measured: the cpu-sim plan). Memory: compiled bytes per device (args + outputs + temps - aliased). "
         "**bold**: fastest predicted on its mesh under h100-node.",

@@ -6,6 +6,14 @@ decides (``layouts``, name -> :class:`~meshjax.layout.Layout`) and ``notes`` say
 to deviate (a dim that no mesh axis divides stays replicated; a rule for an axis the mesh does
 not have is dropped).
 
+Dim roles. Strategies speak of dims by role: ``batch``, the model-parallel dims ``mlp``,
+``heads``, ``vocab`` and ``experts``, and ``embed``. Each role names the zoo's dim of the same
+name unless ``roles`` maps it to a dim of the user's model (``{"batch": "img", "mlp": "ffn"}``;
+``meshjax compare --roles batch=img,mlp=ffn``). A strategy whose roles name no dim of the model
+(``batch`` for all of them; at least one model-parallel role for ``megatron``, ``mtf``,
+``gspmd`` and ``xla-prop``), or a mapping to a dim the model lacks, is an error naming the role
+and the model's dims, never a silent "replicate everything".
+
 Axis roles. ``dp`` and ``fsdp`` use every mesh axis as a data axis (8 devices of data
 parallelism whatever the mesh is called). ``megatron`` and ``xla-prop`` use the axis named
 ``model`` (on a 1D mesh: its only axis) for tensor parallelism and every other axis for data.
@@ -28,9 +36,12 @@ rules for an axis the mesh lacks.
 
 Example::
 
+    >>> parse_roles("batch=img,mlp=ffn")
+    {'batch': 'img', 'mlp': 'ffn'}
     >>> base = BASELINES["fsdp"](graph, {"data": 4, "model": 2})      # doctest: +SKIP
-    >>> plan, notes = predict(graph, {"data": 4, "model": 2}, base.layouts, "h100-node", train=True)
-    >>> plan.step_time_s, plan.comm_bytes, plan.peak_memory_bytes
+    >>> base = baseline("megatron", graph, {"model": 8}, roles={"batch": "img", "mlp": "ffn"})  # doctest: +SKIP
+    >>> plan, notes = predict(graph, {"data": 4, "model": 2}, base.layouts, "h100-node", train=True)  # doctest: +SKIP
+    >>> plan.step_time_s, plan.comm_bytes, plan.peak_memory_bytes      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.errors import InfeasibleError, MeshjaxError
 from meshjax.graph import Graph, Tensor
 from meshjax.layout import Layout
+from meshjax.optimizer import Optimizer
 from meshjax.solver.ilp import solve_ilp
 from meshjax.solver.problem import Problem, build_problem
 from meshjax.solver.reduce import restrict
@@ -103,6 +115,55 @@ def _assign(
     return out
 
 
+ROLES = ("batch", "mlp", "heads", "vocab", "experts", "embed")
+"""The dim roles strategies use; by default each names the zoo's dim of the same name."""
+MODEL_PARALLEL_ROLES = ("mlp", "heads", "vocab", "experts")
+Roles = Mapping[str, str]  # role -> dim of the model
+
+
+def parse_roles(text: str | None) -> dict[str, str]:
+    """``"batch=img,mlp=ffn"`` -> ``{"batch": "img", "mlp": "ffn"}``; an unknown role is an error."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        role, sep, dim = (x.strip() for x in item.partition("="))
+        if not sep or not role or not dim:
+            raise MeshjaxError(f"--roles {text!r}: {item.strip()!r} is not of the form role=dim")
+        if role not in ROLES:
+            raise MeshjaxError(f"--roles: unknown role {role!r}; roles: {', '.join(ROLES)}")
+        out[role] = dim
+    return out
+
+
+def resolve_roles(graph: Graph, strategy: str, roles: Roles | None, *, model_parallel: bool) -> dict[str, str]:
+    """Role -> dim of ``graph`` for ``strategy``: the roles the model has a dim for (zoo names
+    unless ``roles`` maps them). Raises when a mapped dim is missing, when ``batch`` names no
+    dim, or (``model_parallel``) when no model-parallel role does."""
+    given = dict(roles or {})
+    for role in given:
+        if role not in ROLES:
+            raise MeshjaxError(f"unknown dim role {role!r}; roles: {', '.join(ROLES)}")
+    dims = graph.dim_names
+    listed = ", ".join(sorted(dims))
+    for role, dim in given.items():
+        if dim not in dims:
+            raise MeshjaxError(f"role {role}={dim}: the model has no dim {dim!r} (its dims: {listed})")
+    mapping = {role: given.get(role, role) for role in ROLES}
+    if mapping["batch"] not in dims:
+        raise MeshjaxError(
+            f"baseline {strategy}: no dim plays the batch role (no dim {mapping['batch']!r}; the model's dims: "
+            f"{listed}); map it, e.g. --roles batch=DIM"
+        )
+    present = {role: dim for role, dim in mapping.items() if dim in dims}
+    if model_parallel and not any(r in present for r in MODEL_PARALLEL_ROLES):
+        raise MeshjaxError(
+            f"baseline {strategy}: no dim plays a model-parallel role ({', '.join(MODEL_PARALLEL_ROLES)}; the model's "
+            f"dims: {listed}); map one, e.g. --roles mlp=DIM"
+        )
+    return present
+
+
 def _roles(mesh_shape: MeshShape) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(data axes, model axes) for tensor-parallel strategies: ``model`` (on a 1D mesh, its only
     axis) is the model axis, every other axis a data axis."""
@@ -117,25 +178,29 @@ def _all_axes(mesh_shape: MeshShape) -> tuple[str, ...]:
     return tuple(a for a in mesh_shape if mesh_shape[a] > 1)
 
 
-_TP_DIMS = ("mlp", "heads", "vocab", "experts")
+def _tp(roles: Mapping[str, str], axes: tuple[str, ...]) -> Wanted:
+    """Every model-parallel dim of the model on ``axes``."""
+    return {roles[r]: axes for r in MODEL_PARALLEL_ROLES if r in roles}
 
 
-def data_parallel(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def data_parallel(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     notes: list[str] = []
+    batch = resolve_roles(graph, "dp", roles, model_parallel=False)["batch"]
     axes = _all_axes(mesh_shape)
-    layouts = _assign(graph, mesh_shape, lambda t: {} if t.role == "param" else {"batch": axes}, notes)
+    layouts = _assign(graph, mesh_shape, lambda t: {} if t.role == "param" else {batch: axes}, notes)
     return Baseline("dp", layouts, notes)
 
 
-def fsdp(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def fsdp(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     """ZeRO-3: batch on all axes; every param split on its largest dim the axes divide."""
     notes: list[str] = []
+    batch = resolve_roles(graph, "fsdp", roles, model_parallel=False)["batch"]
     axes = _all_axes(mesh_shape)
     factor = math.prod(mesh_shape[a] for a in axes)
 
     def want(t: Tensor) -> Wanted:
         if t.role != "param":
-            return {"batch": axes}
+            return {batch: axes}
         fits = [(size, i) for i, size in enumerate(t.shape) if size % factor == 0]
         if not fits:
             if t.shape and max(t.shape) >= factor:
@@ -151,51 +216,56 @@ def fsdp(graph: Graph, mesh_shape: MeshShape) -> Baseline:
     return Baseline("fsdp", layouts, notes)
 
 
-def _megatron_want(mesh_shape: MeshShape) -> Callable[[Tensor], Wanted]:
+def _megatron_want(graph: Graph, mesh_shape: MeshShape, strategy: str, roles: Roles | None) -> Callable[[Tensor], Wanted]:
+    present = resolve_roles(graph, strategy, roles, model_parallel=True)
     data, model = _roles(mesh_shape)
-    rules = {d: model for d in _TP_DIMS}
+    rules = _tp(present, model)
 
     def want(t: Tensor) -> Wanted:
-        return rules if t.role == "param" else {"batch": data, **rules}
+        return rules if t.role == "param" else {present["batch"]: data, **rules}
 
     return want
 
 
-def megatron(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def megatron(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     notes: list[str] = []
-    return Baseline("megatron", _assign(graph, mesh_shape, _megatron_want(mesh_shape), notes), notes)
+    want = _megatron_want(graph, mesh_shape, "megatron", roles)
+    return Baseline("megatron", _assign(graph, mesh_shape, want, notes), notes)
 
 
 MTF_RULES = {"batch": ("data",), "mlp": ("model",), "heads": ("model",), "vocab": ("model",)}
+"""Mesh-TensorFlow's rules, by role."""
 
 
-def mesh_tensorflow(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def mesh_tensorflow(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     notes: list[str] = []
-    rules = {d: a for d, a in MTF_RULES.items() if d in graph.dim_names}
+    present = resolve_roles(graph, "mtf", roles, model_parallel=True)
+    rules = {present[r]: a for r, a in MTF_RULES.items() if r in present}
     missing = sorted({a for axes in rules.values() for a in axes} - set(mesh_shape))
     if missing:
         notes.append(f"mesh has no axis {', '.join(missing)}: those rules dropped")
     return Baseline("mtf", _assign(graph, mesh_shape, lambda t: rules, notes), notes)
 
 
-def gspmd_2d(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def gspmd_2d(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     notes: list[str] = []
-    model = {d: ("model",) for d in _TP_DIMS}
-    weights = {"embed": ("data",), **model}
-    acts = {"batch": ("data",), **model}
+    present = resolve_roles(graph, "gspmd", roles, model_parallel=True)
+    model = _tp(present, ("model",))
+    weights = {**({present["embed"]: ("data",)} if "embed" in present else {}), **model}
+    acts = {present["batch"]: ("data",), **model}
     if not {"data", "model"} <= set(mesh_shape):
         notes.append(f"mesh has no axis {', '.join(sorted({'data', 'model'} - set(mesh_shape)))}: those rules dropped")
     return Baseline("gspmd", _assign(graph, mesh_shape, lambda t: weights if t.role == "param" else acts, notes), notes)
 
 
-def xla_propagation(graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def xla_propagation(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
     notes: list[str] = []
-    mega = _megatron_want(mesh_shape)
+    mega = _megatron_want(graph, mesh_shape, "xla-prop", roles)
     layouts = _assign(graph, mesh_shape, lambda t: mega(t) if t.role in ("param", "input") else None, notes)
     return Baseline("xla-prop", layouts, notes, partial=True)
 
 
-BASELINES: dict[str, Callable[[Graph, MeshShape], Baseline]] = {
+BASELINES: dict[str, Callable[..., Baseline]] = {
     "dp": data_parallel,
     "fsdp": fsdp,
     "megatron": megatron,
@@ -206,16 +276,17 @@ BASELINES: dict[str, Callable[[Graph, MeshShape], Baseline]] = {
 """Every baseline by name, in the order tables list them."""
 
 
-def baseline(name: str, graph: Graph, mesh_shape: MeshShape) -> Baseline:
+def baseline(name: str, graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
+    """Strategy ``name`` on ``mesh_shape``; ``roles`` maps dim roles to the model's dims."""
     try:
         fn = BASELINES[name]
     except KeyError:
         raise MeshjaxError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}") from None
-    return fn(graph, dict(mesh_shape))
+    return fn(graph, dict(mesh_shape), roles)
 
 
-def all_baselines(graph: Graph, mesh_shape: MeshShape) -> list[Baseline]:
-    return [fn(graph, dict(mesh_shape)) for fn in BASELINES.values()]
+def all_baselines(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> list[Baseline]:
+    return [fn(graph, dict(mesh_shape), roles) for fn in BASELINES.values()]
 
 
 # --- pricing an assignment -------------------------------------------------------------------
@@ -229,7 +300,7 @@ def predict(
     train: bool = False,
     *,
     strict: bool = False,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Optimizer | str | None = None,
     problem: Problem | None = None,
 ):
     """Price a manual assignment with the solver's cost model: ``(plan, notes)``.
@@ -239,7 +310,8 @@ def predict(
     layout (they differ in operand layouts, hence reshards) the cheapest is taken. Tensors with
     no layout given are left free and chosen by the solver: an optimistic price for what XLA's
     propagation does with them. A layout that is not among a decision's options is reported in
-    ``notes`` and that decision left free too (``strict=True`` raises instead). ``problem``: an
+    ``notes`` and that decision left free too (``strict=True`` raises instead). ``optimizer``:
+    whose state training keeps (default Adam). ``problem``: an
     unconstrained :func:`~meshjax.solver.problem.build_problem` of the same graph, mesh,
     hardware and mode, to reuse across assignments.
     """
@@ -247,7 +319,7 @@ def predict(
     mesh_shape = dict(mesh_shape)
     hw = get_hardware(hardware)
     if problem is None:
-        problem = build_problem(graph, mesh_shape, hw, train=train, optimizer_state_factor=optimizer_state_factor)
+        problem = build_problem(graph, mesh_shape, hw, train=train, optimizer=optimizer)
     notes: list[str] = []
     allowed = []
     for node in problem.nodes:
@@ -279,7 +351,11 @@ def predict(
 __all__ = [
     "BASELINES",
     "Baseline",
+    "MODEL_PARALLEL_ROLES",
     "MTF_RULES",
+    "ROLES",
+    "parse_roles",
+    "resolve_roles",
     "all_baselines",
     "baseline",
     "data_parallel",

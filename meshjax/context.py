@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshjax.errors import TraceError
-from meshjax.graph import Block, IndexForm, Op, Tensor
+from meshjax.graph import Block, IndexForm, Op, OpFacts, Tensor
 from meshjax.named import NamedArray
 
 _CURRENT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
@@ -77,7 +77,7 @@ class _Context:
         for stem in [s for s in self.used if s == prefix or s.startswith(prefix + "/")]:
             del self.used[stem]
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         raise NotImplementedError
 
     def pin_as(self, array: NamedArray, name: str) -> NamedArray:
@@ -128,7 +128,12 @@ class Recorder(_Context):
             return entry[1]
         return self.register(array, self.fresh_name("constant"), "constant").name
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> NamedArray:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> NamedArray:
+        if not isinstance(facts, OpFacts):
+            raise TraceError(
+                f"op {name or kind!r} (kind {kind!r}) was emitted without its OpFacts: the cost model "
+                "needs to know what its backward pass reads; pass facts= to emit"
+            )
         input_names = tuple(self.name_of(a) for a in inputs)
         if (id(output.value), output.dims) in self._names:
             # An op that hands back its input's value (a no-op cast) still gets its own tensor.
@@ -143,6 +148,7 @@ class Recorder(_Context):
             index=index,
             attrs=dict(attrs),
             block=self.block,
+            facts=facts,
         )
         return output, out_name
 
@@ -161,7 +167,7 @@ class Recorder(_Context):
             result=index.result,
             flops=index.flops,
         )
-        self.ops[op_name] = Op(op.name, op.kind, (*op.inputs, self.name_of(array)), op.output, index, op.attrs, op.block)
+        self.ops[op_name] = Op(op.name, op.kind, (*op.inputs, self.name_of(array)), op.output, index, op.attrs, op.block, op.facts)
 
 
 class Pinner(_Context):
@@ -173,12 +179,14 @@ class Pinner(_Context):
         specs: dict[str, jax.sharding.PartitionSpec],
         operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
         recomputed: dict[str, tuple[bool, ...]] | None = None,
+        computed_specs: dict[str, jax.sharding.PartitionSpec] | None = None,
     ):
         super().__init__()
         self.mesh = mesh
         self.specs = specs
         self.operand_specs = operand_specs or {}
         self.recomputed = recomputed or {}
+        self.computed_specs = computed_specs or {}
 
     def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
         op_name = self.peek_name(base)
@@ -235,6 +243,10 @@ class Pinner(_Context):
         return out
 
     def pin(self, array: NamedArray, name: str) -> NamedArray:
+        computed = self.computed_specs.get(name)
+        if computed is not None:  # computed sharded, then gathered (the planned strategy)
+            sharding = jax.sharding.NamedSharding(self.mesh, computed)
+            array = NamedArray.tree_unflatten(array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),))
         spec = self.specs.get(name)
         if spec is None:
             return array
@@ -243,7 +255,7 @@ class Pinner(_Context):
             array.dims, (jax.lax.with_sharding_constraint(array.value, sharding),)
         )
 
-    def emit(self, kind, inputs, output, index, attrs, name) -> tuple[NamedArray, str]:
+    def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         out_name = self.fresh_name(name or kind)
         with jax.named_scope(out_name):
             return self.pin(output, out_name), out_name
@@ -308,9 +320,15 @@ def emit(
     index: IndexForm,
     attrs: dict | None = None,
     name: str | None = None,
+    *,
+    facts: OpFacts | None = None,
 ) -> NamedArray:
-    """Report a finished op to the active context; returns the (possibly pinned) result."""
-    return emit_with_name(kind, inputs, output, index, attrs, name)[0]
+    """Report a finished op to the active context; returns the (possibly pinned) result.
+
+    ``facts`` declares what the cost model needs beyond ``index`` (what the op's backward pass
+    reads, whether it is a reduction); tracing an op without them is an error.
+    """
+    return emit_with_name(kind, inputs, output, index, attrs, name, facts=facts)[0]
 
 
 def emit_with_name(
@@ -320,9 +338,11 @@ def emit_with_name(
     index: IndexForm,
     attrs: dict | None = None,
     name: str | None = None,
+    *,
+    facts: OpFacts | None = None,
 ) -> tuple[NamedArray, str | None]:
     """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
     ctx = current()
     if ctx is None:
         return output, None
-    return ctx.emit(kind, inputs, output, index, attrs or {}, name)
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)

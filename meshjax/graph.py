@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numpy as np
+from meshjax.dtypes import is_floating, itemsize
 
 ROLES = ("input", "param", "activation", "output", "constant")
 
@@ -46,7 +46,12 @@ class Tensor:
 
     @property
     def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+        return itemsize(self.dtype)
+
+    @property
+    def floating(self) -> bool:
+        """Whether gradients flow through this tensor's dtype (bfloat16 and float8 included)."""
+        return is_floating(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +66,8 @@ class IndexForm:
     - ``operands[i][k]``: the loop dim that axis ``k`` of input ``i`` walks.
     - ``result[k]``: the loop dim that axis ``k`` of the output walks.
     - ``reduced``: loop dims summed (or max-ed) away; splitting one leaves partial results.
-    - ``reduction``: ``"sum"``, ``"max"`` or ``"lse"`` (log-sum-exp: two all-reduces).
+    - ``reduction``: ``"sum"``, ``"max"``, ``"lse"`` (log-sum-exp: two all-reduces, of the max
+      and of the sum) or ``"xent"`` (cross-entropy: the log-sum-exp's two and the target's logit).
     - ``stats``: loop dims kept in the result whose splitting needs small all-reduces of
       per-row statistics (softmax, norms), with how many statistics.
     - ``whole``: loop dims that must not be split (minor dims of a reshape, a scan's ``layers``).
@@ -81,10 +87,61 @@ class IndexForm:
     def loop_sizes(self) -> dict[str, int]:
         return dict(self.loop)
 
+    @property
+    def partial_results(self) -> int:
+        """How many results of the result's size a split reduced dim leaves to combine, each
+        with an all-reduce."""
+        return _PARTIAL_RESULTS[self.reduction]
+
+
+_PARTIAL_RESULTS = {"sum": 1, "max": 1, "lse": 2, "xent": 3}
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """What the cost model needs to know of an op beyond its :class:`IndexForm`, declared by the
+    op itself when it is emitted (:func:`meshjax.context.emit`).
+
+    - ``saves``: positions of the operands its backward pass reads (kept until then);
+    - ``saves_result``: its derivative is written in terms of its own result (softmax, exp,
+      tanh), which is kept instead of its operands;
+    - ``residuals``: how many more tensors of its result's size its backward keeps (JAX
+      differentiates gelu's tanh approximation through ``tanh`` and keeps that value);
+    - ``scan_residuals``: the same inside a scan, where every residual ``jax.vjp`` saves is
+      stacked over the trips (unrolled, XLA fuses the cheap ones into the backward pass and
+      keeps fewer); ``None``: as ``residuals``;
+    - ``reduction``: a reduction (sum, max, log-sum-exp ...): XLA reduces a split dim locally and
+      combines the smaller results; it never gathers the operand first;
+    - ``slices``: its result is one trip's slice of its operand (a scan over a stacked weight):
+      the backward reads the slice from the operand, never from a copy of its own.
+
+    >>> OpFacts.reading(2).saves
+    (0, 1)
+    """
+
+    saves: tuple[int, ...] = ()
+    saves_result: bool = False
+    residuals: int = 0
+    reduction: bool = False
+    slices: bool = False
+    scan_residuals: int | None = None
+
+    def residuals_in(self, scanned: bool) -> int:
+        """Tensors of the result's size kept besides operands and result, in a scan or not."""
+        return self.scan_residuals if scanned and self.scan_residuals is not None else self.residuals
+
+    @classmethod
+    def reading(cls, n_operands: int, **more) -> OpFacts:
+        """An op whose backward reads all of its ``n_operands`` operands."""
+        return cls(saves=tuple(range(n_operands)), **more)
+
+
+LINEAR = OpFacts()  # a backward that reads nothing: additions, sums, reshapes, copies
+
 
 @dataclass(frozen=True)
 class Op:
-    """A named op: ``output = kind(*inputs)``."""
+    """A named op: ``output = kind(*inputs)``, with the facts it declared."""
 
     name: str
     kind: str
@@ -93,6 +150,7 @@ class Op:
     index: IndexForm
     attrs: Mapping[str, object] = field(default_factory=dict)
     block: str | None = None
+    facts: OpFacts = LINEAR
 
 
 @dataclass(frozen=True)
@@ -133,16 +191,33 @@ class Graph:
 
     @cached_property
     def requires_grad(self) -> frozenset[str]:
-        """Tensors whose value depends on a param: the ones a backward pass computes gradients of."""
+        """Tensors whose value depends on a param through floating values: the ones a backward
+        pass computes gradients of. A bool or integer tensor stops the chain (``cast(x > 0)``
+        has no gradient, however it is used)."""
+        differentiable = {n for n, t in self.tensors.items() if t.floating}
         out = {t.name for t in self.tensors.values() if t.role == "param"}
         changed = True
         while changed:  # loops (scan carries) need more than one topological pass
             changed = False
             for op in self.ops:
-                if op.output not in out and any(i in out for i in op.inputs):
+                if op.output in differentiable and op.output not in out and any(i in out for i in op.inputs):
                     out.add(op.output)
                     changed = True
         return frozenset(out)
+
+    @cached_property
+    def sliced_from(self) -> dict[str, str]:
+        """Tensor -> the param or input it is a per-trip slice of (a scan's weight slice)."""
+        return {
+            op.output: op.inputs[0]
+            for op in self.ops
+            if op.facts.slices and self.tensors[op.inputs[0]].role in ("param", "input")
+        }
+
+    def needs_grad(self, name: str) -> bool:
+        """Whether a backward pass computes a gradient of tensor ``name``: it depends on a param
+        and its dtype is floating."""
+        return name in self.requires_grad and self.tensors[name].floating
 
     def by_role(self, role: str) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == role]

@@ -60,6 +60,7 @@ class Program:
         mesh: Mesh,
         layouts: Mapping[str, Layout],
         operand_layouts: Mapping[str, tuple[Layout, ...]] | None = None,
+        computed_layouts: Mapping[str, Layout] | None = None,
     ):
         if graph.signature is None:
             raise TraceError("the graph has no signature: make it with meshjax.trace")
@@ -72,6 +73,9 @@ class Program:
         self.operand_specs = {
             op: tuple(layout.spec() for layout in operand) for op, operand in (operand_layouts or {}).items()
         }
+        # op name -> the layout the op computes its result in before gathering it into its
+        # planned layout (pinned first, so XLA gathers the result, not the operands).
+        self.computed_specs = {op: layout.spec() for op, layout in (computed_layouts or {}).items()}
         # op name -> per operand, whether the backward pass re-does its reshard (see module doc).
         ops = {op.name: op for op in graph.ops}
         self.recomputed = {
@@ -137,7 +141,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

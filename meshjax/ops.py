@@ -24,7 +24,7 @@ import numpy as np
 
 from meshjax.context import compute, emit
 from meshjax.errors import EinsumError, ShapeError
-from meshjax.graph import IndexForm
+from meshjax.graph import LINEAR, IndexForm, OpFacts
 from meshjax.named import DimsLike, NamedArray, check_sizes, format_dims, named, parse_dims
 
 __all__ = [
@@ -111,32 +111,40 @@ def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=
         reduced=reduced,
         flops=float((2 if reduced else 1) * _prod(s for _, s in loop)),
     )
-    return emit("einsum", operands, NamedArray(value, out_dims), index, {"spec": spec}, name)
+    facts = OpFacts.reading(len(operands))  # each operand's gradient contracts the others
+    return emit("einsum", operands, NamedArray(value, out_dims), index, {"spec": spec}, name, facts=facts)
 
 
 # --- elementwise -----------------------------------------------------------------------------
 
-_ELEMENTWISE: dict[str, Callable] = {
-    "add": jnp.add,
-    "subtract": jnp.subtract,
-    "multiply": jnp.multiply,
-    "divide": jnp.divide,
-    "power": jnp.power,
-    "maximum": jnp.maximum,
-    "minimum": jnp.minimum,
-    "greater_equal": jnp.greater_equal,
-    "where": jnp.where,
-    "negative": jnp.negative,
-    "exp": jnp.exp,
-    "log": jnp.log,
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "sigmoid": jax.nn.sigmoid,
-    "square": jnp.square,
-    "sqrt": jnp.sqrt,
-    "rsqrt": jax.lax.rsqrt,
+# Each elementwise op with what its backward pass reads (OpFacts): sums and selections read
+# nothing; exp, tanh, sigmoid, sqrt and rsqrt are differentiated through their own result; JAX
+# differentiates gelu's tanh approximation through ``tanh`` and silu through ``sigmoid`` and keeps
+# that value besides the input (one residual of the result's size); the rest read their operands.
+# In a scan every residual jax.vjp saves is stacked (what jax's saved_residuals lists for the op,
+# checked in tests/test_evaluate.py): gelu 4 (x*x*x, tanh, 1 - tanh^2, ...), silu 2, tanh 1.
+_READS_OPERANDS = None  # filled per call: every operand the op got
+_ELEMENTWISE: dict[str, tuple[Callable, OpFacts | None]] = {
+    "add": (jnp.add, LINEAR),
+    "subtract": (jnp.subtract, LINEAR),
+    "multiply": (jnp.multiply, _READS_OPERANDS),
+    "divide": (jnp.divide, _READS_OPERANDS),
+    "power": (jnp.power, _READS_OPERANDS),
+    "maximum": (jnp.maximum, _READS_OPERANDS),
+    "minimum": (jnp.minimum, _READS_OPERANDS),
+    "greater_equal": (jnp.greater_equal, LINEAR),
+    "where": (jnp.where, LINEAR),
+    "negative": (jnp.negative, LINEAR),
+    "exp": (jnp.exp, OpFacts(saves_result=True)),
+    "log": (jnp.log, _READS_OPERANDS),
+    "tanh": (jnp.tanh, OpFacts(saves_result=True, scan_residuals=1)),
+    "relu": (jax.nn.relu, _READS_OPERANDS),
+    "gelu": (jax.nn.gelu, OpFacts(saves=(0,), residuals=1, scan_residuals=4)),
+    "silu": (jax.nn.silu, OpFacts(saves=(0,), residuals=1, scan_residuals=2)),
+    "sigmoid": (jax.nn.sigmoid, OpFacts(saves_result=True)),
+    "square": (jnp.square, _READS_OPERANDS),
+    "sqrt": (jnp.sqrt, OpFacts(saves_result=True)),
+    "rsqrt": (jax.lax.rsqrt, OpFacts(saves_result=True)),
 }
 
 
@@ -146,12 +154,14 @@ def _broadcast_to(array: NamedArray, dims: tuple[str, ...]) -> jax.Array:
     return jnp.expand_dims(value, [i for i, d in enumerate(dims) if d not in array.dims])
 
 
-def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArray:
+def elementwise(fn: str | Callable, *args, name: str | None = None, facts: OpFacts | None = None) -> NamedArray:
     """Apply an elementwise function, broadcasting named operands by name.
 
     ``fn`` is a name from the built-in table (``"add"``, ``"gelu"``...) or any elementwise
     callable. Python scalars are allowed; the result's dims are the first operand's, then the
-    new ones in order of appearance.
+    new ones in order of appearance. ``facts`` says what the backward pass of a callable reads
+    (default: all its named operands, as ``jax.vjp`` of an arbitrary function keeps its inputs);
+    the built-in ops declare their own.
 
     >>> a = named(jnp.ones((2,)), "batch"); b = named(jnp.ones((3,)), "embed")
     >>> elementwise("add", a, b).dims
@@ -160,7 +170,8 @@ def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArra
     if isinstance(fn, str):
         if fn not in _ELEMENTWISE:
             raise ValueError(f"unknown elementwise op {fn!r}; known: {', '.join(sorted(_ELEMENTWISE))}")
-        kind, func = fn, _ELEMENTWISE[fn]
+        kind, (func, declared) = fn, _ELEMENTWISE[fn]
+        facts = facts or declared
     else:
         kind, func = getattr(fn, "__name__", "elementwise"), fn
     arrays = [a for a in args if isinstance(a, NamedArray)]
@@ -184,7 +195,11 @@ def elementwise(fn: str | Callable, *args, name: str | None = None) -> NamedArra
         result=out_dims,
         flops=float(_prod(s for _, s in loop)),
     )
-    return emit(kind, arrays, NamedArray(value, out_dims), index, {}, name)
+    if facts is None:
+        # A product or quotient by a Python number reads nothing back; otherwise every operand.
+        scaled = kind in ("multiply", "divide") and len(arrays) == 1
+        facts = LINEAR if scaled else OpFacts.reading(len(arrays))
+    return emit(kind, arrays, NamedArray(value, out_dims), index, {}, name, facts=facts)
 
 
 def _unary(fn_name: str):
@@ -233,13 +248,13 @@ def cast(x: NamedArray, dtype, *, name: str | None = None) -> NamedArray:
     dtype = jnp.dtype(dtype)
     fn = lambda v: v.astype(dtype)  # noqa: E731
     fn.__name__ = "cast"
-    return elementwise(fn, x, name=name)
+    return elementwise(fn, x, name=name, facts=LINEAR)
 
 
 # --- reductions ------------------------------------------------------------------------------
 
 
-def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name, stats=0) -> NamedArray:
+def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name, stats=0, saves=True) -> NamedArray:
     over = parse_dims(dims)
     for d in over:
         x.size(d)  # names a missing dim
@@ -255,7 +270,9 @@ def _reduce(kind: str, x: NamedArray, dims: DimsLike, func, reduction: str, name
         reduction=reduction,
         flops=float(_prod(x.shape) * builtins.max(1, stats)),
     )
-    return emit(kind, [x], NamedArray(value, keep), index, {"dims": over}, name)
+    # sum and mean read nothing back; max and log-sum-exp read their operand.
+    facts = OpFacts(saves=(0,) if saves else (), reduction=True)
+    return emit(kind, [x], NamedArray(value, keep), index, {"dims": over}, name, facts=facts)
 
 
 def sum(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:  # noqa: A001
@@ -264,12 +281,12 @@ def sum(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray
     >>> sum(named(jnp.ones((2, 3)), "batch embed"), "embed").value.tolist()
     [3.0, 3.0]
     """
-    return _reduce("sum", x, dims, jnp.sum, "sum", name)
+    return _reduce("sum", x, dims, jnp.sum, "sum", name, saves=False)
 
 
 def mean(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:
     """Mean over the named dims."""
-    return _reduce("mean", x, dims, jnp.mean, "sum", name)
+    return _reduce("mean", x, dims, jnp.mean, "sum", name, saves=False)
 
 
 def max(x: NamedArray, dims: DimsLike, *, name: str | None = None) -> NamedArray:  # noqa: A001
@@ -293,7 +310,10 @@ def softmax(x: NamedArray, dim: str, *, name: str | None = None) -> NamedArray:
         stats=((dim, 2),),
         flops=float(5 * _prod(x.shape)),
     )
-    return emit("softmax", [x], NamedArray(value, x.dims), index, {"dim": dim}, name)
+    # JAX differentiates softmax through the unnormalised exponentials (one residual of the
+    # result's size) and the per-row sums, not through the result.
+    facts = OpFacts(residuals=1)
+    return emit("softmax", [x], NamedArray(value, x.dims), index, {"dim": dim}, name, facts=facts)
 
 
 def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> NamedArray:
@@ -330,7 +350,10 @@ def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> 
         stats=((dim, 2 if kind == "layer_norm" else 1),),
         flops=float(8 * _prod(x.shape)),
     )
-    return emit(kind, [x, *params], NamedArray(value, x.dims), index, {"dim": dim, "eps": eps}, name)
+    # Inside a scan JAX's residuals of a norm are stacked: the centred / scaled input and the
+    # normalised value besides the input (two more of its size).
+    facts = OpFacts.reading(1 + len(params), scan_residuals=2)
+    return emit(kind, [x, *params], NamedArray(value, x.dims), index, {"dim": dim, "eps": eps}, name, facts=facts)
 
 
 def layer_norm(x, dim: str, scale=None, bias=None, *, eps: float = 1e-5, name=None) -> NamedArray:
@@ -375,7 +398,9 @@ def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str
         reduced=(vocab,),
         flops=float(_prod(value.shape)),
     )
-    return emit("embed", [ids, table], NamedArray(value, out_dims), index, {"vocab": vocab}, name)
+    # The gradient scatters into the table at the ids: it reads the ids, not the table.
+    facts = OpFacts(saves=(0,))
+    return emit("embed", [ids, table], NamedArray(value, out_dims), index, {"vocab": vocab}, name, facts=facts)
 
 
 def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "vocab", name=None) -> NamedArray:
@@ -403,10 +428,11 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
         operands=(logits.dims, targets.dims),
         result=keep,
         reduced=(vocab,),
-        reduction="lse",
+        reduction="xent",
         flops=float(6 * _prod(logits.shape)),
     )
-    return emit("cross_entropy", [logits, targets], NamedArray(value, keep), index, {"vocab": vocab}, name)
+    facts = OpFacts.reading(2, reduction=True)
+    return emit("cross_entropy", [logits, targets], NamedArray(value, keep), index, {"vocab": vocab}, name, facts=facts)
 
 
 # --- reshaping -------------------------------------------------------------------------------
@@ -443,7 +469,7 @@ def split_dim(x: NamedArray, dim: str, into: DimsLike, sizes: Mapping[str, int],
     loop = tuple((d, s) for d, s in zip(out_dims, value.shape))
     operand = tuple(new[0] if d == dim else d for d in x.dims)  # the old dim walks the major new dim
     index = IndexForm(loop=loop, operands=(operand,), result=out_dims, whole=new[1:])
-    return emit("split_dim", [x], NamedArray(value, out_dims), index, {"dim": dim, "into": new}, name)
+    return emit("split_dim", [x], NamedArray(value, out_dims), index, {"dim": dim, "into": new}, name, facts=LINEAR)
 
 
 def merge_dims(x: NamedArray, dims: DimsLike, into: str, *, name=None) -> NamedArray:
@@ -466,7 +492,7 @@ def merge_dims(x: NamedArray, dims: DimsLike, into: str, *, name=None) -> NamedA
     value = x.value.reshape(*x.shape[:start], -1, *x.shape[start + len(group):])
     result = (*x.dims[:start], group[0], *x.dims[start + len(group):])
     index = IndexForm(loop=tuple(x.sizes.items()), operands=(x.dims,), result=result, whole=group[1:])
-    return emit("merge_dims", [x], NamedArray(value, out_dims), index, {"dims": group, "into": into}, name)
+    return emit("merge_dims", [x], NamedArray(value, out_dims), index, {"dims": group, "into": into}, name, facts=LINEAR)
 
 
 def rename(x: NamedArray, mapping: Mapping[str, str], *, name=None) -> NamedArray:
@@ -476,14 +502,14 @@ def rename(x: NamedArray, mapping: Mapping[str, str], *, name=None) -> NamedArra
     out_dims = tuple(mapping.get(d, d) for d in x.dims)
     parse_dims(out_dims, what="rename result")
     index = IndexForm(loop=tuple(x.sizes.items()), operands=(x.dims,), result=x.dims)
-    return emit("rename", [x], NamedArray(x.value, out_dims), index, {"mapping": dict(mapping)}, name)
+    return emit("rename", [x], NamedArray(x.value, out_dims), index, {"mapping": dict(mapping)}, name, facts=LINEAR)
 
 
 def arange(dim: str, size: int, *, dtype=jnp.int32, name=None) -> NamedArray:
     """``0, 1, ..., size-1`` along ``dim`` (for masks and positions)."""
     value = jnp.arange(size, dtype=dtype)
     index = IndexForm(loop=((dim, size),), operands=(), result=(dim,))
-    return emit("arange", [], NamedArray(value, (dim,)), index, {}, name)
+    return emit("arange", [], NamedArray(value, (dim,)), index, {}, name, facts=LINEAR)
 
 
 __all__ += ["named"]

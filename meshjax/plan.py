@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,28 +24,64 @@ from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, Rules, rules_of
-from meshjax.solver import evaluate
+from meshjax.optimizer import Optimizer
 from meshjax.solver.evaluate import OpCost
 from meshjax.solver.ilp import Solution
 from meshjax.solver.problem import Problem
 
 
-@dataclass
+@dataclass(frozen=True)
+class Settings:
+    """What a plan was solved for: the hardware it was priced on, training or inference, the
+    per-device memory budget (``None``: none), and in training the optimizer whose state each
+    param keeps and whether that state may be sharded beyond its param (ZeRO-1)."""
+
+    hardware: Hardware
+    train: bool = False
+    memory_budget: float | None = None
+    optimizer: Optimizer | None = None
+    zero: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A layout per tensor plus its predicted cost. A plain value: build programs from it."""
+    """A frozen record of what was solved: a layout per tensor (and per op operand, per param's
+    optimizer state), the settings, and the figures :func:`meshjax.solver.evaluate.evaluate`
+    priced for the choice. The plan never prices anything itself: its step time is the ILP's
+    objective and its memory the ILP's memory row."""
 
     graph: Graph
-    mesh_shape: dict[str, int]
-    hardware: Hardware
-    train: bool
-    layouts: dict[str, Layout]
-    problem: Problem | None = None
+    mesh_shape: Mapping[str, int]
+    settings: Settings
+    layouts: Mapping[str, Layout]
+    operand_layouts: Mapping[str, tuple[Layout, ...]]
+    state_layouts: Mapping[str, Layout]
+    op_costs: tuple[OpCost, ...]
+    memory: Mapping[str, float]
+    problem: Problem | None = field(default=None, compare=False, repr=False)
     solution: Solution | None = None
     solve_time_s: float = 0.0
-    memory_budget: float | None = None
-    op_costs: list[OpCost] = field(default_factory=list)
+    # Op name -> the layout an op computes its result in before a reduce-scatter or gather
+    # moves it to its planned layout (pinned first when lowered).
+    computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
 
     # --- what users read ---------------------------------------------------------------------
+    @property
+    def hardware(self) -> Hardware:
+        return self.settings.hardware
+
+    @property
+    def train(self) -> bool:
+        return self.settings.train
+
+    @property
+    def memory_budget(self) -> float | None:
+        return self.settings.memory_budget
+
+    @property
+    def optimizer(self) -> Optimizer | None:
+        return self.settings.optimizer
+
     @property
     def specs(self) -> dict[str, PartitionSpec]:
         return {name: layout.spec() for name, layout in self.layouts.items()}
@@ -54,13 +90,6 @@ class Plan:
     def param_specs(self) -> dict[str, PartitionSpec]:
         """Spec of every param, by tensor name (``block_0/mlp/w_in``)."""
         return {t.name: self.layouts[t.name].spec() for t in self.graph.params}
-
-    @property
-    def state_layouts(self) -> dict[str, Layout]:
-        """Layout of each param's optimizer state (and of its gradient once reduced)."""
-        if self.problem is None or self.solution is None:
-            return {t.name: self.layouts[t.name] for t in self.graph.params}
-        return evaluate.state_layouts(self.problem, self.solution.choice, self.layouts)
 
     @property
     def state_specs(self) -> dict[str, PartitionSpec]:
@@ -100,16 +129,14 @@ class Plan:
     def step_time_s(self) -> float:
         return self.comm_time_s + self.compute_time_s
 
-    def memory_breakdown(self, optimizer_state_factor: float = 2.0) -> dict[str, float]:
-        """Predicted bytes per device by kind (see :func:`meshjax.solver.evaluate.memory_breakdown`)."""
-        states = self.state_layouts if self.train else {}
-        return evaluate.memory_breakdown(
-            self.graph, self.mesh_shape, self.train, self.layouts, states, self.operand_layouts, optimizer_state_factor
-        )
+    def memory_breakdown(self) -> dict[str, float]:
+        """Predicted bytes per device by kind (:data:`meshjax.solver.evaluate.MEMORY_KINDS`) and
+        their ``total``, as the solver counted them."""
+        return dict(self.memory)
 
     @property
     def peak_memory_bytes(self) -> float:
-        return self.memory_breakdown()["total"]
+        return self.memory["total"]
 
     def explain(self, tensor: str, top: int = 5) -> list[dict[str, Any]]:
         """Why ``tensor`` has its layout: its decision's options, each priced with every other
@@ -143,14 +170,9 @@ class Plan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return Program(fn, self.graph, mesh, self.layouts, self.operand_layouts)
-
-    @property
-    def operand_layouts(self) -> dict[str, tuple[Layout, ...]]:
-        """Op name -> the layout each operand is computed in, by the chosen strategy."""
-        if self.problem is None or self.solution is None:
-            return {}
-        return evaluate.operand_layouts(self.problem, self.solution.choice)
+        return Program(
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts)
+        )
 
     # --- output (meshjax.report) --------------------------------------------------------------
     def tensor_rows(self) -> list[dict[str, Any]]:

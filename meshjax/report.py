@@ -32,6 +32,11 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "mesh": plan.mesh_shape,
         "hardware": plan.hardware.name,
         "train": plan.train,
+        "settings": {
+            "memory_budget": plan.memory_budget,
+            "optimizer": str(plan.optimizer) if plan.optimizer is not None else None,
+            "zero": plan.settings.zero,
+        },
         "tensors": tensor_rows(plan),
         "rules": {d: list(a) for d, a in plan.rules.items()} if plan.rules is not None else None,
         "predicted": {

@@ -16,7 +16,7 @@ import jax
 
 from meshjax import context
 from meshjax.errors import ShapeError
-from meshjax.graph import Block, IndexForm
+from meshjax.graph import LINEAR, Block, IndexForm, OpFacts
 from meshjax.named import NamedArray
 
 
@@ -88,7 +88,7 @@ def scan_unpipelined(
                 for outer, value in zip(carry_leaves, carry_values):
                     index = _identity_index(outer.dims, outer.sizes)
                     inner, inner_name = context.emit_with_name(
-                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry"
+                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry", facts=LINEAR
                     )
                     c_in.append(inner)
                     c_names.append(inner_name)
@@ -98,7 +98,7 @@ def scan_unpipelined(
                     index = IndexForm(
                         loop=tuple(outer.sizes.items()), operands=(outer.dims,), result=rest, whole=(dim,)
                     )
-                    x_in.append(context.emit("slice", [outer], NamedArray(value, rest), index, name="slice"))
+                    x_in.append(context.emit("slice", [outer], NamedArray(value, rest), index, name="slice", facts=OpFacts(slices=True)))
                 new_carry, y = body(
                     jax.tree_util.tree_unflatten(carry_def, c_in), jax.tree_util.tree_unflatten(x_def, x_in)
                 )
@@ -138,12 +138,12 @@ def scan_unpipelined(
                 # while loop's state rather than the one the next op wants.
                 result = ctx.pin_as(result, carry_name)
             index = _identity_index(outer.dims, outer.sizes)
-            final.append(context.emit("scan_carry", [inner], result, index, name="final_carry"))
+            final.append(context.emit("scan_carry", [inner], result, index, name="final_carry", facts=LINEAR))
         ys = []
         for inner, value in zip(inner_ys, stacked_y):
             out_dims = (dim, *inner.dims)
             sizes = {dim: length, **inner.sizes}
             index = IndexForm(loop=tuple((d, sizes[d]) for d in out_dims), operands=(inner.dims,), result=out_dims, whole=(dim,))
-            ys.append(context.emit("stack", [inner], NamedArray(value, out_dims), index, name="stacked"))
+            ys.append(context.emit("stack", [inner], NamedArray(value, out_dims), index, name="stacked", facts=LINEAR))
     y_tree = jax.tree_util.tree_unflatten(y_def_box[0], ys) if y_def_box[0] is not None else None
     return jax.tree_util.tree_unflatten(carry_def, final), y_tree

@@ -14,29 +14,35 @@ from typing import Any
 from jax.sharding import Mesh
 
 from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.memory import kept_copies
-from meshjax.cost.strategies import per_device_bytes
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
-from meshjax.plan import Plan
-from meshjax.solver.evaluate import op_costs
+from meshjax.plan import Plan, Settings
+from meshjax.solver.evaluate import computed_layouts, evaluate, operand_layouts, state_layouts
 from meshjax.solver.ilp import Solution, solve_ilp
 from meshjax.solver.problem import Constraints, Problem, build_problem
-from meshjax.units import format_bytes
+from meshjax.optimizer import Optimizer
+from meshjax.units import format_bytes, parse_bytes
 
 
 def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, memory_budget: float | None = None) -> Plan:
+    """The :class:`Plan` recording ``solution`` of ``problem``, priced by the evaluator."""
+    choice = solution.choice
+    layouts = problem.layouts(choice)
+    priced = evaluate(problem, choice)
+    settings = Settings(problem.hardware, problem.train, memory_budget, problem.optimizer, problem.zero)
     return Plan(
         graph=problem.graph,
-        mesh_shape=problem.mesh_shape,
-        hardware=problem.hardware,
-        train=problem.train,
-        layouts=problem.layouts(solution.choice),
+        mesh_shape=dict(problem.mesh_shape),
+        settings=settings,
+        layouts=layouts,
+        operand_layouts=operand_layouts(problem, choice),
+        state_layouts=state_layouts(problem, choice, layouts),
+        op_costs=priced.rows,
+        memory=priced.memory,
         problem=problem,
         solution=solution,
         solve_time_s=solve_time,
-        memory_budget=memory_budget,
-        op_costs=op_costs(problem, solution.choice),
+        computed_layouts=computed_layouts(problem, choice),
     )
 
 
@@ -46,56 +52,90 @@ def solve(
     *,
     hardware: str | Hardware = "h100-node",
     train: bool = False,
-    memory_budget: float | None = None,
+    memory_budget: float | str | None = None,
     rules: Any = None,
     pins: Mapping[str, Any] | None = None,
     candidates: Mapping[str, list] | None = None,
     time_limit: float | None = None,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Optimizer | str | None = None,
     zero: bool = False,
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
     ``rules`` fix dims to mesh axes (``"batch:data;seq:none"``), ``pins`` fix tensors to a
-    layout, ``candidates`` limit a dim to a set of axis tuples. ``zero`` lets training shard
-    gradients and optimizer state over more axes than their param. With ``memory_budget`` (bytes
-    per device) layouts that do not fit are excluded; if none fits, the error gives the smallest
-    memory any layout reaches and the tensors that dominate it.
+    layout, ``candidates`` limit a dim to a set of axis tuples. In training, ``optimizer`` (an
+    :class:`~meshjax.optimizer.Optimizer` or ``"adam"``, ``"sgd"``, ``"adafactor"``; default
+    Adam with fp32 moments and fp32 master weights) says what state each param keeps, and
+    ``zero`` lets that state be sharded over more axes than its param.
+
+    ``memory_budget``: bytes per device (a number or ``"16GiB"``); ``"device"`` is the hardware
+    profile's memory less its reserve (``Hardware.usable_memory_bytes``, what ``meshjax plan``
+    uses by default); ``None`` (the default here) sets no budget. Layouts that do not fit are
+    excluded; if none fits, the one-line error gives the least memory any layout needs, the
+    tensors that take most of it, and what would make it fit.
     """
     start = time.perf_counter()
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
     hw = get_hardware(hardware)
+    budget = budget_bytes(memory_budget, hw)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
-    problem = build_problem(
-        graph, mesh_shape, hw, train=train, constraints=constraints,
-        optimizer_state_factor=optimizer_state_factor, zero=zero,
-    )
+    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
     try:
-        solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
+        solution = solve_ilp(problem, memory_budget=budget, time_limit=time_limit)
     except InfeasibleError:
-        if memory_budget is None:
+        if budget is None:
             raise
-        raise _memory_infeasible(problem, memory_budget) from None
-    return plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
+        raise _memory_infeasible(problem, budget) from None
+    return plan_from_choice(problem, solution, time.perf_counter() - start, budget)
+
+
+def budget_bytes(memory_budget: float | str | None, hardware: Hardware) -> float | None:
+    """A per-device budget in bytes from what :func:`solve` accepts.
+
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> budget_bytes("device", PROFILES["h100-node"]) / 1e9, budget_bytes("1GiB", PROFILES["h100-node"])
+    (72.0, 1073741824.0)
+    """
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, str):
+        if memory_budget.strip().lower() == "device":
+            return hardware.usable_memory_bytes
+        return float(parse_bytes(memory_budget))
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+        raise InfeasibleError(f"memory budget {memory_budget!r}: give bytes per device (> 0), a size like '16GiB', 'device' or None")
+    return float(memory_budget)
 
 
 def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
+    """One line: the least memory any layout needs, the tensors that take most of it (summed over
+    tied layers and scan trips, with the optimizer's real state), and what would make it fit."""
     least = solve_ilp(problem, objective="memory")
-    plan = plan_from_choice(problem, least, 0.0)
-    kept = kept_copies(problem.graph) if problem.train else {}
-    per_tensor = []
-    for name, tensor in problem.graph.tensors.items():
-        b = per_device_bytes(tensor, plan.layouts[name], problem.mesh_shape)
-        if tensor.role == "param" and problem.train:
-            b *= 4  # param, gradient, two Adam moments
-        elif tensor.role not in ("param", "input") and problem.train:
-            b *= problem.graph.trip_count(tensor.block) * kept.get(name, 0)
-        per_tensor.append((b, name))
-    per_tensor.sort(reverse=True)
-    top = ", ".join(f"{n} ({format_bytes(b)})" for b, n in per_tensor[:3])
+    priced = evaluate(problem, least.choice)
+    per_node = []
+    for node, c in zip(problem.nodes, least.choice):
+        total = sum(float(v[c]) for v in node.parts.values())
+        if total:
+            layers = node.multiplicity if node.op is not None else len(node.members)
+            name = node.key + (f" x{layers}" if layers > 1 else "")
+            per_node.append((total, name))
+    per_node.sort(reverse=True)
+    top = ", ".join(f"{n} {format_bytes(b)}" for b, n in per_node[:3])
+    mem = priced.memory
+    state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("optimizer_state", 0)
+    activations = mem.get("activations", 0) + mem.get("backward_peak", 0) + mem.get("inputs", 0)
+    fixes = []
+    if problem.train and not problem.zero and mem.get("optimizer_state", 0) > 0.1 * least.memory:
+        fixes.append(f"ZeRO-1 (zero=True, --zero; optimizer state takes {format_bytes(mem['optimizer_state'])})")
+    if problem.train and problem.optimizer is not None and problem.optimizer.name == "adam" and mem.get("optimizer_state", 0) > 0.1 * least.memory:
+        fixes.append("a lighter optimizer (sgd, adafactor)")
+    if activations > 0.2 * least.memory:
+        fixes.append(f"a smaller batch (activations take {format_bytes(activations)})")
+    if state > 0.2 * least.memory:
+        fixes.append(f"more devices (params, gradients and optimizer state take {format_bytes(state)} at their most sharded)")
     return InfeasibleError(
-        f"no layout fits {format_bytes(budget)} per device on mesh {problem.mesh_shape}; "
-        f"the least memory any layout needs is {format_bytes(least.memory)}, dominated by {top}"
+        f"no layout fits {format_bytes(budget)} per device on mesh {problem.mesh_shape}: the least memory any "
+        f"layout needs is {format_bytes(least.memory)}, most of it {top}; to fit, try " + " or ".join(fixes or ["more devices"])
     )
 
 

@@ -35,6 +35,7 @@ from meshjax.devices import auto_axes
 from meshjax.lower import named_sharding, sharding_tree
 from meshjax.errors import MeshjaxError, TraceError
 from meshjax.named import NamedArray
+from meshjax.optimizer import ADAM, Optimizer
 from meshjax.params import path_name
 
 
@@ -85,12 +86,14 @@ def input_names(plan) -> list[str]:
     return [n for n, r in zip(sig.names, sig.roles) if r == "input"]
 
 
-def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_state: Any) -> Any:
+def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_state: Any, *, replicate_factored: bool = False) -> Any:
     """The optimizer state's shardings from the plan.
 
     A subtree with the params' exact structure (names and dims) mirrors them: each leaf takes its
     param's ``plan.state_specs`` spec (its shape must be the param's). A scalar leaf is replicated.
-    Anything else raises :class:`MeshjaxError` naming the leaf.
+    With ``replicate_factored`` (adafactor, whose row and column statistics the memory model
+    counts replicated), a mirrored leaf of another shape is replicated too. Anything else raises
+    :class:`MeshjaxError` naming the leaf.
     """
     mesh = auto_axes(mesh)
     sig = _signature(plan)
@@ -111,6 +114,11 @@ def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_sta
             shardings = []
             for name, param, state_leaf in zip(param_names, param_leaves, mirror_leaves):
                 shape = tuple(np.shape(state_leaf.value if _is_named(state_leaf) else state_leaf))
+                if shape == () or (replicate_factored and shape != tuple(param.shape)):
+                    # A placeholder (no master copy of this param), or factored statistics.
+                    sharding = named_sharding(mesh, PartitionSpec())
+                    shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
+                    continue
                 if shape != tuple(param.shape):
                     raise MeshjaxError(
                         f"optimizer state leaf '{where}/{name}' has shape {shape} but its param {name!r} has "
@@ -206,16 +214,71 @@ def pinned_loss(program) -> Any:
     return loss
 
 
+def with_master_weights(inner: optax.GradientTransformation, spec: Optimizer, dtypes: Any) -> optax.GradientTransformation:
+    """``inner`` run as mixed-precision training runs it. Params stored in a narrow float type
+    keep a float32 master copy in the optimizer state (laid out like the param; other params
+    hold a scalar placeholder), gradients are cast to ``spec.state_dtype`` so the moments are
+    kept in it, the update is applied to the master copy, and the new params are the master cast
+    down. ``dtypes``: the params' tree with each leaf's dtype name. The updates returned are
+    float32 differences, so ``optax.apply_updates`` lands each param on its rounded master."""
+    import jax.numpy as jnp
+
+    tree_map = jax.tree_util.tree_map
+
+    def base_of(params, master):
+        return tree_map(lambda p, m, d: m if spec.keeps_master(d) else p, params, master, dtypes)
+
+    def init(params):
+        master = tree_map(
+            lambda p, d: p.astype(jnp.float32) if spec.keeps_master(d) else jnp.zeros((), jnp.float32), params, dtypes
+        )
+        return (master, inner.init(base_of(params, master)))
+
+    def update(grads, state, params=None):
+        master, inner_state = state
+        base = base_of(params, master)
+        grads = tree_map(lambda g: g.astype(spec.state_dtype), grads)
+        updates, inner_state = inner.update(grads, inner_state, base)
+        new_base = optax.apply_updates(base, updates)
+        new_master = tree_map(lambda b, m, d: b if spec.keeps_master(d) else m, new_base, master, dtypes)
+        deltas = tree_map(lambda b, p: b.astype(jnp.float32) - p.astype(jnp.float32), new_base, params)
+        return deltas, (new_master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 class TrainStep:
     """A plan's training step: :meth:`init` places params and optimizer state, :meth:`step` runs
-    one update. Built by :func:`make_train_step`."""
+    one update. Built by :func:`make_train_step`.
 
-    def __init__(self, plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True):
+    ``optimizer``: ``None`` (the plan's :class:`~meshjax.optimizer.Optimizer`, with the fp32
+    master weights and state dtype its memory counts), an :class:`Optimizer`, or any optax
+    transformation (run as given, on the params in their own dtype). ``program``: the loss laid
+    out otherwise than every tensor as planned (a baseline that pins only its params and inputs
+    and leaves the rest to XLA's propagation).
+    """
+
+    def __init__(
+        self,
+        plan,
+        loss_fn,
+        mesh: Mesh,
+        optimizer: optax.GradientTransformation | Optimizer | None = None,
+        *,
+        donate: bool = True,
+        program=None,
+    ):
         if not plan.train:
             raise MeshjaxError("this plan was made for inference (train=False); solve with train=True to train")
         self.plan = plan
-        self.program = plan.program(loss_fn, mesh)
+        self.program = program if program is not None else plan.program(loss_fn, mesh)
         self.mesh = self.program.mesh
+        self.spec: Optimizer | None = None
+        if optimizer is None or isinstance(optimizer, Optimizer):
+            self.spec = optimizer or plan.optimizer or ADAM
+            optimizer = self.spec.transform()
+            if any(self.spec.keeps_master(t.dtype) or t.dtype != self.spec.state_dtype for t in plan.graph.params):
+                optimizer = with_master_weights(optimizer, self.spec, self._param_dtypes())
         self.optimizer = optimizer
         self.donate = donate
         self.param_shardings, self.input_shardings = _sharding_trees(plan, self.mesh)
@@ -227,6 +290,13 @@ class TrainStep:
         self._step_fn: Any = None
         self._init_fn: Any = None
         self._copy_fn: Any = None
+
+    def _param_dtypes(self) -> Any:
+        """The params' pytree with each leaf's dtype name (a NamedArray around it)."""
+        graph = self.plan.graph
+        sig = _signature(self.plan)
+        leaves = [NamedArray.tree_unflatten(d, (graph.tensors[n].dtype,)) for n, d in zip(sig.names, sig.dims)]
+        return jax.tree_util.tree_unflatten(sig.treedef, leaves)[0]
 
     # --- layout ---------------------------------------------------------------------------
     def abstract_params(self) -> Any:
@@ -246,7 +316,8 @@ class TrainStep:
         if self._opt_shardings is None:
             abstract = self.abstract_params() if params is None else params
             abstract_opt = jax.eval_shape(self.optimizer.init, abstract)
-            self._opt_shardings = opt_state_shardings(self.plan, self.mesh, abstract, abstract_opt)
+            factored = self.spec is not None and self.spec.name == "adafactor"
+            self._opt_shardings = opt_state_shardings(self.plan, self.mesh, abstract, abstract_opt, replicate_factored=factored)
         return self._opt_shardings
 
     def abstract_state(self) -> TrainState:
@@ -343,14 +414,24 @@ class TrainStep:
         return self._step_fn.lower(state.params, state.opt_state, args)
 
 
-def make_train_step(plan, loss_fn, mesh: Mesh, optimizer: optax.GradientTransformation, *, donate: bool = True) -> TrainStep:
-    """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate)
+def make_train_step(
+    plan,
+    loss_fn,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation | Optimizer | None = None,
+    *,
+    donate: bool = True,
+    program=None,
+) -> TrainStep:
+    """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
+    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
+    :class:`TrainStep`)."""
+    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
 
 
 __all__ = [
     "TrainState", "TrainStep", "make_train_step", "shard_batch", "param_shardings", "opt_state_shardings",
-    "pinned_loss", "input_names",
+    "pinned_loss", "input_names", "with_master_weights",
 ]
 
 

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,10 @@ import jax
 import optax
 from jax.sharding import Mesh
 
+from meshjax.cost.collectives import Collective, as_lowered
 from meshjax.hlo import CompiledReport, inspect_compiled
 from meshjax.hlo.metadata import ops_named
+from meshjax.layout import Layout
 from meshjax.plan import Plan
 from meshjax.train import make_train_step
 
@@ -43,15 +45,59 @@ class OpComm:
     combined: bool  # some of the compiled bytes are a share of a collective XLA combined
 
 
+COMM_BAND = (0.97, 1.03)
+"""Compiled over predicted comm bytes a prediction must stay within."""
+MEMORY_BAND = (0.90, 1.10)
+"""Compiled over predicted memory per device a prediction must stay within."""
+
+# Compile platforms whose XLA pipeline fuses an all-reduce and a slice into a reduce-scatter.
+_FUSES_REDUCE_SCATTER = {"cpu": False}
+
+
 @dataclass(frozen=True)
 class Verification:
+    """A plan beside what XLA compiled for it on ``platform`` (``jax.Device.platform``).
+
+    Predicted collectives are compared as the compile target lowers them: a plan priced for
+    hardware whose compiler fuses reduce-scatters (``h100-node``), compiled by XLA:CPU, which
+    emits an all-reduce of the whole input instead, is compared with those all-reduces
+    (:attr:`lowering_note` says so)."""
+
     plan: Plan
     compiled: CompiledReport
+    platform: str = "cpu"
+
+    @property
+    def fuses_reduce_scatter(self) -> bool:
+        return _FUSES_REDUCE_SCATTER.get(self.platform, True)
+
+    def lowered(self, collectives) -> list[Collective]:
+        """``collectives`` as the compile target emits them (see the class docstring)."""
+        mesh = self.plan.mesh_shape
+        return [as_lowered(c, mesh, fuses_reduce_scatter=self.fuses_reduce_scatter) for c in collectives]
+
+    @property
+    def predicted_collectives(self) -> list[Collective]:
+        """The plan's collectives as the compile target lowers them."""
+        return self.lowered(self.plan.collectives)
+
+    @property
+    def predicted_comm_bytes(self) -> float:
+        """The plan's comm bytes as the compile target lowers its collectives."""
+        return sum(c.comm_bytes for c in self.predicted_collectives)
+
+    @property
+    def lowering_note(self) -> str | None:
+        """What the comparison re-priced for the compile target, if anything."""
+        if self.fuses_reduce_scatter or not any(c.kind == "reduce-scatter" for c in self.plan.collectives):
+            return None
+        return (f"the plan's reduce-scatters are compared as the all-reduces XLA:{self.platform.upper()} "
+                "emits for them (it does not fuse reduce-scatters)")
 
     @property
     def predicted_by_kind(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
-        for c in self.plan.collectives:
+        for c in self.predicted_collectives:
             out[c.kind] += c.comm_bytes
         return dict(out)
 
@@ -62,10 +108,51 @@ class Verification:
     @property
     def comm_ratio(self) -> float:
         """Compiled comm bytes over predicted (1.0 is a perfect prediction)."""
-        predicted = self.plan.comm_bytes
+        predicted = self.predicted_comm_bytes
         if predicted == 0:
             return 1.0 if self.compiled.comm_bytes == 0 else float("inf")
         return self.compiled.comm_bytes / predicted
+
+    @property
+    def memory_ratio(self) -> float | None:
+        """Compiled memory per device over predicted (None where XLA reports none)."""
+        compiled = self.compiled.memory.get("peak_bytes")
+        predicted = self.plan.peak_memory_bytes
+        if compiled is None or not predicted:
+            return None
+        return compiled / predicted
+
+    def out_of_band(self) -> str | None:
+        """One line saying which of comm and memory is outside its band (:data:`COMM_BAND`,
+        :data:`MEMORY_BAND`), or None when both hold."""
+        parts = []
+        lo, hi = COMM_BAND
+        if not lo <= self.comm_ratio <= hi:
+            parts.append(f"comm {self.compiled.comm_bytes:,.0f} B is {self.comm_ratio:.3f}x the predicted "
+                         f"{self.predicted_comm_bytes:,.0f} B (band {lo:.2f}-{hi:.2f})")
+        mem = self.memory_ratio
+        lo, hi = MEMORY_BAND
+        if mem is not None and not lo <= mem <= hi:
+            parts.append(f"memory {self.compiled.memory['peak_bytes']:,.0f} B/device is {mem:.3f}x the predicted "
+                         f"{self.plan.peak_memory_bytes:,.0f} B (band {lo:.2f}-{hi:.2f})")
+        if not parts:
+            return None
+        return "compiled differs from the prediction: " + "; ".join(parts) + " (per-op table above)"
+
+    def ratios_json(self) -> dict[str, Any]:
+        """The comparison's ratios and bands, for a plan's JSON."""
+        return {
+            "predicted_comm_bytes": self.predicted_comm_bytes,
+            "compiled_comm_bytes": self.compiled.comm_bytes,
+            "comm_ratio": self.comm_ratio,
+            "comm_band": list(COMM_BAND),
+            "predicted_memory_bytes": self.plan.peak_memory_bytes,
+            "compiled_memory_bytes": self.compiled.memory.get("peak_bytes"),
+            "memory_ratio": self.memory_ratio,
+            "memory_band": list(MEMORY_BAND),
+            "within_band": self.out_of_band() is None,
+            "lowering": self.lowering_note,
+        }
 
     def per_op(self) -> list[OpComm]:
         """Predicted beside compiled comm bytes per op (tied unrolled instances count under the
@@ -79,7 +166,7 @@ class Verification:
         }
         predicted: dict[str, float] = defaultdict(float)
         for cost in plan.op_costs:
-            predicted[cost.op] += sum(c.comm_bytes for c in cost.collectives)
+            predicted[cost.op] += sum(c.comm_bytes for c in self.lowered(cost.collectives))
         compiled: dict[str, float] = defaultdict(float)
         combined: set[str] = set()
         names = list(key_of)
@@ -106,7 +193,7 @@ class Verification:
     def to_json(self) -> dict[str, Any]:
         return {
             "comm_bytes": self.compiled.comm_bytes,
-            "predicted_comm_bytes": self.plan.comm_bytes,
+            "predicted_comm_bytes": self.predicted_comm_bytes,
             "collectives": self.compiled.by_kind(),
             "per_op": [row.__dict__ for row in self.per_op()],
             "memory": self.compiled.memory,
@@ -122,7 +209,7 @@ class Verification:
         pred, comp = self.predicted_by_kind, self.compiled_by_kind
         for kind in sorted(set(pred) | set(comp)):
             table.add_row(f"{kind} bytes", f"{pred.get(kind, 0):,.0f}", f"{comp.get(kind, 0):,.0f}")
-        table.add_row("comm bytes", f"{self.plan.comm_bytes:,.0f}", f"{self.compiled.comm_bytes:,.0f}")
+        table.add_row("comm bytes", f"{self.predicted_comm_bytes:,.0f}", f"{self.compiled.comm_bytes:,.0f}")
         table.add_row(
             "memory bytes/device",
             f"{self.plan.peak_memory_bytes:,.0f}",
@@ -155,11 +242,17 @@ def verify(
     An inference plan compiles ``fn``; a training plan compiles the whole training step
     (:func:`~meshjax.train.make_train_step`: loss, gradients and the optimizer update, params and
     optimizer state donated), so compiled memory counts everything the plan's memory does.
-    ``optimizer`` defaults to Adam, whose two moments the plan's optimizer-state memory assumes.
+    ``optimizer`` defaults to the plan's (:class:`~meshjax.optimizer.Optimizer`: Adam with fp32
+    moments and fp32 master weights unless solved otherwise), whose state the plan's memory counts.
     ``params`` and ``args`` may be abstract (``ShapeDtypeStruct`` leaves).
     """
     compiled = compile_plan(plan, fn, mesh, params, *args, optimizer=optimizer)
-    return Verification(plan, inspect_compiled(compiled, mesh))
+    return Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
+
+
+def platform_of(mesh: Mesh) -> str:
+    """The platform (``"cpu"``, ``"gpu"`` ...) ``mesh``'s devices compile for."""
+    return mesh.devices.flat[0].platform
 
 
 def compile_plan(
@@ -169,11 +262,19 @@ def compile_plan(
     params: Any,
     *args: Any,
     optimizer: optax.GradientTransformation | None = None,
+    pinned: Mapping[str, Layout] | None = None,
 ) -> jax.stages.Compiled:
-    """The executable :func:`verify` reads: ``fn`` for an inference plan, the whole training
-    step (Adam unless ``optimizer``) for a training plan."""
+    """The executable :func:`verify`, ``meshjax compare`` and the benchmarks read: ``fn`` for an
+    inference plan, the whole training step (the plan's optimizer unless ``optimizer``) for a
+    training plan. Every tensor and every op's operands are pinned as planned, unless ``pinned``
+    names the only layouts to pin (a baseline that leaves the rest to XLA's sharding propagation)."""
+    program = None
+    if pinned is not None:
+        from meshjax.lower import Program
+
+        program = Program(fn, plan.graph, mesh, pinned)
     if not plan.train:
-        return plan.program(fn, mesh).compile(params, *args)
-    trainer = make_train_step(plan, fn, mesh, optimizer or optax.adam(1e-3))
+        return (program or plan.program(fn, mesh)).compile(params, *args)
+    trainer = make_train_step(plan, fn, mesh, optimizer, program=program)
     trainer.check_structure(params)
     return trainer.lower(trainer.abstract_state(), *args).compile()

@@ -91,3 +91,81 @@ def test_predict_reports_layouts_that_are_not_options(gpt):
         assert name.split("/")[0] in notes[0] or "priced as" in notes[0]
         with pytest.raises(InfeasibleError):
             predict(gpt, MESH, layouts, "cpu-sim", train=True, strict=True)
+
+
+def _vit():
+    """A model written against the public API with its own dim names (img, ffn, width, classes)."""
+    import jax.numpy as jnp
+
+    from meshjax.models._common import Normal
+
+    sizes = dict(img=16, patch=8, width=32, ffn=64, classes=16)
+    params = mj.abstract_params({
+        "w_in": mj.param("width ffn", Normal(0.02)), "w_out": mj.param("ffn width", Normal(0.02)),
+        "head": mj.param("width classes", Normal(0.02)),
+    }, sizes)
+
+    def loss(p, x, labels):
+        h = mj.gelu(mj.einsum("img patch width, width ffn -> img patch ffn", x, p["w_in"], name="up"), name="act")
+        y = mj.einsum("img patch ffn, ffn width -> img width", h, p["w_out"], name="down")
+        logits = mj.einsum("img width, width classes -> img classes", y, p["head"], name="logits")
+        return mj.mean(mj.cross_entropy(logits, labels, vocab="classes", name="xent"), "img", name="loss")
+
+    batch = (mj.abstract("img patch width", sizes), mj.abstract("img", sizes, jnp.int32))
+    return loss, params, batch
+
+
+VIT_ROLES = {"batch": "img", "mlp": "ffn", "vocab": "classes", "embed": "width"}
+
+
+def test_roles_map_a_models_own_dims():
+    loss, params, batch = _vit()
+    graph = mj.trace(loss, params, *batch)
+    mega = baseline("megatron", graph, MESH, roles=VIT_ROLES).layouts
+    assert mega["w_in"].of("ffn") == ("model",) and mega["w_out"].of("ffn") == ("model",)
+    assert mega["x"].of("img") == ("data",)
+    dp = baseline("dp", graph, MESH, roles=VIT_ROLES).layouts
+    assert dp["x"].of("img") == ("data", "model") and dp["w_in"].axes == ((), ())
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_a_role_without_a_dim_is_a_one_line_error(name):
+    loss, params, batch = _vit()
+    graph = mj.trace(loss, params, *batch)
+    with pytest.raises(MeshjaxError, match="batch") as err:
+        baseline(name, graph, MESH)  # the zoo's names: the model has no "batch" dim
+    assert "\n" not in str(err.value) and "img" in str(err.value)  # lists the model's dims
+    with pytest.raises(MeshjaxError, match="no dim 'images'"):
+        baseline(name, graph, MESH, roles={"batch": "images"})
+    if name not in ("dp", "fsdp"):
+        with pytest.raises(MeshjaxError, match="model-parallel"):
+            baseline(name, graph, MESH, roles={"batch": "img"})
+
+
+def test_parse_roles():
+    from meshjax.baselines import parse_roles
+
+    assert parse_roles("batch=img, mlp=ffn") == {"batch": "img", "mlp": "ffn"}
+    with pytest.raises(MeshjaxError, match="unknown role 'bacth'"):
+        parse_roles("bacth=img")
+    with pytest.raises(MeshjaxError, match="role=dim"):
+        parse_roles("batch")
+
+
+@pytest.mark.parametrize("name", ["megatron", "fsdp", "gspmd"])
+def test_baselines_compile_as_priced(name):
+    """A baseline is priced as a plan and compiled as verify compiles plans (whole Adam step,
+    operands pinned): compiled comm bytes are the predicted ones."""
+    from meshjax.devices import make_mesh
+    from meshjax.hlo import inspect_compiled
+    from meshjax.verify import COMM_BAND, Verification, compile_plan
+
+    loss, params, batch = _vit()
+    graph = mj.trace(loss, params, *batch)
+    plan, notes = predict(graph, MESH, baseline(name, graph, MESH, roles=VIT_ROLES).layouts, "cpu-sim", train=True)
+    mesh = make_mesh(MESH)
+    check = Verification(plan, inspect_compiled(compile_plan(plan, loss, mesh, params, *batch), mesh))
+    assert plan.comm_bytes > 0
+    assert COMM_BAND[0] <= check.comm_ratio <= COMM_BAND[1], [
+        (r.op, r.predicted_bytes, r.compiled_bytes) for r in check.per_op()
+    ]

@@ -29,9 +29,18 @@ def test_plan_gpt_small_json(tmp_path, capsys):
                "--rules", "batch=data,seq=none"])
     assert rc == 0
     doc = json.loads(path.read_text())
-    assert list(doc) == ["model", "mesh", "hardware", "train", "tensors", "rules", "predicted", "compiled", "solve_time_s"]
+    assert list(doc) == [
+        "model", "mesh", "hardware", "train", "tensors", "rules", "settings", "predicted", "compiled", "verification",
+        "solve_time_s",
+    ]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
-    assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes"}
+    assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes", "memory_breakdown"}
+    breakdown = doc["predicted"]["memory_breakdown"]
+    assert {"params", "gradients", "optimizer_state", "activations"} <= set(breakdown)
+    assert breakdown["total"] == pytest.approx(doc["predicted"]["peak_memory_bytes"])
+    assert breakdown["optimizer_state"] == pytest.approx(2 * breakdown["params"])  # fp32 Adam: two moments
+    assert doc["settings"]["memory_budget"] == pytest.approx(0.9 * 24 * 2**30 / 8)  # cpu-sim's usable memory
+    assert doc["settings"]["optimizer"].startswith("adam")
     tensor = next(t for t in doc["tensors"] if t["name"] == "tokens")
     assert set(tensor) == {"name", "dims", "shape", "role", "spec"}
     assert tensor["spec"][0] in ("data", ["data"]) and tensor["spec"][1] is None
@@ -41,6 +50,15 @@ def test_plan_gpt_small_json(tmp_path, capsys):
     assert sum(v["bytes"] for v in compiled["collectives"].values()) == compiled["comm_bytes"]
     assert all(set(v) == {"count", "bytes"} for v in compiled["collectives"].values())
     assert compiled["memory"]["peak_bytes"] > 0
+    check = doc["verification"]
+    assert check["compiled_comm_bytes"] == compiled["comm_bytes"]
+    assert check["comm_ratio"] == pytest.approx(compiled["comm_bytes"] / check["predicted_comm_bytes"])
+    assert check["memory_ratio"] == pytest.approx(compiled["memory"]["peak_bytes"] / doc["predicted"]["peak_memory_bytes"])
+    in_band = check["comm_band"][0] <= check["comm_ratio"] <= check["comm_band"][1] and (
+        check["memory_band"][0] <= check["memory_ratio"] <= check["memory_band"][1]
+    )
+    assert check["within_band"] == in_band
+    assert ("warning: compiled differs from the prediction" in capsys.readouterr().out) == (not in_band)
     assert "HloModule" in hlo.read_text()
 
 
@@ -83,6 +101,41 @@ def test_compare_verified(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert doc["verified"] is True and len(doc["rows"]) == 3
     assert all(r["compiled"]["comm_bytes"] >= 0 and "collectives" in r["compiled"] for r in doc["rows"])
+    # One compile path: every row (baselines priced as plans) compiles to its predicted comm bytes.
+    for r in doc["rows"]:
+        assert r["compiled"]["comm_bytes"] == pytest.approx(r["predicted"]["comm_bytes"], rel=0.03), r
+
+
+VIT = """
+import jax.numpy as jnp
+import meshjax as mj
+
+def make(img=16, patch=8, width=32, ffn=64, classes=16):
+    sizes = dict(img=img, patch=patch, width=width, ffn=ffn, classes=classes)
+    params = mj.abstract_params({"w_in": mj.param("width ffn"), "w_out": mj.param("ffn width"),
+                                 "head": mj.param("width classes")}, sizes)
+
+    def loss(p, x, labels):
+        h = mj.gelu(mj.einsum("img patch width, width ffn -> img patch ffn", x, p["w_in"], name="up"), name="act")
+        y = mj.einsum("img patch ffn, ffn width -> img width", h, p["w_out"], name="down")
+        logits = mj.einsum("img width, width classes -> img classes", y, p["head"], name="logits")
+        return mj.mean(mj.cross_entropy(logits, labels, vocab="classes", name="xent"), "img", name="loss")
+
+    return loss, params, (mj.abstract("img patch width", sizes), mj.abstract("img", sizes, jnp.int32))
+"""
+
+
+def test_compare_roles_map_a_models_dims(tmp_path, capsys):
+    (tmp_path / "vit.py").write_text(VIT)
+    path = tmp_path / "cmp.json"
+    assert main(["compare", f"{tmp_path}/vit.py:make", "--meshes", "4x2", "--strategies", "dp,megatron",
+                 "--no-verify"]) == 2
+    assert "no dim plays the batch role" in capsys.readouterr().err
+    assert main(["compare", f"{tmp_path}/vit.py:make", "--meshes", "4x2", "--strategies", "dp,megatron",
+                 "--roles", "batch=img,mlp=ffn", "--no-verify", "--json", str(path)]) == 0
+    rows = {r["strategy"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["dp"]["predicted"]["comm_bytes"] > 0 and rows["megatron"]["predicted"]["comm_bytes"] > 0
+    assert rows["dp"]["predicted"]["comm_bytes"] != rows["megatron"]["predicted"]["comm_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +151,8 @@ def test_compare_verified(tmp_path, capsys):
         (["plan", "nofile.py:make", "--no-verify"], "no file"),
         (["compare", "mlp-tiny", "--meshes", "4x4"], "16 devices but --devices is 8"),
         (["compare", "mlp-tiny", "--strategies", "zero-9", "--no-verify"], "unknown strategy"),
+        (["compare", "mlp-tiny", "--roles", "batch=img", "--no-verify"], "role batch=img: the model has no dim 'img'"),
+        (["compare", "mlp-tiny", "--roles", "bacth=batch", "--no-verify"], "unknown role 'bacth'"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys):

@@ -5,6 +5,7 @@ Example::
     $ meshjax compare gpt-tiny --devices 8                      # 8, 8 (model), 2x4, 4x2
     $ meshjax compare gpt-small --devices 8 --meshes 4x2 --hardware h100-node --json cmp.json
     $ meshjax compare gpt3-1.3b --devices 64 --hardware h100-2node   # large: predictions only
+    $ meshjax compare vit.py:make --roles batch=img,mlp=ffn            # your model's dim names
     $ meshjax compare gpt-tiny --devices 8 --set layers=4 --stage   # + 3-D data x model x stage
 
 With ``--stage`` every ``data x model x stage`` mesh is added with the solver's pipelined plan
@@ -41,6 +42,9 @@ def add_parser(commands) -> None:
                           "write model:8 for a 1D model axis); default: all")
     cmp.add_argument("--strategies", default=None,
                      help="comma-separated subset of solver," + ",".join(_baseline_names()) + " (default: all)")
+    cmp.add_argument("--roles", default=None, metavar="ROLE=DIM,...",
+                     help="which of the model's dims play the baselines' roles (batch, mlp, heads, vocab, experts, "
+                          "embed; default: the dims of those names), e.g. batch=img,mlp=ffn")
     cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
                      help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
     cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
@@ -118,11 +122,20 @@ class Entry:
     compile_s: float | None = None
 
     def layout_key(self) -> tuple:
-        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())))
+        """What the compiled program depends on: the pinned layouts, operands' included."""
+        operands = () if self.partial else tuple(
+            sorted((op, tuple(l.axes for l in ls)) for op, ls in self.plan.operand_layouts.items())
+        )
+        computed = () if self.partial else tuple(sorted((op, l.axes) for op, l in self.plan.computed_layouts.items()))
+        return (tuple(self.mesh.items()), self.partial, tuple(sorted((n, l.axes) for n, l in self.layouts.items())),
+                operands, computed)
 
 
-def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None) -> list[Entry]:
-    """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware``."""
+def evaluate(
+    graph, mesh_shape: dict[str, int], hardware, train: bool, strategies: list[str] | None = None, roles=None
+) -> list[Entry]:
+    """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware`` as a
+    plan (``roles``: role -> the model's dim, see :mod:`meshjax.baselines`)."""
     from meshjax.baselines import BASELINES, predict
     from meshjax.errors import InfeasibleError
     from meshjax.solve import solve
@@ -138,7 +151,7 @@ def evaluate(graph, mesh_shape: dict[str, int], hardware, train: bool, strategie
                 continue
             out.append(Entry("solver", mesh_shape, plan.layouts, plan))
             continue
-        base = BASELINES[name](graph, mesh_shape)
+        base = BASELINES[name](graph, mesh_shape, roles)
         plan, notes = predict(graph, mesh_shape, base.layouts, hardware, train)
         if base.partial:
             notes = ["activations: XLA propagation (predicted: solver's completion)", *notes]
@@ -167,20 +180,18 @@ def evaluate_pipelined(model_spec: str, overrides: dict[str, Any], mesh_shape: d
 
 
 def compile_entry(model, graph, entry: Entry, train: bool) -> None:
-    """Compile ``entry``'s layouts (loss + grads when training) and read the HLO back."""
+    """Compile ``entry``'s plan as ``verify`` does (the whole Adam step when training, every
+    tensor and operand pinned; a partial baseline pins only its own layouts) and read the HLO."""
     import time
 
     from meshjax.devices import make_mesh
     from meshjax.hlo import inspect_compiled
-    from meshjax.lower import Program
+    from meshjax.verify import compile_plan
 
     mesh = make_mesh(entry.mesh)
     start = time.perf_counter()
-    if hasattr(entry.plan, "pipeline"):
-        program = entry.plan.program(model.loss, mesh)
-    else:
-        program = Program(model.loss, graph, mesh, entry.layouts)
-    compiled = program.compile(model.params, *model.batch, grad=train)
+    pinned = entry.layouts if entry.partial else None
+    compiled = compile_plan(entry.plan, model.loss, mesh, model.params, *model.batch, pinned=pinned)
     entry.compile_s = time.perf_counter() - start
     entry.report = inspect_compiled(compiled, mesh)
 
@@ -267,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     meshes = parse_meshes(args.meshes, n) if args.meshes else mesh_shapes(n)
     hardware = get_hardware(args.hardware)
     overrides = parse_overrides(args.overrides)
+    from meshjax.baselines import parse_roles
+
+    roles = parse_roles(args.roles)
     if args.stage:
         from meshjax import models
 
@@ -296,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
 
     entries: list[Entry] = []
     for shape in meshes:
-        entries += evaluate(graph, shape, hardware, args.train, strategies)
+        entries += evaluate(graph, shape, hardware, args.train, strategies, roles)
     if args.stage:
         for shape in stage_meshes(n):
             entries.append(evaluate_pipelined(args.model, overrides, shape, hardware, args.train))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshjax.errors import MeshjaxError
+from meshjax.optimizer import OPTIMIZERS
 from meshjax.units import parse_bytes
 
 
@@ -42,6 +43,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan a training step: loss + gradients + optimizer state (default)")
     parser.add_argument("--inference", dest="train", action="store_false", help="plan the forward pass only")
     parser.add_argument("--hardware", default="cpu-sim", help="hardware profile (default: cpu-sim)")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                        help="optimizer whose state training keeps (default: adam; fp32 moments and, for "
+                        "bf16/fp16 params, fp32 master weights)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
 
 
@@ -55,7 +59,10 @@ def add_parser(commands) -> None:
                       help="simulated CPU devices (default: the mesh's size); the mesh must use all N")
     plan.add_argument("--rules", default=None,
                       help='dim rules: "batch=data,mlp=model,seq=none" or "batch:data;seq:none"')
-    plan.add_argument("--memory-limit", default=None, help="per-device memory budget, e.g. 16GiB")
+    plan.add_argument("--memory-limit", default="device",
+                      help="per-device memory budget, e.g. 16GiB; 'none' for no budget (default: the "
+                      "hardware profile's memory less its reserve)")
+    plan.add_argument("--zero", action="store_true", help="let optimizer state be sharded beyond its param (ZeRO-1)")
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
@@ -199,11 +206,25 @@ def setup_devices(count: int, requested: int | None, what: str) -> None:
     use_cpu_devices(count)
 
 
+def memory_limit(text: str | None, hardware) -> float | None:
+    """``--memory-limit``: bytes, ``none`` (no budget) or ``device`` (the profile's usable memory).
+
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> memory_limit("none", PROFILES["h100-node"]), memory_limit("device", PROFILES["h100-node"]) / 1e9
+    (None, 72.0)
+    """
+    if text is None or text.strip().lower() == "none":
+        return None
+    if text.strip().lower() == "device":
+        return hardware.usable_memory_bytes
+    return float(parse_bytes(text))
+
+
 def compiled_json(report) -> dict[str, Any]:
     return {"comm_bytes": report.comm_bytes, "collectives": report.by_kind(), "memory": report.memory}
 
 
-def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
+def plan_json(model: str, plan, check=None) -> dict[str, Any]:
     """The ``meshjax plan --json`` document (schema in docs/cli.md)."""
     full = plan.to_json()
     out: dict[str, Any] = {
@@ -213,14 +234,17 @@ def plan_json(model: str, plan, compiled=None) -> dict[str, Any]:
         "train": full["train"],
         "tensors": full["tensors"],
         "rules": full["rules"],
+        "settings": full["settings"],
         "predicted": {
             "step_time_s": plan.step_time_s,
             "comm_bytes": plan.comm_bytes,
             "peak_memory_bytes": plan.peak_memory_bytes,
+            "memory_breakdown": plan.memory_breakdown(),
         },
     }
-    if compiled is not None:
-        out["compiled"] = compiled_json(compiled)
+    if check is not None:  # a meshjax.verify.Verification
+        out["compiled"] = compiled_json(check.compiled)
+        out["verification"] = check.ratios_json()
     if "pipeline" in full:
         out["pipeline"] = full["pipeline"]
     out["solve_time_s"] = plan.solve_time_s
@@ -238,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
 
     axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
     mesh_shape = parse_mesh_shape(args.mesh, axes)
-    budget = parse_bytes(args.memory_limit) if args.memory_limit else None
     hardware = get_hardware(args.hardware)
+    budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
     overrides = staged_overrides(args, args.model, parse_overrides(args.overrides), mesh_shape)
     compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
@@ -254,16 +278,19 @@ def run(args: argparse.Namespace) -> int:
     console = commands.console()
     model = load_model(args.model, overrides)
     graph = mj.trace(model.loss, model.params, *model.batch)
-    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget)
+    plan = solve_for(
+        args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=args.train, rules=rules,
+        memory_budget=budget, optimizer=args.optimizer, zero=getattr(args, "zero", False),
+    )
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
 
-    report = None
+    check = None
     if compile_it:
         from meshjax.devices import make_mesh
         from meshjax.hlo import inspect_compiled
-        from meshjax.verify import Verification, compile_plan
+        from meshjax.verify import Verification, compile_plan, platform_of
 
         mesh = make_mesh(mesh_shape)
         # Training plans compile the whole Adam step, which holds what the plan's memory counts.
@@ -272,19 +299,20 @@ def run(args: argparse.Namespace) -> int:
             with open(args.hlo, "w") as f:
                 f.write(compiled.as_text())
             console.print(f"wrote compiled HLO to {args.hlo}")
-        report = inspect_compiled(compiled, mesh)
-        console.print(report.table())
-        if not hasattr(plan, "pipeline"):  # per-op attribution: the pipeline's loop has no op names
-            console.print(Verification(plan, report).op_table())
         predicted_mem = plan.peak_memory_bytes
-        compiled_mem = report.memory.get("peak_bytes")
-        console.print(f"comm bytes/step: predicted {plan.comm_bytes:,.0f}, compiled {report.comm_bytes:,}")
+        compiled_mem = check.compiled.memory.get("peak_bytes")
+        console.print(f"comm bytes/step: predicted {check.predicted_comm_bytes:,.0f}, compiled {check.compiled.comm_bytes:,}")
         console.print(
             f"memory/device:   predicted {predicted_mem:,.0f}, compiled "
             + (f"{compiled_mem:,} (arguments + outputs + temporaries - aliased)" if compiled_mem is not None else "n/a")
         )
+        if check.lowering_note:
+            console.print(f"note: {check.lowering_note}")
+        warning = check.out_of_band()
+        if warning:
+            console.print(f"[bold yellow]warning:[/] {warning}")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(plan_json(model.name, plan, report), f, indent=2)
+            json.dump(plan_json(model.name, plan, check), f, indent=2)
         console.print(f"wrote {args.json_path}")
     return 0

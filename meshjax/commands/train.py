@@ -28,6 +28,8 @@ import os
 import time
 from typing import Any
 
+from meshjax.optimizer import OPTIMIZERS
+
 
 def add_parser(commands) -> None:
     from meshjax.commands.plan import add_pipeline_arguments
@@ -39,7 +41,9 @@ def add_parser(commands) -> None:
     p.add_argument("--steps", type=int, default=100, help="total training steps (default: 100)")
     p.add_argument("--batch", type=int, default=None, help="global batch size (default: the preset's)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default: 3e-3)")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help="adam, sgd or adafactor (default: adam; fp32 master weights for bf16/fp16 params)")
     p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
@@ -87,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
     import numpy as np
-    import optax
     from meshjax import commands
     from rich.progress import (
         BarColumn,
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.cost.hardware import hardware_for
     from meshjax.data import lm_batch
     from meshjax.devices import global_mesh, make_mesh
+    from meshjax.optimizer import Optimizer
     from meshjax.train import make_train_step
 
     multi = jax.process_count() > 1
@@ -124,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     # axes that cross them on the slow link.
     mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
     hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
-    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=True, rules=args.rules)
-    trainer = make_train_step(plan, example.loss, mesh, optax.adam(args.lr))
+    optimizer = Optimizer(args.optimizer, args.lr)
+    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=True, rules=args.rules, optimizer=optimizer)
+    trainer = make_train_step(plan, example.loss, mesh)
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
 

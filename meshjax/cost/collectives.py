@@ -73,6 +73,20 @@ def collective_time(
     raise ValueError(f"unknown collective kind {kind!r}")
 
 
+def as_lowered(collective: Collective, mesh_shape: Mapping[str, int], *, fuses_reduce_scatter: bool) -> Collective:
+    """``collective`` as a compiler that does or does not fuse reduce-scatters emits it: without
+    the fusion (XLA:CPU) a reduce-scatter is an all-reduce of the whole input, then a local slice.
+
+    >>> rs = Collective("reduce-scatter", ("model",), 1024)
+    >>> as_lowered(rs, {"model": 4}, fuses_reduce_scatter=False)
+    Collective(kind='all-reduce', axes=('model',), nbytes=4096, count=1, latency_share=1.0)
+    """
+    if fuses_reduce_scatter or collective.kind != "reduce-scatter":
+        return collective
+    n = math.prod(mesh_shape[a] for a in collective.axes)
+    return Collective("all-reduce", collective.axes, collective.nbytes * n, collective.count, collective.latency_share)
+
+
 def time_of(collective: Collective, mesh_shape: Mapping[str, int], hw: Hardware) -> float:
     """:func:`collective_time` of one run of ``collective``."""
     return collective_time(collective.kind, collective.nbytes, collective.axes, mesh_shape, hw, collective.latency_share)

@@ -54,6 +54,18 @@ class Hardware:
     fuses_reduce_scatter: bool = True
     # Each step's inputs reach the devices from the host (PCIe 5 x16: ~50 GB/s per direction).
     host_bandwidth: float = 50 * GB
+    # The share of device memory a plan may not use by default (docs/cost_model.md, "Default
+    # budget"): the runtime's own buffers, and the memory model's +10% band.
+    memory_reserve: float = 0.10
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        """The default per-device memory budget: device memory less the reserve.
+
+        >>> PROFILES["h100-node"].usable_memory_bytes / 1e9
+        72.0
+        """
+        return self.memory_bytes * (1 - self.memory_reserve)
 
     def link(self, mesh_shape: Mapping[str, int], axis: str) -> Link:
         """The link a collective over ``axis`` runs on."""

@@ -2,8 +2,8 @@
 
 Backprop keeps an op's operands only when its derivative needs them: an einsum needs both
 operands, a nonlinearity its input, softmax its output, a norm its input, an embedding lookup
-its ids; sums, reshapes, renames, additions and scalings need nothing. What no op keeps is freed
-during the forward pass.
+its ids; sums, reshapes, renames, additions and scalings need nothing. Each op declares this when
+it is emitted (:class:`~meshjax.graph.OpFacts`). What no op keeps is freed during the forward pass.
 
 A kept tensor is kept in the layout it was made in. When an op computes on an operand in another
 layout (a weight gathered under FSDP, a gathered activation) and its backward reads that operand
@@ -24,35 +24,17 @@ from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
-# Ops whose backward pass needs none of their operands.
-LINEAR = frozenset(
-    {
-        "add", "subtract", "negative", "cast", "rename", "split_dim", "merge_dims", "slice", "stack",
-        "loop_carry", "scan_carry", "arange", "greater_equal", "sum", "mean", "where",
-    }
-)
-# Ops whose derivative is written in terms of their own result.
-KEEP_RESULT = frozenset({"softmax", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"})
-# Ops that also keep an intermediate of their result's size: JAX differentiates gelu's tanh
-# approximation through ``tanh`` and silu through ``sigmoid`` and keeps that value; for softmax,
-# XLA keeps the unnormalised exponentials and recomputes the division in the backward pass.
-EXTRA_RESIDUALS = {"gelu": 1, "silu": 1, "softmax": 1}
 
-
-def extra_residuals(op: Op) -> int:
-    """How many tensors of its result's size ``op``'s backward keeps besides its operands."""
-    return EXTRA_RESIDUALS.get(op.kind, 0)
+def extra_residuals(op: Op, graph: Graph | None = None) -> int:
+    """How many tensors of its result's size ``op``'s backward keeps besides its operands (in a
+    scan, every residual JAX saves is stacked: ``OpFacts.scan_residuals``)."""
+    scanned = graph is not None and op.block is not None and graph.blocks[op.block].kind == "scan"
+    return op.facts.residuals_in(scanned)
 
 
 def kept_operands(op: Op) -> tuple[int, ...]:
-    """Positions of the operands ``op``'s backward pass reads."""
-    if op.kind in LINEAR or op.kind in KEEP_RESULT:
-        return ()
-    if op.kind in ("multiply", "divide") and len(op.inputs) == 1:
-        return ()  # scaled by a Python number
-    if op.kind == "embed":
-        return (0,)  # the gradient scatters into the table at the ids; the table is not read
-    return tuple(range(len(op.inputs)))
+    """Positions of the operands ``op``'s backward pass reads (declared by the op)."""
+    return () if op.facts.saves_result else op.facts.saves
 
 
 def keeps_operand(op: Op, position: int) -> bool:
@@ -64,9 +46,24 @@ def keeps_operand(op: Op, position: int) -> bool:
     return position in kept_operands(op)
 
 
+# Ops linear in each operand: the backward reads an operand only for the other operands' gradients.
+_MULTILINEAR = {"einsum"}
+
+
+def backward_reads(op: Op, position: int, graph: Graph) -> bool:
+    """Whether a training step's backward pass reads ``op``'s operand at ``position``: the op
+    keeps it and a gradient that needs it is computed. An einsum reads each operand only for
+    the others' gradients (``x @ w`` with ``x`` an input never reads ``w`` again)."""
+    if not keeps_operand(op, position) or op.output not in graph.requires_grad:
+        return False
+    if op.kind in _MULTILINEAR:
+        return any(name in graph.requires_grad for j, name in enumerate(op.inputs) if j != position)
+    return True
+
+
 def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
-    if op.kind in KEEP_RESULT:
+    if op.facts.saves_result:
         return {op.output}
     return {op.inputs[i] for i in kept_operands(op)}
 
@@ -76,9 +73,12 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     saved: set[str] = set()
     for op in graph.ops:
         saved |= kept_by(op, graph)
+    # A scan's slice of a stacked param or input is read back from the stacked array (JAX
+    # forwards such residuals instead of stacking a copy): not kept a second time.
     return frozenset(
         name for name in saved
         if graph.tensors[name].role in ("activation", "output") and name in graph.requires_grad
+        and name not in graph.sliced_from
     )
 
 
@@ -92,7 +92,7 @@ def kept_copies(graph: Graph) -> dict[str, int]:
     saved = saved_for_backward(graph)
     out = {}
     for op in graph.ops:
-        count = (op.output in saved) + (extra_residuals(op) if op.output in graph.requires_grad else 0)
+        count = (op.output in saved) + (extra_residuals(op, graph) if op.output in graph.requires_grad else 0)
         if count:
             out[op.output] = count
     return out
@@ -102,29 +102,44 @@ def _nbytes(graph: Graph, name: str, layout: Layout, mesh_shape: Mapping[str, in
     return per_device_bytes(graph.tensors[name], layout, mesh_shape)
 
 
-def working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
-    """Bytes per device an op needs beyond what stays resident: its result and its activation
-    operands in the layouts it computes in (params and inputs are resident already).
+def _result_bytes(graph: Graph, op: Op, result: Layout, computed: Layout | None, mesh_shape: Mapping[str, int]) -> float:
+    out = _nbytes(graph, op.output, result, mesh_shape)
+    if computed is not None:  # whole partial sums before a reduce-scatter
+        out = max(out, _nbytes(graph, op.output, computed, mesh_shape))
+    return out
+
+
+def working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
+    """Bytes per device an op needs beyond what stays resident: its result (as computed, before
+    a reduce-scatter shrinks it) and its activation operands in the layouts it computes in
+    (params and inputs are resident already).
 
     In inference, the peak is the largest working set of any op.
 
     >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
     """
-    total = _nbytes(graph, op.output, result, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape)
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
     return total
 
 
-def backward_working_set(op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int]) -> float:
+def backward_working_set(
+    op: Op, graph: Graph, result: Layout, operands: Sequence[Layout], mesh_shape: Mapping[str, int],
+    computed: Layout | None = None,
+) -> float:
     """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
-    its result, one temporary of that size, and the operands it reads in the layouts it computes
-    in (an FSDP weight is gathered again here).
+    its result (gathered back to the layout it was computed in, after a reduce-scatter), one
+    temporary of that size, and the operands it reads in the layouts it computes in (an FSDP
+    weight is gathered again here).
 
     In training, the peak on top of what is kept is the largest of these over the ops.
     """
-    total = 2 * _nbytes(graph, op.output, result, mesh_shape)
+    total = 2 * _result_bytes(graph, op, result, computed, mesh_shape)
     for i in kept_operands(op):
         if graph.tensors[op.inputs[i]].role != "constant":
             total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)

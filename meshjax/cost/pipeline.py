@@ -83,11 +83,19 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
             continue
         act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
         if node.op.block == block and (pipe.remat or held != pipe.iterations):
-            node.memory = node.memory / pipe.iterations * (1 if pipe.remat else held)
+            factor = (1 if pipe.remat else held) / pipe.iterations
+            node.memory = node.memory * factor
+            node.parts = {kind: values * factor for kind, values in node.parts.items()}
             if pipe.remat and node.op.kind == "loop_carry":
-                node.memory = node.memory + held * act
+                _add(node, held * act)
         elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            node.memory = node.memory + BUFFERS * act
+            _add(node, BUFFERS * act)
+
+
+def _add(node, values) -> None:
+    """Further activation memory of a node (its options' bytes per device)."""
+    node.memory = node.memory + values
+    node.parts = {**node.parts, "activations": node.parts.get("activations", 0.0) + values}
 
 
 BUFFERS = 2  # the micro-batched input and output of the pipelined scan, a whole-batch carry each

@@ -22,7 +22,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 
 from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
@@ -42,6 +41,11 @@ class Strategy:
     collectives: tuple[Collective, ...]
     comm_time: float
     compute_time: float
+    # The layout the op computes its result in, before a reduce-scatter or gather moves it to
+    # ``result_layout`` (a split contraction makes whole partial sums first). Where the two
+    # differ, lowering pins it first, so XLA sums or gathers the result where the plan does
+    # (rather than, say, gathering an operand).
+    computed_layout: Layout | None = None
 
     @property
     def time(self) -> float:
@@ -125,15 +129,19 @@ def zero_sync_time(tensor: Tensor, option: ParamOption, mesh_shape: MeshShape, h
     return max(0.0, gather + scatter - reduce) + max(hw.link(mesh_shape, a).latency for a in extra)
 
 
-def _needs_grad(tensor: Tensor, graph: Graph) -> bool:
-    return tensor.name in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+def _axis_groups(dims, assign: Mapping[str, tuple[str, ...]], mesh_shape: MeshShape) -> list[tuple[str, ...]]:
+    """The mesh axes of each of ``dims`` that carries any, one group per dim. XLA's SPMD
+    partitioner sums a partial result over each split contracting dim in turn: one all-reduce
+    per dim, each of the whole result, not one all-reduce over all their axes."""
+    return [tuple(a for a in mesh_shape if a in assign[d]) for d in dims if assign.get(d)]
 
 
 def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, train: bool = False) -> list[Strategy]:
     """Every strategy of ``op`` with its own (not resharding) costs, per single execution.
 
     Parameter-gradient all-reduces pay a share of the latency only: XLA's all-reduce combiner
-    merges a step's gradient syncs into a few large collectives.
+    merges a step's gradient syncs into a few large collectives (a scanned layer's, summed over
+    its trips, as much as an unrolled one's).
     """
     grad_latency_share = 1.0 / max(1, len(graph.params))
     index = op.index
@@ -146,8 +154,8 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
     shrinks = 2 * result_tensor.nbytes <= max((t.nbytes for t in operand_tensors), default=0)
     strategies = []
     for assign in enumerate_assignments(loop, mesh_shape, index.whole):
-        partial = tuple(a for d in index.reduced for a in assign.get(d, ()))
-        partial = tuple(a for a in mesh_shape if a in partial)  # mesh order
+        partial_groups = _axis_groups(index.reduced, assign, mesh_shape)
+        partial = tuple(a for a in mesh_shape if any(a in g for g in partial_groups))  # mesh order
         kept = {d: ax for d, ax in assign.items() if d not in index.reduced}
         operand_layouts = tuple(
             _layout_for(t.dims, dims, assign) for t, dims in zip(operand_tensors, index.operands)
@@ -165,17 +173,23 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                 fixed += [Collective("all-reduce", axes, stat_bytes)] * (count * (2 if train else 1))
         if train:
             for t, dims, layout in zip(operand_tensors, index.operands, operand_layouts):
-                grad_partial = tuple(a for d, ax in assign.items() if d not in dims for a in ax)
-                if grad_partial and _needs_grad(t, graph):
-                    axes = tuple(a for a in mesh_shape if a in grad_partial)
-                    share = grad_latency_share if t.role == "param" else 1.0
-                    fixed.append(Collective("all-reduce", axes, per_device_bytes(t, layout, mesh_shape), latency_share=share))
+                grad_groups = _axis_groups([d for d in loop if d not in dims], assign, mesh_shape)
+                if grad_groups and graph.needs_grad(t.name):
+                    share = 1.0
+                    if t.role == "param":
+                        share = grad_latency_share
+                    elif t.name in graph.sliced_from:
+                        # A scanned layer's weight gradient: XLA combines the per-trip syncs
+                        # into the stacked gradient's, so the trips share one latency.
+                        share = grad_latency_share / graph.trip_count(t.block)
+                    nbytes = per_device_bytes(t, layout, mesh_shape)
+                    fixed += [Collective("all-reduce", axes, nbytes, latency_share=share) for axes in grad_groups]
         options: list[tuple[Layout, list[Collective]]] = []
         if not partial:
             options.append((base, []))
         else:
-            n_reductions = 2 if index.reduction == "lse" else 1
-            options.append((base, [Collective("all-reduce", partial, result_bytes)] * n_reductions))
+            sums = [Collective("all-reduce", axes, result_bytes) for axes in partial_groups]
+            options.append((base, sums * index.partial_results))
             factor = math.prod(mesh_shape[a] for a in partial)
             if index.reduction == "sum":
                 for k, ld in enumerate(index.result):
@@ -188,9 +202,12 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     if hw.fuses_reduce_scatter:
                         colls = [Collective("reduce-scatter", partial, result_bytes / factor)]
                     else:
-                        colls = [Collective("all-reduce", partial, result_bytes)]
+                        colls = list(sums)
                     if train:  # the backward pass needs the whole cotangent back: all-gather it
                         colls.append(Collective("all-gather", partial, result_bytes))
+                    # Lowering pins the summed result before slicing it (a compiler that fuses
+                    # reduce-scatters makes one of the pair), so XLA sums where the plan does
+                    # rather than, say, gathering a vocab-split table for a lookup.
                     options.append((layout, colls))
         if shrinks:
             options += _gathered_after(options, result_tensor, mesh_shape)
@@ -205,6 +222,7 @@ def op_strategies(op: Op, graph: Graph, mesh_shape: MeshShape, hw: Hardware, *, 
                     collectives=all_colls,
                     comm_time=comm,
                     compute_time=compute,
+                    computed_layout=base,
                 )
             )
     return strategies
@@ -236,7 +254,22 @@ def _moves(tensor: Tensor, src: Layout, dst: Layout, mesh_shape: MeshShape) -> l
         kind = "all-to-all" if any(dim_of(src, a) != dim_of(dst, a) for a in moved) else "collective-permute"
         colls.append(Collective(kind, moved, src_bytes))
     if gathered:
-        colls.append(Collective("all-gather", gathered, src_bytes * math.prod(mesh_shape[a] for a in gathered)))
+        colls += _all_gathers(src, set(gathered), src_bytes, mesh_shape)
+    return colls
+
+
+def _all_gathers(src: Layout, gathered: set[str], src_bytes: float, mesh_shape: MeshShape) -> list[Collective]:
+    """All-gathers of ``gathered`` axes out of layout ``src`` (``src_bytes`` per device). XLA
+    gathers one tensor dim at a time, the last dim first, each gather's result the product of
+    the ones before: ``[mlp:model, embed:data] -> []`` is a gather over ``data`` then one over
+    ``model``, ``[mlp:data+model, embed] -> []`` a single gather over both."""
+    colls = []
+    nbytes = src_bytes
+    for axes in reversed(src.axes):
+        group = tuple(a for a in mesh_shape if a in axes and a in gathered)
+        if group:
+            nbytes *= math.prod(mesh_shape[a] for a in group)
+            colls.append(Collective("all-gather", group, nbytes))
     return colls
 
 
@@ -252,8 +285,8 @@ def _gathered_after(
                 kept = Layout(layout.dims, tuple(tuple(a for a in ax if a not in gathered) for ax in layout.axes))
                 if any(full[: len(ax)] != ax for ax, full in zip(kept.axes, layout.axes)):
                     continue  # only trailing axes of a dim gather into contiguous blocks
-                nbytes = per_device_bytes(result, kept, mesh_shape)
-                out.append((kept, [*colls, Collective("all-gather", tuple(gathered), nbytes)]))
+                gathers = _all_gathers(layout, set(gathered), per_device_bytes(result, layout, mesh_shape), mesh_shape)
+                out.append((kept, [*colls, *gathers]))
     return out
 
 

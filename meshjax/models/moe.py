@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 
 import meshjax as mj
-from meshjax.context import emit
+from meshjax.context import compute, emit
+from meshjax.graph import LINEAR, OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
 from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
@@ -203,7 +204,10 @@ def route(
     """
     group = tuple(d for d in probs.dims if d not in (tokens, experts))
     order = (*group, tokens, experts)
-    value = route_values(probs.align_to(order), top_k, capacity, normalize=normalize)
+    (probs,), value = compute(
+        "moe_route", name, [probs],
+        lambda ops: route_values(ops[0].align_to(order), top_k, capacity, normalize=normalize),
+    )
     out_dims = (*order, slots)
     loop = (*((d, probs.size(d)) for d in order), (slots, capacity))
     index = IndexForm(
@@ -214,11 +218,7 @@ def route(
         flops=float(4 * top_k * math.prod(s for _, s in loop)),
     )
     attrs = {"top_k": top_k, "capacity": capacity, "normalize": normalize}
-    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name)
-
-
-def _positive(c):
-    return (c > 0).astype(c.dtype)
+    return emit("moe_route", [probs], NamedArray(value, out_dims), index, attrs, name, facts=OpFacts.reading(1))
 
 
 def load_balancing_loss(probs: NamedArray, *, experts: str = "experts") -> NamedArray:
@@ -240,7 +240,8 @@ def moe_ffn(
     logits = mj.einsum("batch seq embed, embed experts -> batch seq experts", x, p["router"], name="router_logits")
     probs = mj.softmax(logits, "experts", name="router_probs")
     combine = route(probs, top_k, cap, name="combine")
-    dispatch = mj.elementwise(_positive, combine, name="dispatch")
+    # Through a bool, so the graph knows what JAX does: no gradient flows into the routing here.
+    dispatch = mj.cast(mj.elementwise(jnp.greater, combine, 0.0, name="routed", facts=LINEAR), combine.dtype, name="dispatch")
     expert_in = mj.einsum(
         "batch seq embed, batch seq experts capacity -> batch experts capacity embed", x, dispatch, name="expert_in"
     )

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from meshjax import context
 from meshjax.devices import mesh_shape
 from meshjax.errors import LayoutError, ShapeError
-from meshjax.graph import Graph, IndexForm
+from meshjax.graph import LINEAR, Graph, IndexForm
 from meshjax.layout import Layout, validate
 from meshjax.lower import Program
 from meshjax.named import NamedArray
@@ -47,8 +47,8 @@ _FREE = PartitionSpec.UNCONSTRAINED
 class PipelinePinner(context.Pinner):
     """A :class:`~meshjax.context.Pinner` whose scans over ``pipeline.dim`` run pipelined."""
 
-    def __init__(self, mesh, specs, operand_specs=None, recomputed=None, *, pipeline: Pipeline):
-        super().__init__(mesh, specs, operand_specs, recomputed)
+    def __init__(self, mesh, specs, operand_specs=None, recomputed=None, computed_specs=None, *, pipeline: Pipeline):
+        super().__init__(mesh, specs, operand_specs, recomputed, computed_specs)
         self.pipeline = pipeline
 
 
@@ -165,7 +165,7 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
             result = NamedArray(v.reshape(v.shape[0] * m, *v.shape[2:]), d)
             result = NamedArray(result.align_to(leaf.dims), leaf.dims)
             index = IndexForm(loop=tuple(leaf.sizes.items()), operands=(leaf.dims,), result=leaf.dims)
-            final.append(context.emit("scan_carry", [leaf], result, index, name="final_carry"))
+            final.append(context.emit("scan_carry", [leaf], result, index, name="final_carry", facts=LINEAR))
     return jax.tree_util.tree_unflatten(carry_def, final), None
 
 
@@ -187,7 +187,7 @@ class PipelinedProgram(Program):
     """A :class:`~meshjax.lower.Program` whose scans over ``pipeline.dim`` run pipelined over
     ``pipeline.axis``; ``layouts`` are the in-stage layouts (no tensor uses the stage axis)."""
 
-    def __init__(self, fn, graph, mesh, layouts, operand_layouts, pipeline: Pipeline):
+    def __init__(self, fn, graph, mesh, layouts, operand_layouts, computed_layouts, pipeline: Pipeline):
         if pipeline.axis not in mesh.axis_names:
             raise LayoutError(f"pipeline: mesh axis {pipeline.axis!r} is not in the mesh (axes: {', '.join(mesh.axis_names)})")
         size = dict(zip(mesh.axis_names, mesh.devices.shape))[pipeline.axis]
@@ -195,7 +195,7 @@ class PipelinedProgram(Program):
             raise LayoutError(f"pipeline: {pipeline.stages} stages need mesh axis {pipeline.axis!r} of size {pipeline.stages}, got {size}")
         if pipeline.schedule != "gpipe":
             raise LayoutError(f"pipeline: schedule {pipeline.schedule!r} is priced but not lowered; lower 'gpipe'")
-        super().__init__(fn, graph, mesh, layouts, operand_layouts)
+        super().__init__(fn, graph, mesh, layouts, operand_layouts, computed_layouts)
         self.pipeline = pipeline
         self.layouts = staged_layouts(graph, self.layouts, pipeline)
         shape = mesh_shape(self.mesh)
@@ -206,7 +206,9 @@ class PipelinedProgram(Program):
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = PipelinePinner(self.mesh, self.specs, self.operand_specs, self.recomputed, pipeline=self.pipeline)
+            pinner = PipelinePinner(
+                self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, pipeline=self.pipeline
+            )
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

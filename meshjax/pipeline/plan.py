@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class PipelinedPlan:
 
     @property
     def layouts(self) -> dict[str, Layout]:
-        return staged_layouts(self.graph, self.stage_plan.layouts, self.pipeline)
+        return staged_layouts(self.graph, dict(self.stage_plan.layouts), self.pipeline)
 
     @property
     def specs(self) -> dict[str, PartitionSpec]:
@@ -92,7 +93,7 @@ class PipelinedPlan:
 
     @property
     def state_layouts(self) -> dict[str, Layout]:
-        return staged_layouts(self.graph, self.stage_plan.state_layouts, self.pipeline)
+        return staged_layouts(self.graph, dict(self.stage_plan.state_layouts), self.pipeline)
 
     @property
     def state_specs(self) -> dict[str, PartitionSpec]:
@@ -102,7 +103,10 @@ class PipelinedPlan:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
-        return PipelinedProgram(fn, self.graph, mesh, self.stage_plan.layouts, self.stage_plan.operand_layouts, self.pipeline)
+        sp = self.stage_plan
+        return PipelinedProgram(
+            fn, self.graph, mesh, dict(sp.layouts), dict(sp.operand_layouts), dict(sp.computed_layouts), self.pipeline
+        )
 
     def summary(self) -> str:
         pipe = self.pipeline
@@ -165,11 +169,11 @@ def plan_stage(
     pins: Mapping[str, Any] | None = None,
     candidates: Mapping[str, list] | None = None,
     time_limit: float | None = None,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Any = None,
     zero: bool = False,
 ) -> PipelinedPlan:
     """Lay out one stage of ``pipe`` (micro-batches and remat fixed) and price the pipeline."""
-    from meshjax.solve import plan_from_choice
+    from meshjax.solve import budget_bytes, plan_from_choice
 
     start = time.perf_counter()
     graph = stage_graph(trace_for, full, pipe)
@@ -178,10 +182,9 @@ def plan_stage(
     if mesh_shape[pipe.axis] != pipe.stages:
         raise LayoutError(f"pipeline: {pipe.stages} stages need mesh axis {pipe.axis!r} of size {pipe.stages}")
     hw = get_hardware(hardware)
+    memory_budget = budget_bytes(memory_budget, hw)
     constraints = Constraints.make(graph, inner, rules, pins, candidates)
-    problem = build_problem(
-        graph, inner, hw, train=train, constraints=constraints, optimizer_state_factor=optimizer_state_factor, zero=zero
-    )
+    problem = build_problem(graph, inner, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
     prepare_problem(problem, block, pipe)
     solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
     stage_plan = plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
@@ -270,7 +273,7 @@ def solve_pipelined(
     if not plans:
         raise InfeasibleError(f"no pipeline over {axis!r} fits: " + "; ".join(errors[-2:]))
     best = min(plans, key=lambda p: p.step_time_s)
-    best.stage_plan.solve_time_s = time.perf_counter() - start
+    best.stage_plan = dataclasses.replace(best.stage_plan, solve_time_s=time.perf_counter() - start)
     return best
 
 

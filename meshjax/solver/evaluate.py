@@ -1,6 +1,38 @@
-"""What a choice of the decision problem costs: per-op time rows with their collectives, the
-layout each op computes its operands in, each param's optimizer-state layout, and the memory
-breakdown. The plan reports these; it never prices anything itself.
+"""The one evaluator: what each option of the decision problem costs, and what a choice costs.
+
+:func:`build_problem <meshjax.solver.problem.build_problem>` prices every option with the
+functions here (the ILP's coefficients: time, memory by kind, transient peak), and
+:func:`evaluate` turns a choice into the figures a plan reports: per-op time rows with their
+collectives (reshards into an op are charged to it; ZeRO-1 syncs and the host input feed are rows
+of their own), comm bytes, and the memory breakdown. Both read the same arrays, so a plan's step
+time is the ILP's objective and its memory the ILP's memory row, to rounding:
+
+    evaluate(problem, choice).step_time_s == problem.total_time(choice)
+    evaluate(problem, choice).memory["total"] == problem.memory(choice)
+
+Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` (moments and the
+fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
+inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
+transient at its largest op); ``constants`` when the function closes over arrays.
+
+A later decision (a rematerialisation policy, micro-batching) adds its terms the same way: a
+function here that prices each option of a node (time, a ``parts`` entry per memory kind, a
+peak), called by ``build_problem``; :func:`evaluate` then reports it with no change.
+
+Example::
+
+    >>> import jax.numpy as jnp, meshjax as mj
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver.problem import build_problem
+    >>> loss = lambda p, x: mj.sum(mj.einsum("b e, e m -> b m", x, p["w"]), "b m")
+    >>> g = mj.trace(loss, {"w": mj.named(jnp.ones((4, 8)), "e m")}, mj.named(jnp.ones((2, 4)), "b e"))
+    >>> problem = build_problem(g, {"x": 2}, PROFILES["h100-node"], train=True)
+    >>> choice = [0] * len(problem.nodes)
+    >>> ev = evaluate(problem, choice)
+    >>> abs(ev.step_time_s - problem.total_time(choice)) < 1e-15, ev.memory["total"] == problem.memory(choice)
+    (True, True)
+    >>> ev.memory["optimizer_state"]           # Adam: two fp32 moments of the 4 x 8 weight
+    256.0
 """
 
 from __future__ import annotations
@@ -8,18 +40,27 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from meshjax.cost.collectives import Collective
-from meshjax.cost.memory import backward_working_set, kept_copies, working_set
-from meshjax.cost.strategies import per_device_bytes, reshard
-from meshjax.graph import Graph
+from meshjax.cost.hardware import Hardware
+from meshjax.cost.strategies import ParamOption, per_device_bytes, reshard, zero_sync_time
+from meshjax.graph import Tensor
 from meshjax.layout import Layout
-from meshjax.solver.problem import Problem
+from meshjax.optimizer import Optimizer
+
+if TYPE_CHECKING:
+    from meshjax.solver.problem import Problem
+
+MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations", "backward_peak")
 
 
 @dataclass(frozen=True)
 class OpCost:
-    """Predicted cost of one op (all its instances and loop trips), with the reshards into it."""
+    """Predicted cost of one row of the step: an op (all its instances and loop trips, with the
+    reshards into it), a param's ZeRO-1 sync, or an input's host feed."""
 
     op: str
     kind: str
@@ -29,33 +70,109 @@ class OpCost:
     collectives: tuple[Collective, ...]
 
 
-def op_costs(problem: Problem, choice: tuple[int, ...]) -> list[OpCost]:
-    """Per-op costs of a choice, each reshard charged to the op that needs it."""
+@dataclass(frozen=True)
+class Evaluation:
+    """What a choice costs: time rows, comm, and bytes per device by kind (``memory["total"]``)."""
+
+    rows: tuple[OpCost, ...]
+    memory: Mapping[str, float]
+
+    @property
+    def collectives(self) -> list[Collective]:
+        return [c for row in self.rows for c in row.collectives]
+
+    @property
+    def comm_bytes(self) -> float:
+        return sum(c.comm_bytes for c in self.collectives)
+
+    @property
+    def comm_time_s(self) -> float:
+        return sum(r.comm_time for r in self.rows)
+
+    @property
+    def compute_time_s(self) -> float:
+        return sum(r.compute_time for r in self.rows)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.comm_time_s + self.compute_time_s
+
+
+# --- pricing options (the ILP's coefficients) --------------------------------------------------
+
+
+def price_param_options(
+    tensor: Tensor, options: Sequence[ParamOption], mesh_shape: Mapping[str, int], hw: Hardware,
+    optimizer: Optimizer, instances: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Time and memory parts of each (param layout, state layout) option in training.
+
+    The gradient is computed in the param's layout (XLA materialises it whole before any
+    scatter); the optimizer state (moments and fp32 master copy, :class:`Optimizer`) lives in the
+    state layout, except what the optimizer keeps replicated (adafactor's row/column statistics).
+    """
+    sharded, replicated = optimizer.state_bytes(int(np.prod(tensor.shape)), tensor.dtype, tensor.shape)
+    param = np.array([per_device_bytes(tensor, o.layout, mesh_shape) for o in options]) * instances
+    state = np.array([sharded * per_device_bytes(tensor, o.state, mesh_shape) / tensor.nbytes + replicated for o in options])
+    time = np.array([zero_sync_time(tensor, o, mesh_shape, hw) for o in options]) * instances
+    return time, {"params": param, "gradients": param.copy(), "optimizer_state": state * instances}
+
+
+def price_source_options(
+    tensor: Tensor, layouts: Sequence[Layout], mesh_shape: Mapping[str, int], hw: Hardware, instances: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Time and memory of each layout of a param (inference) or an input. Inputs are fed from
+    the host every step, so each device should receive only its shard."""
+    nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts]) * instances
+    if tensor.role == "input":
+        return nbytes / hw.host_bandwidth, {"inputs": nbytes}
+    return np.zeros(len(layouts)), {"params" if tensor.role == "param" else "constants": nbytes}
+
+
+# --- a choice ----------------------------------------------------------------------------------
+
+
+def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
+    """The time rows and memory breakdown of ``choice`` (one option per node of ``problem``)."""
     incoming: dict[int, list[tuple[float, tuple[Collective, ...]]]] = defaultdict(list)
     for e in problem.edges:
         a = e.src_group[choice[e.src]]
         b = e.dst_group[choice[e.dst]]
-        t, colls = reshard(
+        _, colls = reshard(
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
         )
-        incoming[e.dst].append((t * e.multiplicity, tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)))
-    out = []
+        colls = tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)
+        incoming[e.dst].append((float(e.cost[a, b]), colls))
+    rows = []
+    memory: dict[str, float] = defaultdict(float)
+    peak = 0.0
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
+        for kind, values in node.parts.items():
+            memory[kind] += float(values[c])
+        peak = max(peak, float(node.peak[c]))
+        option = node.options[c]
         if node.op is None:
+            if node.time[c]:
+                label = "host feed" if node.tensor.role == "input" else f"zero-1 sync {option}"
+                rows.append(OpCost(node.key, node.tensor.role, label, float(node.time[c]), 0.0, ()))
             continue
-        s = node.options[c]
         mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in s.collectives)
-        comm = s.comm_time * mult
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in option.collectives)
+        compute = option.compute_time * mult
+        # The node's time holds its own collectives and any self-edge (tied instances feeding
+        # their own twin) folded into it.
+        comm = float(node.time[c]) - compute
         for t, extra in incoming.get(k, []):
             comm += t
             colls += extra
-        # A self-edge (tied instances feeding their own twin) was folded into the node's time.
-        comm += float(node.time[c]) - s.time * mult
-        out.append(OpCost(node.key, node.op.kind, s.label, comm, s.compute_time * mult, colls))
-    return out
-
+        rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
+    memory["backward_peak" if problem.train else "activations"] += peak
+    out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
+    if memory.get("constants"):
+        out["constants"] = memory["constants"]
+    out["total"] = sum(out.values())
+    return Evaluation(tuple(rows), out)
 
 
 def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[Layout, ...]]:
@@ -72,47 +189,26 @@ def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[
     return out
 
 
+def computed_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, Layout]:
+    """Op name -> the layout the op computes its result in, where the chosen strategy then
+    reduce-scatters or gathers it into another (ops that compute in place are absent)."""
+    graph = problem.graph
+    out = {}
+    for op in graph.ops:
+        k = problem.node_of[op.output]
+        strategy = problem.nodes[k].options[choice[k]]
+        layout = strategy.computed_layout
+        if layout is not None and layout.axes != strategy.result_layout.axes:
+            out[op.name] = Layout(graph.tensors[op.output].dims, layout.axes)
+    return out
+
+
 def state_layouts(problem: Problem, choice: Sequence[int], layouts: Mapping[str, Layout]) -> dict[str, Layout]:
     """Layout of each param's optimizer state (and of its gradient once reduced): the param's
     own, or (ZeRO-1) one sharded over more mesh axes, where the update then runs."""
     out = {}
     for t in problem.graph.params:
         k = problem.node_of[t.name]
-        state = getattr(problem.nodes[k].options[choice[k]], "state", None)
-        out[t.name] = Layout(t.dims, state.axes) if state is not None else layouts[t.name]
+        option = problem.nodes[k].options[choice[k]]
+        out[t.name] = Layout(t.dims, option.state.axes) if isinstance(option, ParamOption) else layouts[t.name]
     return out
-
-
-def memory_breakdown(
-    graph: Graph,
-    mesh_shape: Mapping[str, int],
-    train: bool,
-    layouts: Mapping[str, Layout],
-    states: Mapping[str, Layout],
-    operands: Mapping[str, tuple[Layout, ...]],
-    optimizer_state_factor: float = 2.0,
-) -> dict[str, float]:
-    """Predicted bytes per device by kind: params, grads, optimizer state, inputs, activations
-    (in training, those kept for the backward pass, plus its peak)."""
-    out: dict[str, float] = defaultdict(float)
-    peak = 0.0
-    kept = kept_copies(graph) if train else {}
-    for name, tensor in graph.tensors.items():
-        b = per_device_bytes(tensor, layouts[name], mesh_shape)
-        if tensor.role == "param":
-            out["params"] += b
-            if train:
-                out["grads"] += b  # computed in the param's layout, whatever the state's
-                out["optimizer_state"] += per_device_bytes(tensor, states[name], mesh_shape) * optimizer_state_factor
-        elif tensor.role == "input":
-            out["inputs"] += b
-        elif tensor.role != "constant":
-            if train:
-                out["activations"] += kept.get(name, 0) * b * graph.trip_count(tensor.block)
-    transient = backward_working_set if train else working_set
-    for op in graph.ops:
-        op_operands = operands.get(op.name) or tuple(layouts[n] for n in op.inputs)
-        peak = max(peak, transient(op, graph, layouts[op.output], op_operands, mesh_shape))
-    out["backward_peak" if train else "activations"] = peak
-    out["total"] = sum(out.values())
-    return dict(out)

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_working_set, keeps_operand, kept_copies, working_set
-from meshjax.cost.strategies import ParamOption, state_layouts, zero_sync_time
-from meshjax.cost.strategies import Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
+from meshjax.cost.memory import backward_reads, backward_working_set, kept_copies, working_set
+from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
+from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
 from meshjax.layout import Layout, Rules, as_layout, check_rules, parse_rules
+from meshjax.optimizer import Optimizer, get_optimizer
+from meshjax.solver.evaluate import price_param_options, price_source_options
 
 MeshShape = Mapping[str, int]
 
@@ -75,10 +77,11 @@ class Node:
     options: list  # Strategy (op) or Layout (source)
     result_layouts: list[Layout]
     time: np.ndarray  # per option, already times the multiplicity
-    memory: np.ndarray  # per option: bytes per device this node keeps resident
+    memory: np.ndarray  # per option: bytes per device this node keeps resident (the sum of parts)
     peak: np.ndarray  # per option: bytes of a transient (training: the backward's; inference: the op's working set)
     multiplicity: int
     members: list[str]  # every tensor name this node decides
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # memory by kind (meshjax.solver.evaluate)
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Problem:
     nodes: list[Node]
     edges: list[Edge]
     node_of: dict[str, int]  # tensor name -> node index
+    optimizer: Optimizer | None = None  # training: what each param's state costs
+    zero: bool = False  # training: optimizer state may be sharded over more axes than its param
 
     def total_time(self, choice: Sequence[int]) -> float:
         t = sum(float(n.time[c]) for n, c in zip(self.nodes, choice))
@@ -159,16 +164,19 @@ def build_problem(
     *,
     train: bool = False,
     constraints: Constraints | None = None,
-    optimizer_state_factor: float = 2.0,
+    optimizer: Optimizer | str | None = None,
     zero: bool = False,
 ) -> Problem:
-    """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``.
+    """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``, each option
+    priced by :mod:`meshjax.solver.evaluate`.
 
-    ``optimizer_state_factor``: optimizer-state bytes per parameter byte (Adam keeps two moments).
+    ``optimizer``: in training, the :class:`~meshjax.optimizer.Optimizer` (or its name) whose
+    state each param keeps (default Adam, fp32 moments, fp32 master copy of low-precision params).
     ``zero``: in training, let optimizer state be sharded over more mesh axes than its param
     (ZeRO-1); sharding the param itself (FSDP / ZeRO-3) is always an option.
     """
     mesh_shape = dict(mesh_shape)
+    optimizer = get_optimizer(optimizer)
     constraints = constraints or Constraints()
     canon = canonical_names(graph)
     members: dict[str, list[str]] = defaultdict(list)
@@ -200,24 +208,13 @@ def build_problem(
                     for layout in layouts
                     for state in (state_layouts(tensor, layout, mesh_shape) if zero else [layout])
                 ]
-                # XLA materialises the whole gradient in the param's layout before scattering it,
-                # so a sharded state saves optimizer-state memory only (ZeRO-1).
-                memory = np.array(
-                    [
-                        2.0 * per_device_bytes(tensor, o.layout, mesh_shape)
-                        + optimizer_state_factor * per_device_bytes(tensor, o.state, mesh_shape)
-                        for o in options
-                    ]
-                ) * per_instance
-                time = np.array([zero_sync_time(tensor, o, mesh_shape, hardware) for o in options]) * per_instance
+                time, parts = price_param_options(tensor, options, mesh_shape, hardware, optimizer, per_instance)
                 result_layouts = [o.layout for o in options]
-                nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names))
             else:
-                nbytes = np.array([per_device_bytes(tensor, l, mesh_shape) for l in layouts])
-                memory = nbytes * per_instance
-                # Inputs are fed from the host every step, so each device should receive only its shard.
-                time = nbytes * per_instance / hardware.host_bandwidth if tensor.role == "input" else np.zeros(len(layouts))
-                nodes.append(Node(key, tensor, None, layouts, layouts, time, memory, np.zeros(len(layouts)), per_instance, names))
+                options = result_layouts = layouts
+                time, parts = price_source_options(tensor, layouts, mesh_shape, hardware, per_instance)
+            memory = sum(parts.values())
+            nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts))
         else:
             strategies = [
                 s
@@ -234,12 +231,13 @@ def build_problem(
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
                 memory = act * mult * kept.get(key, 0)
-                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             else:
                 memory = np.zeros(len(strategies))
-                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape) for s in strategies])
+                peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
-            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names))
+            parts = {"activations": memory}
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names, parts))
         for name in names:
             node_of[name] = len(nodes) - 1
 
@@ -260,12 +258,12 @@ def build_problem(
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
         tensor = graph.tensors[tname]
-        needs_grad = tname in graph.requires_grad and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        needs_grad = graph.needs_grad(tname)
         src_group, src_layouts = _grouped(nodes[src].result_layouts)
         dst_group, dst_layouts = _grouped([s.operand_layouts[i] for s in nodes[dst].options])
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
-        recompute = train and keeps_operand(consumer, i) and consumer.output in graph.requires_grad
+        recompute = train and backward_reads(consumer, i, graph)
         cost = np.array(
             [
                 [
@@ -282,7 +280,7 @@ def build_problem(
             node.time = node.time + cost[src_group, dst_group]
             continue
         edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute))
-    return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of)
+    return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero)
 
 
 def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
@@ -296,13 +294,10 @@ def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
-_REDUCTIONS = ("sum", "mean", "max", "logsumexp", "cross_entropy")
-
-
 def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:
     """XLA reduces a split dim locally and all-reduces the (smaller) result; it never gathers
     the operand first. Plans that would are not what runs, so they are excluded."""
-    if op.kind not in _REDUCTIONS:
+    if not op.facts.reduction:
         return False
     reduced = set(op.index.reduced)
     loop_dims = op.index.operands[operand]

@@ -92,6 +92,7 @@ def restrict(problem: Problem, kept: Sequence[np.ndarray]) -> Reduction:
             time=n.time[keep],
             memory=n.memory[keep],
             peak=n.peak[keep],
+            parts={kind: values[keep] for kind, values in n.parts.items()},
         )
         for n, keep in zip(problem.nodes, kept)
     ]
@@ -382,7 +383,7 @@ class _Graph:
                 options, layouts = [template.options[s] for s in kept], [template.result_layouts[s] for s in kept]
             else:
                 options, layouts = list(range(size)), [None] * size
-            nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak))
+            nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={}))
         edges = [
             replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost)
             for e in self.edges.values()
