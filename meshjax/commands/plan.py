@@ -299,6 +299,10 @@ def run(args: argparse.Namespace) -> int:
             with open(args.hlo, "w") as f:
                 f.write(compiled.as_text())
             console.print(f"wrote compiled HLO to {args.hlo}")
+        check = Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
+        console.print(check.compiled.table())
+        if not hasattr(plan, "pipeline"):  # per-op attribution: the pipeline's loop has no op names
+            console.print(check.op_table())
         predicted_mem = plan.peak_memory_bytes
         compiled_mem = check.compiled.memory.get("peak_bytes")
         console.print(f"comm bytes/step: predicted {check.predicted_comm_bytes:,.0f}, compiled {check.compiled.comm_bytes:,}")
