@@ -18,14 +18,16 @@ baseline priced on ``cpu-sim`` (``xla-prop`` pins only its params and inputs). R
 solver's plan is worse than the best baseline that fits (predicted time under the profile it was
 solved for, or compiled comm bytes against that same baseline) are flagged.
 
-    $ python benchmarks/compare_meshes.py --quick        # mlp-small, gpt-tiny: minutes on 2 cores
-    $ python benchmarks/compare_meshes.py                # + gpt-small, llama-tiny, moe-tiny (if present)
-    $ python benchmarks/compare_meshes.py --stage        # 3-D: data x model x stage, pipelined (gpt-tiny, 4 layers)
+    $ python benchmarks/compare_meshes.py --quick --out /tmp/cmp   # mlp-small, gpt-tiny: minutes on 2 cores
+    $ python benchmarks/compare_meshes.py --out benchmarks/results   # + gpt-small, llama-tiny, moe-tiny
 
-Writes ``benchmarks/results/compare_meshes{,_quick}.{json,md}`` and ``compare_*.png``; with
-``--stage``, ``compare_meshes_stage.{json,md}``: every ``data x model x stage`` mesh of 8
-devices with the solver's pipelined plan (micro-batches, remat and in-stage layouts chosen per
-profile), beside the best 2-D plan, compiled and measured the same way.
+Writes ``compare_meshes{,_quick}.{json,md}`` and ``compare_*.png`` into ``--out`` (default: a new
+temporary folder). The committed results in ``benchmarks/results`` change only when it is named.
+    $ python benchmarks/compare_meshes.py --stage --out benchmarks/results   # 3-D: data x model x stage
+
+With ``--stage``, only ``compare_meshes_stage.{json,md}``: every ``data x model x stage`` mesh of
+8 devices with the solver's pipelined plan (micro-batches, remat and in-stage layouts chosen per
+profile), beside the 2-D plan on 4x2, compiled and measured.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +63,7 @@ from meshjax.verify import Verification, compile_plan, platform_of  # noqa: E402
 from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # the committed results: written only with --out naming it
 MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
 QUICK_MODELS = ["mlp-small", "gpt-tiny"]
 FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
@@ -332,7 +335,7 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(doc: dict, stem: str) -> list[str]:
+def plots(doc: dict, stem: str, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,7 +367,7 @@ def plots(doc: dict, stem: str) -> list[str]:
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
-        path = RESULTS / f"{stem}_{metric}.png"
+        path = out_dir / f"{stem}_{metric}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         out.append(str(path))
@@ -376,18 +379,22 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"models {', '.join(QUICK_MODELS)}; 5 measured steps")
     parser.add_argument("--models", default=None, help="comma-separated presets (default: per --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="measured steps per layout (>= 5)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"folder for the JSON, markdown and plots (default: a new temporary folder; "
+                             f"{RESULTS.relative_to(Path(__file__).parent.parent)} to regenerate the committed results)")
     parser.add_argument("--stage", action="store_true", help="only the 3-D section (data x model x stage)")
     args = parser.parse_args(argv)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meshjax-compare-"))
     if args.stage:
         repeats = max(5, args.repeats or 5)
         rows = []
         for name, overrides in STAGE_MODELS.items():
             rows += bench_stage(name, overrides, repeats, lambda s: print(s, flush=True))
         doc = {"machine": machine(), "repeats": repeats, "hardware": HARDWARE, "rows": rows}
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "compare_meshes_stage.json").write_text(json.dumps(doc, indent=1))
-        (RESULTS / "compare_meshes_stage.md").write_text(stage_markdown(doc))
-        print(f"wrote {RESULTS / 'compare_meshes_stage'}.json and .md")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "compare_meshes_stage.json").write_text(json.dumps(doc, indent=1))
+        (out_dir / "compare_meshes_stage.md").write_text(stage_markdown(doc))
+        print(f"wrote {out_dir / 'compare_meshes_stage'}.json and .md")
         return 0
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     repeats = max(5, args.repeats or (5 if args.quick else 20))
@@ -407,12 +414,12 @@ def main(argv=None) -> int:
            "models": [n for n in names if n not in skipped], "skipped": skipped, "rows": rows}
     doc["flags"] = flag(rows)
     doc["wall_s"] = time.perf_counter() - start
-    RESULTS.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare_meshes_quick" if args.quick else "compare_meshes"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    (RESULTS / f"{stem}.md").write_text(markdown(doc))
-    pngs = plots(doc, stem)
-    print(f"wrote {RESULTS / stem}.json, .md and {len(pngs)} plots in {doc['wall_s']:.0f} s; {len(doc['flags'])} flags")
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(doc))
+    pngs = plots(doc, stem, out_dir)
+    print(f"wrote {out_dir / stem}.json, .md and {len(pngs)} plots in {doc['wall_s']:.0f} s; {len(doc['flags'])} flags")
     return 0
 
 

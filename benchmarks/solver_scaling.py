@@ -18,18 +18,23 @@ Targets: 175B solves in under 1 s, 1.3B unrolled in under 2 s.
 
 Run::
 
-    python benchmarks/solver_scaling.py            # writes benchmarks/results/solver_scaling.{json,md}
+    python benchmarks/solver_scaling.py --out /tmp/scaling       # solver_scaling.{json,md} there
+    python benchmarks/solver_scaling.py --out benchmarks/results  # regenerate the committed results
+
+Without ``--out`` the files go to a new temporary folder.
 
 Nothing is allocated: params and batches are ``jax.ShapeDtypeStruct``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +51,6 @@ from meshjax.plan import solve
 from meshjax.solver.ilp import solve_ilp
 from meshjax.solver.problem import Constraints, build_problem
 
-RESULTS = Path(__file__).parent / "results"
 REPEATS = 3
 
 CASES = [
@@ -209,7 +213,13 @@ def markdown(results: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for solver_scaling.{json,md} (default: a new temporary folder; "
+                             "benchmarks/results to regenerate the committed results)")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meshjax-scaling-"))
     console = Console()
     info = machine()
     results = []
@@ -229,10 +239,10 @@ def main() -> None:
         )
     console.print(table)
     console.print(info)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "solver_scaling.json").write_text(json.dumps({"machine": info, "repeats": REPEATS, "results": results}, indent=2) + "\n")
-    (RESULTS / "solver_scaling.md").write_text(markdown(results, info))
-    console.print(f"wrote {RESULTS / 'solver_scaling.json'} and {RESULTS / 'solver_scaling.md'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "solver_scaling.json").write_text(json.dumps({"machine": info, "repeats": REPEATS, "results": results}, indent=2) + "\n")
+    (out_dir / "solver_scaling.md").write_text(markdown(results, info))
+    console.print(f"wrote {out_dir / 'solver_scaling.json'} and {out_dir / 'solver_scaling.md'}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,13 @@ class Recorder(_Context):
         if (id(output.value), output.dims) in self._names:
             # An op that hands back its input's value (a no-op cast) still gets its own tensor.
             output = NamedArray.tree_unflatten(output.dims, (jnp.array(output.value, copy=True),))
+        if name:
+            taken = self.tensors.get("/".join([*self.scopes, name]))
+            if taken is not None and taken.role in ("param", "input"):
+                raise TraceError(
+                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"give the op another name"
+                )
         out_name = self.fresh_name(name or kind)
         self.register(output, out_name, "activation")
         self.ops[out_name] = Op(

@@ -21,6 +21,7 @@ import numpy as np
 import jax
 from jax.sharding import AxisType, Mesh
 
+from meshjax import validate
 from meshjax.errors import LayoutError
 
 
@@ -77,6 +78,7 @@ def parse_mesh_shape(text: str, axis_names: Sequence[str] | None = None) -> dict
     names = list(axis_names) if axis_names else (["data", "model"] if len(sizes) == 2 else ["data"] if len(sizes) == 1 else [f"axis{i}" for i in range(len(sizes))])
     if len(names) != len(sizes):
         raise LayoutError(f"mesh {text!r} has {len(sizes)} axes but {len(names)} names were given: {names}")
+    validate.axis_names(",".join(names), "--axes")
     return dict(zip(names, sizes))
 
 

@@ -127,7 +127,8 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
     """Parse ``"batch:data;mlp:model"``, ``"batch=data,mlp=model,seq=none"`` or a dict.
 
     A name may map to several axes: ``"batch:data+model"`` (or ``"batch:data,model"`` in the
-    ``;``-separated form). ``none`` (or an empty value) means the dim is never split.
+    ``;``-separated form), each axis once. ``none`` means the dim is never split; an empty
+    value (``"batch="``) is an error.
     """
     if rules is None:
         return {}
@@ -144,6 +145,11 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if current in out:
                 raise LayoutError(f"rules {rules!r}: dim {current!r} has two rules")
             out[current] = ()
+            if not value.strip():
+                raise LayoutError(
+                    f"rules {rules!r}: dim {current!r} has no axis after {token.strip()!r}; "
+                    f"write {current}:none to keep it unsplit"
+                )
         elif current is None:
             raise LayoutError(f"rules {rules!r}: {token.strip()!r} is not of the form dim:axis")
         else:
@@ -152,6 +158,8 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if axis and axis.lower() != "none":
                 if not re.match(r"^[A-Za-z_]\w*$", axis):
                     raise LayoutError(f"rules {rules!r}: {axis!r} is not a mesh axis name")
+                if axis in out[current]:
+                    raise LayoutError(f"rules {rules!r}: dim {current!r} uses mesh axis {axis!r} twice")
                 out[current] = (*out[current], axis)
     return out
 
@@ -170,8 +178,10 @@ def check_rules(rules: Rules, graph: Graph, mesh_shape: MeshShape) -> None:
             raise LayoutError(f"rule for dim {dim!r}: no tensor has that dim{hint}")
         for axis in axes:
             if axis not in mesh_shape:
+                close = get_close_matches(axis, list(mesh_shape), n=2)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
                 raise LayoutError(
-                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} (mesh axes: {', '.join(mesh_shape)})"
+                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} ({hint}mesh axes: {', '.join(mesh_shape)})"
                 )
 
 
@@ -209,6 +219,22 @@ def as_layout(tensor: Tensor, value: Any) -> Layout:
                 raise LayoutError(f"tensor {tensor.name!r} has no dim {dim!r} (dims: {' '.join(tensor.dims)})")
         return Layout.from_mapping(tensor.dims, value)
     raise LayoutError(f"tensor {tensor.name!r}: cannot read a layout from {value!r}")
+
+
+def rules_conflict(layouts: Mapping[str, Layout]) -> str | None:
+    """Why :func:`rules_of` finds no rules: the first dim split two ways, with a tensor of
+    each (``None`` when every dim name is split one way)."""
+    first: dict[str, tuple[tuple[str, ...], str]] = {}
+    for name, layout in layouts.items():
+        for dim, axes in zip(layout.dims, layout.axes):
+            seen = first.setdefault(dim, (axes, name))
+            if seen[0] != axes:
+                how = lambda a: f"split over {'+'.join(a)}" if a else "not split"  # noqa: E731
+                return (
+                    f"dim {dim!r} is {how(seen[0])} in {seen[1]!r} but {how(axes)} in {name!r}: "
+                    f"the plan is not one rule per dim name (use plan.specs per tensor)"
+                )
+    return None
 
 
 def rules_of(graph: Graph, layouts: Mapping[str, Layout]) -> Rules | None:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meshjax import context
 from meshjax.cost.memory import keeps_operand
 from meshjax.devices import auto_axes, mesh_shape
+from meshjax import validate as checks
 from meshjax.errors import TraceError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, validate
@@ -113,6 +114,7 @@ class Program:
         """``device_put`` params and inputs with their planned shardings."""
         sig = self.graph.signature
         leaves = sig.flatten(params, *args)
+        checks.arrays_match(self.graph, sig.names, leaves)
         placed = [
             NamedArray.tree_unflatten(leaf.dims, (jax.device_put(leaf.value, self.sharding(name)),))
             for leaf, name in zip(leaves, sig.names)
@@ -197,6 +199,7 @@ class Jitted:
     def _split(self, params: Any, args: tuple, abstract: bool = False) -> tuple[list, list]:
         p = self.program
         leaves = p.graph.signature.flatten(params, *args)
+        checks.arrays_match(p.graph, p.graph.signature.names, leaves)
         values = [
             jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if abstract else leaf.value for leaf in leaves
         ]

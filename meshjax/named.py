@@ -125,6 +125,11 @@ class NamedArray:
         return self.value if perm == tuple(range(len(perm))) else jnp.transpose(self.value, perm)
 
     def __repr__(self) -> str:
+        if not self.dims:
+            try:
+                return f"NamedArray(scalar {float(self.value)!r}, dtype={self.dtype})"
+            except Exception:  # traced or abstract: no value to show
+                return f"NamedArray(scalar, dtype={self.dtype})"
         dims = ", ".join(f"{d}={s}" for d, s in zip(self.dims, self.shape))
         return f"NamedArray({dims}, dtype={self.dtype})"
 

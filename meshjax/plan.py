@@ -23,7 +23,7 @@ from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
-from meshjax.layout import Layout, Rules, rules_of
+from meshjax.layout import Layout, Rules, rules_conflict, rules_of
 from meshjax.optimizer import Optimizer
 from meshjax.solver.evaluate import OpCost
 from meshjax.solver.ilp import Solution
@@ -98,8 +98,14 @@ class Plan:
 
     @property
     def rules(self) -> Rules | None:
-        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name."""
+        """Logical axis rules (dim name -> mesh axes) when the plan is uniform per name;
+        ``None`` otherwise, and :meth:`rules_conflict` says which dim is split two ways."""
         return rules_of(self.graph, self.layouts)
+
+    def rules_conflict(self) -> str | None:
+        """Why :attr:`rules` is ``None``: the first dim split one way in one tensor and another
+        way in another (``None`` when the plan has rules)."""
+        return rules_conflict(self.layouts)
 
     def logical_axis_rules(self) -> list[tuple[str, Any]] | None:
         """``plan.rules`` in the form ``nnx.logical_axis_rules`` takes."""

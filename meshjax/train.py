@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax.devices import auto_axes
 from meshjax.lower import named_sharding, sharding_tree
+from meshjax import validate
 from meshjax.errors import MeshjaxError, TraceError
 from meshjax.named import NamedArray
 from meshjax.optimizer import ADAM, Optimizer
@@ -339,6 +340,9 @@ class TrainStep:
             self.param_shardings, is_leaf=_is_named
         ):
             raise TraceError("params do not have the structure the plan was made for")
+        sig = _signature(self.plan)
+        names = [n for n, r in zip(sig.names, sig.roles) if r == "param"]
+        validate.arrays_match(self.plan.graph, names, jax.tree_util.tree_leaves(params, is_leaf=_is_named))
 
     def place_params(self, params: Any) -> Any:
         """Copies of ``params`` with their planned shardings (the originals stay valid even when
@@ -386,6 +390,10 @@ class TrainStep:
         """Batch leaves as global arrays: host (numpy) leaves are sharded with :func:`shard_batch`;
         NamedArrays around jax arrays pass through."""
         if all(_is_named(b) and isinstance(b.value, jax.Array) for b in batch):
+            names = input_names(self.plan)
+            if len(batch) != len(names):
+                raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch)}")
+            validate.arrays_match(self.plan.graph, names, batch)
             # Already on devices: move to the planned layout (a no-op when it is already there).
             return jax.device_put(tuple(batch), self.input_shardings)
         return shard_batch(self.plan, self.mesh, batch)

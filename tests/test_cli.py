@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,11 @@ def test_console_script_default_plan():
     assert out.returncode == 0, out.stderr
     assert "layout on mesh {'data': 4, 'model': 2}" in out.stdout  # the layout table
     assert "predicted step" in out.stdout                          # the cost table
-    assert "comm bytes/step: predicted" in out.stdout and "compiled" in out.stdout
+    # The default shows sharding at work: split weights, comm predicted and compiled.
+    assert "block_0/mlp/w_in" in out.stdout and "P(None, 'model')" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if l.startswith("comm bytes/step: predicted"))
+    predicted, compiled = (float(n.replace(",", "")) for n in re.findall(r"(?:predicted|compiled) ([\d,]+)", line))
+    assert predicted > 0 and compiled > 0, line
 
 
 def test_plan_gpt_small_json(tmp_path, capsys):

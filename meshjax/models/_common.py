@@ -1,59 +1,22 @@
-"""Helpers shared by the model modules: initializers that JAX and numpy can both run.
+"""Helpers shared by the model modules: host initialisation, param counts, block declarations.
 
-The model params are declared with :class:`Normal` and :class:`Constant`, which are ordinary
-``jax.nn.initializers``-style callables (so :func:`meshjax.init_params` works on the
-declarations), and can also draw on the host with numpy. :func:`host_init` uses the latter: on
-CPU, compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model,
-while numpy is instant. Values are deterministic in ``key`` but differ from ``init_params``'s.
+The model params are declared with :class:`meshjax.params.Normal` and
+:class:`~meshjax.params.Constant` (re-exported here), which draw on the host with numpy: on CPU,
+compiling JAX's threefry sampler once per param shape costs seconds even for a tiny model, while
+numpy is instant. :func:`host_init` and :func:`meshjax.init_params` give the same values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from meshjax.named import NamedArray, shape_of
-from meshjax.params import Param, path_name
-
-
-@dataclass(frozen=True)
-class Normal:
-    """``std * N(0, 1)``."""
-
-    std: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return (self.std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return (self.std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-
-@dataclass(frozen=True)
-class Constant:
-    """Every element ``value`` (``Constant(1.0)`` for norm scales, ``Constant(0.0)`` for biases)."""
-
-    value: float
-
-    def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return jnp.full(shape, self.value, dtype)
-
-    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
-        return np.full(shape, self.value, dtype)
-
-
-def _seed_words(key: Any) -> list[int]:
-    if isinstance(key, int):
-        return [key]
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return [int(w) for w in np.asarray(data).ravel()]
+from meshjax.params import Constant, Normal, Param, _seed_words, draw_on_host, path_name  # noqa: F401
 
 
 def host_rng(key: Any, salt: str = "") -> np.random.Generator:
@@ -73,11 +36,9 @@ def host_init(decls: Any, sizes: dict[str, int], key: Any) -> Any:
     for path, decl in leaves:
         name = path_name(path)
         shape = shape_of(decl.dims, sizes, context=f"param {name!r}")
-        init = decl.init
-        if not hasattr(init, "host"):
-            raise TypeError(f"param {name!r}: its initializer {init!r} cannot run on the host")
-        rng = np.random.default_rng([*seed, *name.encode()])  # = host_rng(key, name)
-        out.append(NamedArray(jnp.asarray(init.host(rng, shape, jnp.dtype(decl.dtype))), decl.dims))
+        if not hasattr(decl.init, "host"):
+            raise TypeError(f"param {name!r}: its initializer {decl.init!r} cannot run on the host")
+        out.append(NamedArray(draw_on_host(decl, shape, seed, name), decl.dims))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -35,8 +35,8 @@ def decls(config: Config) -> dict[str, Any]:
 
 
 def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
-    JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
+    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
+    values as ``mj.init_params(decls(config), sizes(config), key)``."""
     return host_init(decls(config), sizes(config), key)
 
 

@@ -71,6 +71,9 @@ class Config:
 PRESETS: dict[str, Config] = {
     "gpt-tiny": Config(vocab=64, seq=16, embed=32, heads=4, head_dim=8, mlp=128, layers=2, batch=8),
     "gpt-small": Config(vocab=256, seq=32, embed=64, heads=4, head_dim=16, mlp=256, layers=4, batch=16),
+    # `meshjax plan`'s default: wide enough for its weights that under cpu-sim splitting the
+    # MLP and attention over `model` beats replicating them, small enough to compile in seconds.
+    "gpt-demo": Config(vocab=512, seq=32, embed=256, heads=8, head_dim=32, mlp=1024, layers=2, batch=8),
     # Paper sizes (Brown et al. 2020, table 2.1), for abstract tracing and planning only. The
     # vocabulary 50257 is padded to 50304 (a multiple of 128) so it divides over mesh axes.
     "gpt3-125m": Config(vocab=50304, seq=2048, embed=768, heads=12, head_dim=64, mlp=3072, layers=12, batch=256),
@@ -144,8 +147,8 @@ def decls(config: Config) -> dict[str, Any]:
 
 
 def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
-    JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
+    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
+    values as ``mj.init_params(decls(config), sizes(config), key)``."""
     return host_init(decls(config), sizes(config), key)
 
 
