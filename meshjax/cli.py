@@ -4,7 +4,7 @@ Example::
 
     $ meshjax plan                                   # gpt-tiny, 4x2 (data, model), train, verified
     $ meshjax plan gpt3-175b --mesh 8x8 --hardware h100-2node --memory-limit 80GB --no-verify \
-          --set batch=8,dtype=bfloat16,scan_layers=true
+          --set batch=4,dtype=bfloat16,scan_layers=true
 
 Each command module has ``add_parser(subparsers)`` and ``run(args) -> int``. Simulated CPU
 devices must be configured before JAX starts a backend, so commands parse their arguments and

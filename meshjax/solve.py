@@ -122,7 +122,14 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("optimizer_state", 0)
     activations = mem.get("activations", 0) + mem.get("backward_peak", 0) + mem.get("inputs", 0)
     fixes = []
-    if problem.train and not problem.zero and mem.get("optimizer_state", 0) > 0.1 * least.memory:
+    # ZeRO-1 helps only where the leanest layout leaves some param's state unsharded on an axis.
+    mesh_axes = {a for a, n in problem.mesh_shape.items() if n > 1}
+    partial = any(
+        set(node.result_layouts[c].used_axes) != mesh_axes
+        for node, c in zip(problem.nodes, least.choice)
+        if node.op is None and node.tensor.role == "param"
+    )
+    if problem.train and not problem.zero and partial and mem.get("optimizer_state", 0) > 0.1 * least.memory:
         fixes.append(f"ZeRO-1 (zero=True, --zero; optimizer state takes {format_bytes(mem['optimizer_state'])})")
     if problem.train and problem.optimizer is not None and problem.optimizer.name == "adam" and mem.get("optimizer_state", 0) > 0.1 * least.memory:
         fixes.append("a lighter optimizer (sgd, adafactor)")

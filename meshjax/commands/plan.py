@@ -7,7 +7,7 @@ Example::
     $ meshjax plan gpt-tiny --set batch=16,seq=64 --rules batch=data,mlp=model,seq=none
     $ meshjax plan my_model.py:make --mesh 8 --axes model --inference
     $ meshjax plan gpt3-175b --mesh 8x8 --hardware h100-2node --memory-limit 80GB --no-verify \
-          --set batch=8,dtype=bfloat16,scan_layers=true
+          --set batch=4,dtype=bfloat16,scan_layers=true
 
 MODEL is a preset name (``meshjax.models.PRESETS``) or ``path/to/file.py:callable``. The
 callable is called with the ``--set`` overrides as keyword arguments and returns either a
