@@ -50,8 +50,27 @@ def scan(
     """``jax.lax.scan`` over the ``dim`` axis of every leaf of ``xs``.
 
     ``body(carry, x) -> (carry, y)`` sees ``x`` without ``dim``; the stacked ``y`` gets ``dim``
-    in front. Tensors made inside are named under the scope ``name``.
+    in front. Tensors made inside are named under the scope ``name``. When the program being
+    lowered pipelines ``dim`` over a stage mesh axis, the scan runs as that pipeline
+    (:mod:`meshjax.pipeline.lower`); its graph is the same.
     """
+    pipeline = getattr(context.current(), "pipeline", None)
+    if pipeline is not None and pipeline.dim == dim:
+        from meshjax.pipeline.lower import pipelined_scan
+
+        return pipelined_scan(body, carry, xs, dim=dim, name=name)
+    return scan_unpipelined(body, carry, xs, dim=dim, name=name)
+
+
+def scan_unpipelined(
+    body: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any,
+    *,
+    dim: str = "layers",
+    name: str = "layers",
+) -> tuple[Any, Any]:
+    """:func:`scan` as one ``jax.lax.scan`` (a pipeline stage runs its layers this way)."""
     carry_leaves, carry_def = _leaves(carry, "the carry")
     x_leaves, x_def = _leaves(xs, "xs")
     lengths = {leaf.size(dim) for leaf in x_leaves}
