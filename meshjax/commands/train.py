@@ -50,7 +50,7 @@ def add_parser(commands) -> None:
     p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
     p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
-                   help="override model config fields, e.g. scan_layers=true,layers=4")
+                   help="override model config fields, e.g. layers=4,scan_layers=true")
     p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB")
     add_lever_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
@@ -59,8 +59,6 @@ def add_parser(commands) -> None:
     p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
                    help="also save every N steps (needs --checkpoint)")
     p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
-    p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
-                   help="override model config fields, e.g. layers=4,scan_layers=true")
     add_pipeline_arguments(p)
     p.add_argument("--skip-damaged", dest="skip_damaged", action="store_true",
                    help="with --resume: if the latest step is damaged, resume from the newest intact one")
