@@ -263,8 +263,7 @@ def forward(
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
-            with mj.scope(key):
-                x = block(params[key], x, cos, sin, eps=eps, form=form)
+            x = mj.repeated(key, lambda p, h: block(p, h, cos, sin, eps=eps, form=form), params[key], x)
     with mj.scope("head"):
         x = mj.rms_norm(x, "embed", params["norm_f"]["scale"], eps=eps, name="norm")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")
