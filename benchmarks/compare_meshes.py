@@ -18,10 +18,11 @@ baseline priced on ``cpu-sim`` (``xla-prop`` pins only its params and inputs). R
 solver's plan is worse than the best baseline that fits (predicted time under the profile it was
 solved for, or compiled comm bytes against that same baseline) are flagged.
 
-    $ python benchmarks/compare_meshes.py --quick        # mlp-small, gpt-tiny: minutes on 2 cores
-    $ python benchmarks/compare_meshes.py                # + gpt-small, llama-tiny, moe-tiny (if present)
+    $ python benchmarks/compare_meshes.py --quick --out /tmp/cmp   # mlp-small, gpt-tiny: minutes on 2 cores
+    $ python benchmarks/compare_meshes.py --out benchmarks/results   # + gpt-small, llama-tiny, moe-tiny
 
-Writes ``benchmarks/results/compare_meshes{,_quick}.{json,md}`` and ``compare_*.png``.
+Writes ``compare_meshes{,_quick}.{json,md}`` and ``compare_*.png`` into ``--out`` (default: a new
+temporary folder). The committed results in ``benchmarks/results`` change only when it is named.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from meshjax import models  # noqa: E402
 from meshjax.baselines import BASELINES, predict  # noqa: E402
 from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
+from meshjax.commands.compare import mesh_shapes  # noqa: E402
 from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
 from meshjax.hlo import inspect_compiled  # noqa: E402
@@ -56,8 +59,8 @@ from meshjax.verify import Verification, compile_plan, platform_of  # noqa: E402
 from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
+RESULTS = Path(__file__).parent / "results"  # the committed results: written only with --out naming it
+MESHES = mesh_shapes(8)
 QUICK_MODELS = ["mlp-small", "gpt-tiny"]
 FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
 HARDWARE = list(PROFILES)
@@ -247,7 +250,7 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(doc: dict, stem: str) -> list[str]:
+def plots(doc: dict, stem: str, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,7 +282,7 @@ def plots(doc: dict, stem: str) -> list[str]:
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
-        path = RESULTS / f"{stem}_{metric}.png"
+        path = out_dir / f"{stem}_{metric}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         out.append(str(path))
@@ -291,7 +294,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"models {', '.join(QUICK_MODELS)}; 5 measured steps")
     parser.add_argument("--models", default=None, help="comma-separated presets (default: per --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="measured steps per layout (>= 5)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"folder for the JSON, markdown and plots (default: a new temporary folder; "
+                             f"{RESULTS.relative_to(Path(__file__).parent.parent)} to regenerate the committed results)")
     args = parser.parse_args(argv)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meshjax-compare-"))
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     repeats = max(5, args.repeats or (5 if args.quick else 20))
     start = time.perf_counter()
@@ -310,12 +317,12 @@ def main(argv=None) -> int:
            "models": [n for n in names if n not in skipped], "skipped": skipped, "rows": rows}
     doc["flags"] = flag(rows)
     doc["wall_s"] = time.perf_counter() - start
-    RESULTS.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare_meshes_quick" if args.quick else "compare_meshes"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    (RESULTS / f"{stem}.md").write_text(markdown(doc))
-    pngs = plots(doc, stem)
-    print(f"wrote {RESULTS / stem}.json, .md and {len(pngs)} plots in {doc['wall_s']:.0f} s; {len(doc['flags'])} flags")
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(doc))
+    pngs = plots(doc, stem, out_dir)
+    print(f"wrote {out_dir / stem}.json, .md and {len(pngs)} plots in {doc['wall_s']:.0f} s; {len(doc['flags'])} flags")
     return 0
 
 

@@ -2,10 +2,13 @@
 
 Example::
 
+    >>> import jax.numpy as jnp
     >>> import meshjax as mj
-    >>> x = mj.named(jnp.ones((8, 16)), "batch embed")        # doctest: +SKIP
+    >>> x = mj.named(jnp.ones((8, 16)), "batch embed")
     >>> w = mj.named(jnp.ones((16, 64)), "embed mlp")
     >>> h = mj.einsum("batch embed, embed mlp -> batch mlp", x, w)
+    >>> h.dims, h.shape
+    (('batch', 'mlp'), (8, 64))
 """
 
 import sys as _sys
@@ -35,6 +38,7 @@ from meshjax.ops import (
     layer_norm,
     log,
     logsumexp,
+    mask,
     max,
     maximum,
     mean,
@@ -92,6 +96,7 @@ __all__ = [
     "layer_norm",
     "log",
     "logsumexp",
+    "mask",
     "max",
     "maximum",
     "mean",

@@ -6,24 +6,28 @@ A checkpoint directory holds one numbered subdirectory per saved step (an orbax
 saved under one plan restores under any other: each process reads only the shards its target
 shardings ask for.
 
-Example::
+Example (``state`` from a :class:`~meshjax.train.TrainStep` of a plan on one mesh, restored
+under a plan of the same model on another)::
 
-    >>> save("ckpt", state, state.step)                                  # doctest: +SKIP
-    >>> trainer = make_train_step(plan_2x4, ex.loss, mesh_2x4, optax.adam(1e-3))
-    >>> state = restore("ckpt", plan_2x4, mesh_2x4, trainer.abstract_state())
+    save("ckpt", state, state.step)
+    trainer = make_train_step(plan_2x4, ex.loss, mesh_2x4, optax.adam(1e-3))
+    state = restore("ckpt", plan_2x4, mesh_2x4, trainer.abstract_state())
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
 from meshjax.errors import MeshjaxError
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 from meshjax.params import path_name
 from meshjax.train import TrainState, opt_state_shardings, param_shardings
 
@@ -37,7 +41,7 @@ def state_leaves(state: TrainState) -> dict[str, Any]:
     (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
     out: dict[str, Any] = {}
     for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_named)[0]:
             name = path_name(path)
             out[f"{group}/{name}" if name else group] = leaf.value if isinstance(leaf, NamedArray) else leaf
     return out
@@ -47,7 +51,7 @@ def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None =
     """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
     trees = {}
     for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_named)
         new = []
         for path, leaf in flat:
             name = path_name(path)
@@ -56,9 +60,6 @@ def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None =
         trees[group] = jax.tree_util.tree_unflatten(treedef, new)
     return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
 
-
-def _is_named_array(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 def _ocp():
@@ -161,36 +162,124 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def restore(path: str | os.PathLike, plan, mesh, abstract_state: TrainState, step: int | None = None) -> TrainState:
+COMMIT_MARKER = "commit_success.txt"
+
+
+def damage(path: str | os.PathLike, step: int) -> str | None:
+    """What is wrong with step ``step`` under ``path`` as files on disk (``None``: nothing
+    found): an empty folder, a missing commit marker (the save never finished), a missing or
+    truncated ``_METADATA``, or an empty data file. Data that is present but garbled shows only
+    when it is read (:func:`restore` reports it the same way)."""
+    folder = os.path.join(os.fspath(path), str(step))
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return f"step {step}: folder {folder!r} is empty"
+    for marker in (os.path.join(folder, COMMIT_MARKER), os.path.join(folder, "default", COMMIT_MARKER)):
+        if not os.path.isfile(marker):
+            return f"step {step}: commit marker {marker!r} is missing (the save did not finish)"
+    metadata = os.path.join(folder, "default", "_METADATA")
+    if not os.path.isfile(metadata):
+        return f"step {step}: file {metadata!r} is missing"
+    try:
+        with open(metadata) as f:
+            json.load(f)
+    except ValueError as err:
+        return f"step {step}: file {metadata!r} is not valid JSON ({err.msg} at byte {err.pos}; truncated?)"
+    for root, _, files in os.walk(os.path.join(folder, "default")):
+        for name in sorted(files):
+            file = os.path.join(root, name)
+            if os.path.getsize(file) == 0:
+                return f"step {step}: data file {file!r} is empty"
+    return None
+
+
+def _read_error(path: str | os.PathLike, step: int, err: Exception) -> CheckpointError:
+    """One line for an exception orbax or tensorstore raised reading step ``step``: the leaf
+    whose data failed when the message names one, else the file or folder."""
+    folder = os.path.join(os.fspath(path), str(step))
+    text = " ".join(str(err).split())
+    leaf = re.search(r'Error reading "([^"]+?)(?:/\.zarray)?"', text)
+    file = re.search(re.escape(os.path.abspath(folder)) + r"[^\s\"']*", text)
+    where = (f"the data of {leaf.group(1)!r} in {os.path.join(folder, 'default')!r}" if leaf
+             else f"file {file.group(0).rstrip(':,.')!r}" if file else f"the data under {folder!r}")
+    return CheckpointError(f"step {step}: {where} cannot be read, corrupt or truncated ({type(err).__name__}: {text[:120]})")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged step that :func:`restore` skipped with ``fallback=True``."""
+
+
+def restore(
+    path: str | os.PathLike,
+    plan,
+    mesh,
+    abstract_state: TrainState,
+    step: int | None = None,
+    *,
+    fallback: bool = False,
+) -> TrainState:
     """The state saved under ``path`` (the latest step, or ``step``) laid out by ``plan`` on
     ``mesh``, which may differ from the plan and mesh it was saved under.
 
     ``abstract_state`` gives the structure, shapes and dtypes (its leaves may be arrays or
     ``ShapeDtypeStruct``; ``TrainStep.abstract_state()`` makes one). The restored state's step is
-    the checkpoint's step.
+    the checkpoint's step. A damaged step raises :class:`CheckpointError` naming the step, the
+    file and what is wrong; with ``fallback=True`` damaged steps are skipped (each with a
+    :class:`CheckpointWarning`) and the newest intact one is restored.
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint directory {os.fspath(path)!r}")
     saved = steps(path)
     if not saved:
         raise CheckpointError(f"no checkpoint steps under {os.fspath(path)!r}")
-    if step is None:
-        step = saved[-1]
-    elif step not in saved:
+    if step is not None and step not in saved:
         raise CheckpointError(f"no step {step} under {os.fspath(path)!r} (saved: {', '.join(map(str, saved))})")
+    candidates = [step] if step is not None else saved[::-1]
+    if not fallback:
+        candidates = candidates[:1]
+    errors = []
+    for s in candidates:
+        try:
+            return _restore_step(path, plan, mesh, abstract_state, s)
+        except CheckpointError as err:
+            if not fallback or _is_mismatch(err):
+                raise
+            errors.append(err)
+            warnings.warn(f"{err}; skipped", CheckpointWarning, stacklevel=2)
+    raise CheckpointError(f"no intact step under {os.fspath(path)!r}: {errors[0]}")
+
+
+class _DamagedStep(CheckpointError):
+    pass
+
+
+def _is_mismatch(err: CheckpointError) -> bool:
+    """A checkpoint of another model: older steps will not match either."""
+    return not isinstance(err, _DamagedStep)
+
+
+def _restore_step(path, plan, mesh, abstract_state: TrainState, step: int) -> TrainState:
+    problem = damage(path, step)
+    if problem is not None:
+        raise _DamagedStep(problem)
     target = _target(plan, mesh, abstract_state)
     target_leaves = state_leaves(target)
     ocp = _ocp()
     mgr = _manager(path, read_only=True)
     try:
-        metadata = mgr.item_metadata(step)
+        try:
+            metadata = mgr.item_metadata(step)
+        except Exception as err:
+            raise _DamagedStep(str(_read_error(path, step, err))) from None
         stored = dict(getattr(metadata, "tree", metadata) or {})
         check(stored, target_leaves)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target_leaves)
-        values = mgr.restore(step, args=ocp.args.PyTreeRestore(item=target_leaves, restore_args=restore_args))
+        try:
+            values = mgr.restore(step, args=ocp.args.PyTreeRestore(item=target_leaves, restore_args=restore_args))
+        except Exception as err:
+            raise _DamagedStep(str(_read_error(path, step, err))) from None
     finally:
         mgr.close()
     return replace_leaves(target, dict(values), step=step)
 
 
-__all__ = ["CheckpointError", "save", "restore", "steps", "latest_step", "check"]
+__all__ = ["CheckpointError", "CheckpointWarning", "save", "restore", "steps", "latest_step", "check", "damage"]

@@ -8,9 +8,14 @@ adds a tensor and an op to the graph; inside a lowered program a :class:`Pinner`
 
 Example::
 
-    >>> with scope("mlp"):                   # doctest: +SKIP
-    ...     h = einsum("batch embed, embed mlp -> batch mlp", x, w, name="hidden")
-    # recorded as tensor "mlp/hidden"
+    >>> import meshjax as mj
+    >>> def f(params, x):
+    ...     with scope("mlp"):
+    ...         return mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w"], name="hidden")
+    >>> sizes = {"batch": 2, "embed": 4, "mlp": 8}
+    >>> graph = mj.trace(f, mj.abstract_params({"w": mj.param("embed mlp")}, sizes), mj.abstract("batch embed", sizes))
+    >>> graph.outputs
+    ('mlp/hidden',)
 """
 
 from __future__ import annotations
@@ -138,6 +143,13 @@ class Recorder(_Context):
         if (id(output.value), output.dims) in self._names:
             # An op that hands back its input's value (a no-op cast) still gets its own tensor.
             output = NamedArray.tree_unflatten(output.dims, (jnp.array(output.value, copy=True),))
+        if name:
+            taken = self.tensors.get("/".join([*self.scopes, name]))
+            if taken is not None and taken.role in ("param", "input"):
+                raise TraceError(
+                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"give the op another name"
+                )
         out_name = self.fresh_name(name or kind)
         self.register(output, out_name, "activation")
         self.ops[out_name] = Op(
@@ -282,9 +294,8 @@ def active(ctx: _Context) -> Iterator[_Context]:
 def scope(name: str) -> Iterator[None]:
     """Prefix the names of tensors made inside with ``name/``.
 
-    >>> with scope("block"):                 # doctest: +SKIP
-    ...     with scope("mlp"):
-    ...         h = einsum(..., name="hidden")   # tensor "block/mlp/hidden"
+    Scopes nest: ``scope("block")`` around ``scope("mlp")`` names an op ``hidden`` made inside
+    ``block/mlp/hidden``. Outside a trace or a lowered program a scope does nothing.
     """
     if "/" in name or not name:
         raise TraceError(f"scope name {name!r} must be non-empty and contain no '/'")
@@ -305,7 +316,11 @@ def compute(
     """How an op computes: ``fn(operands) -> value`` on its operands as the active context wants
     them (pinned when lowering). Returns ``(operands, value)``; pass the operands to :func:`emit`.
 
-    >>> operands, value = compute("exp", None, [x], lambda ops: jnp.exp(ops[0].value))   # doctest: +SKIP
+    >>> from meshjax.named import named
+    >>> x = named(jnp.zeros(3), "embed")
+    >>> operands, value = compute("exp", None, [x], lambda ops: jnp.exp(ops[0].value))
+    >>> value.tolist()                 # outside any context: computed as is
+    [1.0, 1.0, 1.0]
     """
     ctx = current()
     if ctx is None:
@@ -328,21 +343,7 @@ def emit(
     ``facts`` declares what the cost model needs beyond ``index`` (what the op's backward pass
     reads, whether it is a reduction); tracing an op without them is an error.
     """
-    return emit_with_name(kind, inputs, output, index, attrs, name, facts=facts)[0]
-
-
-def emit_with_name(
-    kind: str,
-    inputs: Sequence[NamedArray],
-    output: NamedArray,
-    index: IndexForm,
-    attrs: dict | None = None,
-    name: str | None = None,
-    *,
-    facts: OpFacts | None = None,
-) -> tuple[NamedArray, str | None]:
-    """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
     ctx = current()
     if ctx is None:
-        return output, None
-    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)
+        return output
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)[0]

@@ -21,6 +21,7 @@ import numpy as np
 import jax
 from jax.sharding import AxisType, Mesh
 
+from meshjax import validate
 from meshjax.errors import LayoutError
 
 
@@ -77,6 +78,7 @@ def parse_mesh_shape(text: str, axis_names: Sequence[str] | None = None) -> dict
     names = list(axis_names) if axis_names else (["data", "model"] if len(sizes) == 2 else ["data"] if len(sizes) == 1 else [f"axis{i}" for i in range(len(sizes))])
     if len(names) != len(sizes):
         raise LayoutError(f"mesh {text!r} has {len(sizes)} axes but {len(names)} names were given: {names}")
+    validate.axis_names(",".join(names), "--axes")
     return dict(zip(names, sizes))
 
 
@@ -106,8 +108,15 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.devices.shape))
+def mesh_shape(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
+    """Axis name -> size of a mesh (a ``{name: size}`` mapping is copied as it is).
+
+    >>> mesh_shape({"data": 4, "model": 2})
+    {'data': 4, 'model': 2}
+    """
+    if isinstance(mesh, Mapping):
+        return dict(mesh)
+    return dict(zip(mesh.axis_names, np.shape(mesh.devices)))
 
 
 # --- meshes over several processes --------------------------------------------------------------

@@ -8,11 +8,15 @@ per-op code.
 
 Example::
 
-    >>> g = trace(mlp, params, x)            # doctest: +SKIP
-    >>> g.tensors["mlp/w_in"].dims
-    ('embed', 'mlp')
+    >>> from meshjax import models
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> g = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> g.tensors["mlp/w_in"].dims, g.tensors["mlp/w_in"].role
+    (('embed', 'mlp'), 'param')
     >>> [op.kind for op in g.ops][:2]
     ['einsum', 'gelu']
+    >>> g.producer["mlp/hidden"].index.reduced     # the einsum sums over embed
+    ('embed',)
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Example::
 
     >>> layout = Layout(("batch", "embed"), (("data",), ()))
     >>> layout.spec()
-    PartitionSpec('data', None)
+    P('data',)
     >>> parse_rules("batch:data;mlp:model,seq=none")
     {'batch': ('data',), 'mlp': ('model',), 'seq': ()}
 """
@@ -46,14 +46,14 @@ class Layout:
     @classmethod
     def from_mapping(cls, dims: tuple[str, ...], mapping: Mapping[str, Any]) -> Layout:
         """``Layout.from_mapping(("batch", "embed"), {"batch": "data"})``."""
-        return cls(tuple(dims), tuple(_as_axes(mapping.get(d)) for d in dims))
+        return cls(tuple(dims), tuple(axes_of(mapping.get(d)) for d in dims))
 
     @classmethod
     def from_spec(cls, dims: tuple[str, ...], spec: PartitionSpec) -> Layout:
         entries = tuple(spec) + (None,) * (len(dims) - len(spec))
         if len(entries) != len(dims):
             raise LayoutError(f"spec {spec} has more entries than dims {' '.join(dims)!r}")
-        return cls(tuple(dims), tuple(_as_axes(e) for e in entries))
+        return cls(tuple(dims), tuple(axes_of(e) for e in entries))
 
     def of(self, dim: str) -> tuple[str, ...]:
         return self.axes[self.dims.index(dim)]
@@ -69,7 +69,7 @@ class Layout:
 
     def spec(self) -> PartitionSpec:
         """The ``PartitionSpec``: ``None``, an axis name, or a tuple of axis names per dim."""
-        entries = [None if not a else a[0] if len(a) == 1 else tuple(a) for a in self.axes]
+        entries = [spec_entry(a) for a in self.axes]
         while entries and entries[-1] is None:
             entries.pop()
         return PartitionSpec(*entries)
@@ -85,12 +85,26 @@ class Layout:
         return "[" + ", ".join(f"{d}:{'+'.join(a)}" if a else d for d, a in zip(self.dims, self.axes)) + "]"
 
 
-def _as_axes(entry: Any) -> tuple[str, ...]:
+def axes_of(entry: Any) -> tuple[str, ...]:
+    """A ``PartitionSpec`` entry (``None``, an axis name or a sequence of them) as a tuple of axes.
+
+    >>> axes_of(None), axes_of("data"), axes_of(["data", "model"])
+    ((), ('data',), ('data', 'model'))
+    """
     if entry is None:
         return ()
     if isinstance(entry, str):
         return (entry,)
     return tuple(entry)
+
+
+def spec_entry(axes: tuple[str, ...]) -> None | str | tuple[str, ...]:
+    """The inverse of :func:`axes_of`: ``()`` -> ``None``, one axis -> its name, more -> a tuple.
+
+    >>> spec_entry(()), spec_entry(("data",)), spec_entry(("data", "model"))
+    (None, 'data', ('data', 'model'))
+    """
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def validate(tensor: Tensor, layout: Layout, mesh_shape: MeshShape) -> None:
@@ -127,12 +141,13 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
     """Parse ``"batch:data;mlp:model"``, ``"batch=data,mlp=model,seq=none"`` or a dict.
 
     A name may map to several axes: ``"batch:data+model"`` (or ``"batch:data,model"`` in the
-    ``;``-separated form). ``none`` (or an empty value) means the dim is never split.
+    ``;``-separated form), each axis once. ``none`` means the dim is never split; an empty
+    value (``"batch="``) is an error.
     """
     if rules is None:
         return {}
     if isinstance(rules, Mapping):
-        return {str(k): _as_axes(v) for k, v in rules.items()}
+        return {str(k): axes_of(v) for k, v in rules.items()}
     out: Rules = {}
     current: str | None = None
     for token in re.split(r"[;,]", rules):
@@ -144,6 +159,11 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if current in out:
                 raise LayoutError(f"rules {rules!r}: dim {current!r} has two rules")
             out[current] = ()
+            if not value.strip():
+                raise LayoutError(
+                    f"rules {rules!r}: dim {current!r} has no axis after {token.strip()!r}; "
+                    f"write {current}:none to keep it unsplit"
+                )
         elif current is None:
             raise LayoutError(f"rules {rules!r}: {token.strip()!r} is not of the form dim:axis")
         else:
@@ -152,6 +172,8 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
             if axis and axis.lower() != "none":
                 if not re.match(r"^[A-Za-z_]\w*$", axis):
                     raise LayoutError(f"rules {rules!r}: {axis!r} is not a mesh axis name")
+                if axis in out[current]:
+                    raise LayoutError(f"rules {rules!r}: dim {current!r} uses mesh axis {axis!r} twice")
                 out[current] = (*out[current], axis)
     return out
 
@@ -170,8 +192,10 @@ def check_rules(rules: Rules, graph: Graph, mesh_shape: MeshShape) -> None:
             raise LayoutError(f"rule for dim {dim!r}: no tensor has that dim{hint}")
         for axis in axes:
             if axis not in mesh_shape:
+                close = get_close_matches(axis, list(mesh_shape), n=2)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
                 raise LayoutError(
-                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} (mesh axes: {', '.join(mesh_shape)})"
+                    f"rule {dim}:{axis}: unknown mesh axis {axis!r} ({hint}mesh axes: {', '.join(mesh_shape)})"
                 )
 
 
@@ -209,6 +233,22 @@ def as_layout(tensor: Tensor, value: Any) -> Layout:
                 raise LayoutError(f"tensor {tensor.name!r} has no dim {dim!r} (dims: {' '.join(tensor.dims)})")
         return Layout.from_mapping(tensor.dims, value)
     raise LayoutError(f"tensor {tensor.name!r}: cannot read a layout from {value!r}")
+
+
+def rules_conflict(layouts: Mapping[str, Layout]) -> str | None:
+    """Why :func:`rules_of` finds no rules: the first dim split two ways, with a tensor of
+    each (``None`` when every dim name is split one way)."""
+    first: dict[str, tuple[tuple[str, ...], str]] = {}
+    for name, layout in layouts.items():
+        for dim, axes in zip(layout.dims, layout.axes):
+            seen = first.setdefault(dim, (axes, name))
+            if seen[0] != axes:
+                how = lambda a: f"split over {'+'.join(a)}" if a else "not split"  # noqa: E731
+                return (
+                    f"dim {dim!r} is {how(seen[0])} in {seen[1]!r} but {how(axes)} in {name!r}: "
+                    f"the plan is not one rule per dim name (use plan.specs per tensor)"
+                )
+    return None
 
 
 def rules_of(graph: Graph, layouts: Mapping[str, Layout]) -> Rules | None:

@@ -29,7 +29,7 @@ from meshjax.named import DimsLike, NamedArray, check_sizes, format_dims, named,
 
 __all__ = [
     "einsum", "elementwise", "exp", "log", "tanh", "relu", "gelu", "silu", "sigmoid", "square",
-    "sqrt", "rsqrt", "maximum", "minimum", "where", "cast", "greater_equal", "sum", "mean", "max",
+    "sqrt", "rsqrt", "maximum", "minimum", "where", "mask", "cast", "greater_equal", "sum", "mean", "max",
     "softmax", "logsumexp", "layer_norm", "rms_norm", "embed", "cross_entropy", "split_dim",
     "merge_dims", "rename", "arange", "parse_einsum",
 ]
@@ -70,7 +70,7 @@ def parse_einsum(spec: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...
 def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=None) -> NamedArray:
     """Contract named arrays by a named spec. Operands may hold their dims in any order.
 
-    >>> x = named(jnp.ones((2, 3)), "embed batch")
+    >>> x = named(jnp.ones((3, 2)), "embed batch")
     >>> w = named(jnp.ones((3, 5)), "embed mlp")
     >>> einsum("batch embed, embed mlp -> batch mlp", x, w).shape
     (2, 5)
@@ -238,9 +238,34 @@ def greater_equal(a, b, *, name: str | None = None) -> NamedArray:
     return elementwise("greater_equal", a, b, name=name)
 
 
+def _select(a, b, cond):
+    return jnp.where(cond, a, b)
+
+
+_select.__name__ = "where"
+
+
 def where(cond, a, b, *, name: str | None = None) -> NamedArray:
-    """``cond ? a : b``, broadcasting by name."""
-    return elementwise("where", cond, a, b, name=name)
+    """``cond ? a : b``, broadcasting by name. The result's dims are ``a``'s, then ``b``'s new
+    ones, then ``cond``'s: a mask never reorders the values it selects from.
+
+    >>> s = named(jnp.zeros((2, 3, 3)), "heads seq key_seq")
+    >>> keep = named(jnp.tri(3, dtype=bool), "seq key_seq")
+    >>> where(keep, s, -1e9).dims
+    ('heads', 'seq', 'key_seq')
+    """
+    return elementwise(_select, a, b, cond, name=name)
+
+
+def mask(x: NamedArray, keep, fill: float = -1e9, *, name: str | None = None) -> NamedArray:
+    """``x`` where ``keep`` is true, else ``fill`` (attention masks); the result has ``x``'s dims
+    in ``x``'s order, plus any of ``keep``'s it lacks.
+
+    >>> scores = named(jnp.ones((2, 3, 3)), "heads seq key_seq")
+    >>> mask(scores, named(jnp.tri(3, dtype=bool), "seq key_seq")).dims
+    ('heads', 'seq', 'key_seq')
+    """
+    return where(keep, x, fill, name=name)
 
 
 def cast(x: NamedArray, dtype, *, name: str | None = None) -> NamedArray:
@@ -369,6 +394,14 @@ def rms_norm(x, dim: str, scale=None, *, eps: float = 1e-6, name=None) -> NamedA
 # --- embedding and loss ----------------------------------------------------------------------
 
 
+def _class_dim(op: str, what: str, x: NamedArray, vocab: str) -> None:
+    if vocab not in x.dims:
+        raise ShapeError(
+            f"{op}: the {what} have no dim {vocab!r} (dims: {format_dims(x.dims)!r}); "
+            f"name the class dim with {op}(..., vocab='<dim>')"
+        )
+
+
 def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str | None = None) -> NamedArray:
     """Look up integer ``ids`` in ``table`` along its ``vocab`` dim.
 
@@ -379,7 +412,7 @@ def embed(ids: NamedArray, table: NamedArray, *, vocab: str = "vocab", name: str
     """
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ShapeError(f"embed: ids must be integers, got {ids.dtype}")
-    table.size(vocab)
+    _class_dim("embed", "table", table, vocab)
     if vocab in ids.dims:
         raise ShapeError(f"embed: ids must not have the {vocab!r} dim")
     rest = tuple(d for d in table.dims if d != vocab)
@@ -408,7 +441,7 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
 
     The result has the logits' dims less ``vocab``; ``targets`` has exactly those dims.
     """
-    logits.size(vocab)
+    _class_dim("cross_entropy", "logits", logits, vocab)
     keep = tuple(d for d in logits.dims if d != vocab)
     if sorted(targets.dims) != sorted(keep):
         raise ShapeError(

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from meshjax.layout import spec_entry
+from meshjax.units import format_bytes
+
 if TYPE_CHECKING:
     from meshjax.plan import Plan
 
@@ -14,15 +17,14 @@ if TYPE_CHECKING:
 def tensor_rows(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for name, t in plan.graph.tensors.items():
-        spec = plan.layouts[name].spec()
+        entries = [spec_entry(axes) for axes in plan.layouts[name].axes]
         rows.append(
             {
                 "name": name,
                 "dims": list(t.dims),
                 "shape": list(t.shape),
                 "role": t.role,
-                "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-                + [None] * (len(t.dims) - len(spec)),
+                "spec": [list(e) if isinstance(e, tuple) else e for e in entries],
             }
         )
     return rows
@@ -59,11 +61,15 @@ def dumps(plan: Plan) -> str:
 
 def layout_table(plan: Plan, roles: tuple[str, ...] = ("param", "input", "activation", "output")):
     """A rich table: every tensor with its dims, shape and spec."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"layout on mesh {plan.mesh_shape} ({plan.hardware.name}{', train' if plan.train else ''})")
+    table = Table(title=f"layout on mesh {plan.mesh_shape} ({plan.hardware.name}{', train' if plan.train else ''})",
+                  box=box.SIMPLE_HEAD)
+    # Narrow terminals wrap names and dims rather than cut them: cut names would read alike
+    # (block_0/attn/w_q and block_0/attn/w_k both as "block_0/attn/…").
     for col in ("tensor", "role", "dims", "per-device shape", "spec"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for name, t in plan.graph.tensors.items():
         if t.role not in roles:
             continue
@@ -74,11 +80,13 @@ def layout_table(plan: Plan, roles: tuple[str, ...] = ("param", "input", "activa
 
 def cost_table(plan: Plan, top: int = 20):
     """A rich table of the costliest ops."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"predicted step {plan.step_time_s * 1e3:.3f} ms (comm {plan.comm_time_s * 1e3:.3f} ms)")
+    table = Table(title=f"predicted step {plan.step_time_s * 1e3:.3f} ms (comm {plan.comm_time_s * 1e3:.3f} ms)",
+                  box=box.SIMPLE_HEAD)
     for col in ("op", "kind", "strategy", "comm ms", "compute ms", "collectives"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for c in sorted(plan.op_costs, key=lambda c: -(c.comm_time + c.compute_time))[:top]:
         colls = ", ".join(f"{x.kind}[{'+'.join(x.axes)}] {x.nbytes:.3g}B x{x.count}" for x in c.collectives)
         table.add_row(c.op, c.kind, c.strategy, f"{c.comm_time * 1e3:.4f}", f"{c.compute_time * 1e3:.4f}", colls)
@@ -89,7 +97,7 @@ def summary(plan: Plan) -> str:
     return (
         f"mesh {plan.mesh_shape} on {plan.hardware.name}: step {plan.step_time_s * 1e3:.4f} ms "
         f"(comm {plan.comm_time_s * 1e3:.4f} ms, compute {plan.compute_time_s * 1e3:.4f} ms), "
-        f"comm {plan.comm_bytes / 2**20:.3f} MiB, memory {mem['total'] / 2**30:.3f} GiB/device, "
+        f"comm {format_bytes(plan.comm_bytes)}, memory {format_bytes(mem['total'])}/device, "
         f"solved in {plan.solve_time_s:.3f} s"
     )
 

@@ -2,9 +2,16 @@
 
 Example::
 
-    >>> def block(h, w):                        # doctest: +SKIP
-    ...     return relu(einsum("batch embed, embed embed2 -> batch embed2", h, w)), None
-    >>> h, _ = scan(block, x, stacked_w, dim="layers")   # stacked_w: "layers embed embed2"
+    >>> import jax.numpy as jnp
+    >>> import meshjax as mj
+    >>> def block(h, w):
+    ...     h = mj.relu(mj.einsum("batch embed, embed hidden -> batch hidden", h, w))
+    ...     return mj.rename(h, {"hidden": "embed"}), None
+    >>> x = mj.named(jnp.ones((2, 4)), "batch embed")
+    >>> stacked_w = mj.named(jnp.full((3, 4, 4), 0.5), "layers embed hidden")
+    >>> h, _ = scan(block, x, stacked_w, dim="layers")   # three layers, one traced body
+    >>> h.dims, h.value[0, 0].item()                      # each layer doubles: 1 -> 2 -> 4 -> 8
+    (('batch', 'embed'), 8.0)
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ import jax
 from meshjax import context
 from meshjax.errors import ShapeError
 from meshjax.graph import LINEAR, Block, IndexForm, OpFacts
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 
 
 def _leaves(tree: Any, what: str) -> tuple[list[NamedArray], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, NamedArray))
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_named)
     for leaf in leaves:
         if not isinstance(leaf, NamedArray):
             raise ShapeError(f"scan: every leaf of {what} must be a NamedArray, got {type(leaf).__name__}")
@@ -68,9 +75,9 @@ def scan(
                 c_in, c_names = [], []
                 for outer, value in zip(carry_leaves, carry_values):
                     index = _identity_index(outer.dims, outer.sizes)
-                    inner, inner_name = context.emit_with_name(
-                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry", facts=LINEAR
-                    )
+                    inner, inner_name = NamedArray(value, outer.dims), None
+                    if ctx is not None:  # the carry's name inside the loop, for its back edge
+                        inner, inner_name = ctx.emit("loop_carry", [outer], inner, index, {}, "carry", LINEAR)
                     c_in.append(inner)
                     c_names.append(inner_name)
                 x_in = []

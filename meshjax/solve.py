@@ -14,6 +14,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from meshjax.cost.hardware import Hardware, get_hardware
+from meshjax import validate
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
 from meshjax.plan import Plan, Settings
@@ -21,7 +22,7 @@ from meshjax.solver.evaluate import computed_layouts, evaluate, operand_layouts,
 from meshjax.solver.ilp import Solution, solve_ilp
 from meshjax.solver.problem import Constraints, Problem, build_problem
 from meshjax.optimizer import Optimizer
-from meshjax.units import format_bytes, parse_bytes
+from meshjax.units import format_bytes
 
 
 def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, memory_budget: float | None = None) -> Plan:
@@ -62,8 +63,8 @@ def solve(
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
-    ``rules`` fix dims to mesh axes (``"batch:data;seq:none"``), ``pins`` fix tensors to a
-    layout, ``candidates`` limit a dim to a set of axis tuples. In training, ``optimizer`` (an
+    ``mesh`` is a ``jax.sharding.Mesh`` or ``{axis: size}``. ``rules`` fix dims to mesh axes
+    (``"batch:data;seq:none"``), ``pins`` fix tensors to a layout, ``candidates`` limit a dim to a set of axis tuples. In training, ``optimizer`` (an
     :class:`~meshjax.optimizer.Optimizer` or ``"adam"``, ``"sgd"``, ``"adafactor"``; default
     Adam with fp32 moments and fp32 master weights) says what state each param keeps, and
     ``zero`` lets that state be sharded over more axes than its param.
@@ -75,10 +76,14 @@ def solve(
     tensors that take most of it, and what would make it fit.
     """
     start = time.perf_counter()
-    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape)) if isinstance(mesh, Mesh) else dict(mesh)
+    mesh_shape = validate.mesh_shape(mesh)
     hw = get_hardware(hardware)
     budget = budget_bytes(memory_budget, hw)
+    if train:
+        validate.scalar_loss(graph)
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
+    validate.rules(constraints.rules, graph, mesh_shape)
+    validate.pins(constraints.pins, graph, mesh_shape)
     problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
     try:
         solution = solve_ilp(problem, memory_budget=budget, time_limit=time_limit)
@@ -96,15 +101,7 @@ def budget_bytes(memory_budget: float | str | None, hardware: Hardware) -> float
     >>> budget_bytes("device", PROFILES["h100-node"]) / 1e9, budget_bytes("1GiB", PROFILES["h100-node"])
     (72.0, 1073741824.0)
     """
-    if memory_budget is None:
-        return None
-    if isinstance(memory_budget, str):
-        if memory_budget.strip().lower() == "device":
-            return hardware.usable_memory_bytes
-        return float(parse_bytes(memory_budget))
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
-        raise InfeasibleError(f"memory budget {memory_budget!r}: give bytes per device (> 0), a size like '16GiB', 'device' or None")
-    return float(memory_budget)
+    return validate.memory_budget(memory_budget, hardware=hardware)
 
 
 def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
@@ -125,7 +122,14 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("optimizer_state", 0)
     activations = mem.get("activations", 0) + mem.get("backward_peak", 0) + mem.get("inputs", 0)
     fixes = []
-    if problem.train and not problem.zero and mem.get("optimizer_state", 0) > 0.1 * least.memory:
+    # ZeRO-1 helps only where the leanest layout leaves some param's state unsharded on an axis.
+    mesh_axes = {a for a, n in problem.mesh_shape.items() if n > 1}
+    partial = any(
+        set(node.result_layouts[c].used_axes) != mesh_axes
+        for node, c in zip(problem.nodes, least.choice)
+        if node.op is None and node.tensor.role == "param"
+    )
+    if problem.train and not problem.zero and partial and mem.get("optimizer_state", 0) > 0.1 * least.memory:
         fixes.append(f"ZeRO-1 (zero=True, --zero; optimizer state takes {format_bytes(mem['optimizer_state'])})")
     if problem.train and problem.optimizer is not None and problem.optimizer.name == "adam" and mem.get("optimizer_state", 0) > 0.1 * least.memory:
         fixes.append("a lighter optimizer (sgd, adafactor)")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from meshjax.cli import main
 
 
+@pytest.mark.slow
 def test_console_script_default_plan():
     exe = shutil.which("meshjax") or os.path.join(os.path.dirname(sys.executable), "meshjax")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -19,9 +21,14 @@ def test_console_script_default_plan():
     assert out.returncode == 0, out.stderr
     assert "layout on mesh {'data': 4, 'model': 2}" in out.stdout  # the layout table
     assert "predicted step" in out.stdout                          # the cost table
-    assert "comm bytes/step: predicted" in out.stdout and "compiled" in out.stdout
+    # The default shows sharding at work: split weights, comm predicted and compiled.
+    assert "block_0/mlp/w_in" in out.stdout and "P(None, 'model')" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if l.startswith("comm bytes/step: predicted"))
+    predicted, compiled = (float(n.replace(",", "")) for n in re.findall(r"(?:predicted|compiled) ([\d,]+)", line))
+    assert predicted > 0 and compiled > 0, line
 
 
+@pytest.mark.slow
 def test_plan_gpt_small_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     hlo = tmp_path / "out.hlo"
@@ -78,6 +85,7 @@ def test_plan_model_from_file_with_overrides(tmp_path, capsys):
     assert next(t for t in doc["tensors"] if t["name"] == "x")["shape"] == [16, 16]
 
 
+@pytest.mark.slow
 def test_compare(tmp_path, capsys):
     path = tmp_path / "cmp.json"
     assert main(["compare", "gpt-tiny", "--devices", "8", "--no-verify", "--json", str(path)]) == 0

@@ -111,7 +111,6 @@ def test_layout_helpers():
         ("batch:data+model", {"batch": ("data", "model")}),
         ("batch:data,model;mlp:none", {"batch": ("data", "model"), "mlp": ()}),
         (" batch : data ; mlp : model ; ", {"batch": ("data",), "mlp": ("model",)}),
-        ("seq=", {"seq": ()}),
         ("", {}),
         (None, {}),
         ({"batch": "data", "mlp": ("model",), "seq": None}, {"batch": ("data",), "mlp": ("model",), "seq": ()}),
@@ -134,6 +133,8 @@ def test_format_rules_is_the_inverse():
         ("batch", "'batch' is not of the form dim:axis"),
         ("batch:data;batch:model", "dim 'batch' has two rules"),
         ("batch:da-ta", "'da-ta' is not a mesh axis name"),
+        ("seq=", "dim 'seq' has no axis after 'seq='; write seq:none"),
+        ("batch:data+data", "dim 'batch' uses mesh axis 'data' twice"),
     ],
 )
 def test_parse_rules_errors(text, pattern):

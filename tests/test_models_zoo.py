@@ -142,6 +142,7 @@ def test_moe_ffn_equals_token_by_token_reference(top_k, capacity_factor):
     np.testing.assert_allclose(float(aux.value), ref_aux, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_capacity_drops_tokens_beyond_capacity():
     """A zero router ties every expert, so every token's first choice is expert 0 (and its second
     expert 1): the first ``capacity`` tokens of each sequence are served, the rest dropped (with
@@ -211,6 +212,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1].values()))}-{c[2]}" for c in CASES])
 def test_sharded_loss_and_grads_equal_unsharded(case):
     name, shape, rules = case

@@ -69,7 +69,12 @@ def _id(case):
     return f"{name}-{size}{scan}-{shape}-{hardware}-{'train' if train else 'infer'}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def _marked(case):
+    """The tiny models run in the fast subset; the large ones compile for long and are slow."""
+    return case if not case[1].get("seq", 0) >= 1024 else pytest.param(case, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("case", [_marked(c) for c in CASES], ids=[_id(c) for c in CASES])
 def test_predicted_comm_bytes_and_memory_match_compiled(case):
     name, overrides, mesh_shape, hardware, train = case
     ex = models.example(name, abstract=True, **overrides)
@@ -85,6 +90,7 @@ def test_predicted_comm_bytes_and_memory_match_compiled(case):
     assert 0.75 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"
 
 
+@pytest.mark.slow
 def test_per_op_comm_bytes_match_compiled_for_megatron_inference():
     """Every op's collectives, read back from the HLO by the op name lowering scopes them under,
     equal the op's predicted ones: the out projections' all-reduces (both layers under the first

@@ -317,6 +317,7 @@ def test_transformer_block_loss_on_its_own():
 # --------------------------------------------------------------------------- #
 # Paper-size models stay abstract
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_gpt3_175b_traces_without_allocating():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
@@ -448,6 +449,11 @@ def test_model_init_is_deterministic_and_declarations_work_with_jax_init():
     assert std == pytest.approx(config.embed**-0.5, rel=0.2)
     via_jax = mj.init_params(mlp.decls(config), mlp.sizes(config), jax.random.key(0))
     assert via_jax["mlp"]["w_in"].dims == ("embed", "mlp") and via_jax["mlp"]["w_in"].shape == (16, 64)
+    # meshjax's own initializers draw on the host, as the models' init does: the same values.
+    np.testing.assert_array_equal(via_jax["mlp"]["w_in"].value, a["mlp"]["w_in"].value)
+    # A jax.nn initializer runs JAX's sampler.
+    decl = {"w": mj.param("embed mlp", init=jax.nn.initializers.zeros)}
+    assert not np.asarray(mj.init_params(decl, {"embed": 2, "mlp": 3}, jax.random.key(0))["w"].value).any()
     block = transformer.init(TINY, 0)["block_0"]
     np.testing.assert_array_equal(block["ln_1"]["scale"].value, np.ones(32))
     np.testing.assert_array_equal(block["ln_1"]["bias"].value, np.zeros(32))

@@ -22,8 +22,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshjax.commands.plan import add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices
+from meshjax.commands.plan import (
+    add_model_arguments, compiled_json, load_model, parse_overrides, setup_devices, trace_model,
+)
 from meshjax.errors import MeshjaxError
+from meshjax.units import format_bytes
 
 SMALL_MODEL_PARAMS = 10_000_000
 
@@ -31,7 +34,7 @@ SMALL_MODEL_PARAMS = 10_000_000
 def add_parser(commands) -> None:
     cmp = commands.add_parser("compare", help="the solver's plan against hand-written strategies on every mesh shape",
                               description=__doc__.split("\n\n")[0])
-    add_model_arguments(cmp)
+    add_model_arguments(cmp, default_model="gpt-tiny")
     cmp.add_argument("--devices", type=int, default=8, metavar="N", help="device count (default: 8)")
     cmp.add_argument("--meshes", default=None,
                      help="comma-separated meshes to compare, e.g. 8,4x2 (1D meshes are named data; "
@@ -53,10 +56,16 @@ def _baseline_names() -> list[str]:
 
 
 def mesh_shapes(n: int) -> list[dict[str, int]]:
-    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every a*b == n, a, b > 1."""
+    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every factorisation
+    of ``n`` into two factors > 1.
+
+    >>> mesh_shapes(8)
+    [{'data': 8}, {'model': 8}, {'data': 2, 'model': 4}, {'data': 4, 'model': 2}]
+    """
+    from meshjax.solve import factorisations
+
     out: list[dict[str, int]] = [{"data": n}, {"model": n}] if n > 1 else [{"data": 1}]
-    out += [{"data": a, "model": n // a} for a in range(2, n) if n % a == 0 and n // a > 1]
-    return out
+    return out + [{"data": a, "model": b} for a, b in (f for f in factorisations(n, 2) if len(f) == 2) if a > 1 and b > 1]
 
 
 def parse_meshes(text: str, n: int) -> list[dict[str, int]]:
@@ -218,7 +227,7 @@ def table(entries: list[Entry], hardware, title: str):
             if best is not None and e.plan.step_time_s <= best * (1 + 1e-9):
                 step = f"[bold green]{step}[/]"
             mem = e.plan.peak_memory_bytes
-            mem_s = f"{mem / 2**20:,.2f} MiB" + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
+            mem_s = format_bytes(mem) + ("" if mem <= hardware.memory_bytes else " [red](too big)[/]")
             comp = f"{e.report.comm_bytes:,}" if e.report is not None else "-"
             t.add_row(label if i == 0 else "", e.strategy, step, mem_s, f"{e.plan.comm_bytes:,.0f}", comp,
                       refs(e.notes))
@@ -237,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
     meshes = parse_meshes(args.meshes, n) if args.meshes else mesh_shapes(n)
     hardware = get_hardware(args.hardware)
     overrides = parse_overrides(args.overrides)
+    from meshjax import validate
+
+    validate.writable_file(args.json_path, "--json")
+
     from meshjax.baselines import parse_roles
 
     roles = parse_roles(args.roles)
@@ -252,11 +265,9 @@ def run(args: argparse.Namespace) -> int:
 
     from meshjax import commands
 
-    import meshjax as mj
-
     console = commands.console()
     model = load_model(args.model, overrides)
-    graph = mj.trace(model.loss, model.params, *model.batch)
+    graph = trace_model(model)
     n_params = sum(math.prod(t.shape) for t in graph.params)
     verify = args.verify if args.verify is not None else n_params <= SMALL_MODEL_PARAMS
     if args.verify is None and not verify:

@@ -31,7 +31,7 @@ from collections import deque
 # Seconds between asking a process to stop (SIGTERM) and killing it (SIGKILL).
 STOP_GRACE_S = 3.0
 TAIL_LINES = 15
-# Streamed but left out of a failed process's last lines: gloo reports every connection it makes.
+# Not streamed, nor kept among a failed process's last lines: gloo reports every connection it makes.
 _NOISE = ("[Gloo] Rank ",)
 
 
@@ -135,9 +135,8 @@ class _Job:
             return
         while True:
             i, line = item
-            if line is not None:
-                if not line.startswith(_NOISE):
-                    self.tails[i].append(line)
+            if line is not None and not line.startswith(_NOISE):
+                self.tails[i].append(line)
                 print(f"[p{i}] {line}", file=self.out, flush=True)
             try:
                 item = self.lines.get_nowait()

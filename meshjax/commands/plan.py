@@ -7,7 +7,7 @@ Example::
     $ meshjax plan gpt-tiny --set batch=16,seq=64 --rules batch=data,mlp=model,seq=none
     $ meshjax plan my_model.py:make --mesh 8 --axes model --inference
     $ meshjax plan gpt3-175b --mesh 8x8 --hardware h100-2node --memory-limit 80GB --no-verify \
-          --set batch=8,dtype=bfloat16,scan_layers=true
+          --set batch=4,dtype=bfloat16,scan_layers=true
 
 MODEL is a preset name (``meshjax.models.PRESETS``) or ``path/to/file.py:callable``. The
 callable is called with the ``--set`` overrides as keyword arguments and returns either a
@@ -25,33 +25,54 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
 from meshjax.errors import MeshjaxError
 from meshjax.optimizer import OPTIMIZERS
-from meshjax.units import parse_bytes
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+DEFAULT_MODEL = "gpt-demo"
+
+
+def model_epilog() -> str:
+    """The presets, hardware profiles and memory units, for ``--help`` (built only when shown:
+    listing presets imports JAX)."""
+    from meshjax.cost.hardware import PROFILES
+    from meshjax.models import PRESETS
+    from meshjax.units import UNITS_HELP
+
+    profiles = "\n".join(f"  {name:<12} {hw.description}" for name, hw in PROFILES.items())
+    presets = textwrap.fill(", ".join(PRESETS), width=76, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    units = textwrap.fill(f"{UNITS_HELP}; 80GB is 80e9 bytes", width=76, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    return (
+        f"model presets:\n{presets}\n  or path/to/file.py:callable (called with the --set values)\n\n"
+        f"hardware profiles (--hardware):\n{profiles}\n\n"
+        f"memory sizes (--memory-limit):\n{units}"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
     """Arguments ``plan`` and ``compare`` share: the model and how to cost it."""
-    parser.add_argument("model", nargs="?", default="gpt-tiny",
-                        help="model preset or path/to/file.py:callable (default: gpt-tiny)")
+    parser.add_argument("model", nargs="?", default=default_model,
+                        help=f"model preset or path/to/file.py:callable (default: {default_model})")
     parser.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
-                        help="override model config fields, e.g. batch=8,seq=128")
+                        help="override model config fields, e.g. batch=8,seq=128,scan_layers=true")
     parser.add_argument("--train", dest="train", action="store_true", default=True,
                         help="plan a training step: loss + gradients + optimizer state (default)")
     parser.add_argument("--inference", dest="train", action="store_false", help="plan the forward pass only")
-    parser.add_argument("--hardware", default="cpu-sim", help="hardware profile (default: cpu-sim)")
+    parser.add_argument("--hardware", default="cpu-sim", help="hardware profile, see below (default: cpu-sim)")
     parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
                         help="optimizer whose state training keeps (default: adam; fp32 moments and, for "
                         "bf16/fp16 params, fp32 master weights)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
+    parser.lazy_epilog = model_epilog
 
 
 def add_parser(commands) -> None:
     plan = commands.add_parser("plan", help="solve a layout for a model and (optionally) check it against XLA",
-                               description=__doc__.split("\n\n")[0])
+                               description="Solve a sharding layout for a model on a mesh and check it against XLA.")
     add_model_arguments(plan)
     plan.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2, 2x2x2 (default: 4x2)")
     plan.add_argument("--axes", default=None, help="comma-separated mesh axis names (default: data,model for 2D)")
@@ -59,9 +80,9 @@ def add_parser(commands) -> None:
                       help="simulated CPU devices (default: the mesh's size); the mesh must use all N")
     plan.add_argument("--rules", default=None,
                       help='dim rules: "batch=data,mlp=model,seq=none" or "batch:data;seq:none"')
-    plan.add_argument("--memory-limit", default="device",
-                      help="per-device memory budget, e.g. 16GiB; 'none' for no budget (default: the "
-                      "hardware profile's memory less its reserve)")
+    plan.add_argument("--memory-limit", default="device", metavar="SIZE",
+                      help="per-device memory budget, e.g. 16GiB or 80GB (units below); 'none' for no budget "
+                      "(default: the hardware profile's memory less its reserve)")
     plan.add_argument("--zero", action="store_true", help="let optimizer state be sharded beyond its param (ZeRO-1)")
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
@@ -70,34 +91,35 @@ def add_parser(commands) -> None:
     plan.add_argument("--top", type=int, default=20, help="rows of the cost table (default: 20)")
 
 
+def trace_model(model: Loaded):
+    """The graph of ``model``; a user's loss that fails while tracing is reported in one line."""
+    import meshjax as mj
+
+    try:
+        return mj.trace(model.loss, model.params, *model.batch)
+    except MeshjaxError:
+        raise
+    except Exception as err:
+        if model.name in _presets():
+            raise
+        raise MeshjaxError(f"model {model.name!r}: tracing its loss raised {type(err).__name__}: {err}") from None
+
+
+def _presets() -> tuple[str, ...]:
+    from meshjax.models import PRESETS
+
+    return PRESETS
+
+
 # --- shared helpers (used by ``compare`` too) -----------------------------------------------
 
 
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """``"batch=8,seq=128,scan_layers=true"`` -> ``{"batch": 8, "seq": 128, "scan_layers": True}``."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key.isidentifier() or not value:
-            raise MeshjaxError(f"--set {text!r}: {item.strip()!r} is not of the form key=value")
-        out[key] = _value(value)
-    return out
+def parse_overrides(text: str | None) -> dict[str, str]:
+    """``"batch=8,seq=128"`` -> ``{"batch": "8", "seq": "128"}``: strings, typed by the config
+    field (or the callable's keyword default) they set when the model is loaded."""
+    from meshjax import validate
 
-
-def _value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    return validate.parse_set(text)
 
 
 @dataclass
@@ -140,10 +162,16 @@ def _load_callable(spec: str, overrides: dict[str, Any]) -> Loaded:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise MeshjaxError(f"model {spec!r}: {path!r} has no callable {attr!r}")
+    from meshjax import validate
+
+    typed = validate.callable_overrides(spec, fn, overrides)
     try:
-        made = fn(**overrides)
-    except TypeError as err:
-        raise MeshjaxError(f"model {spec!r}: calling {attr}({', '.join(overrides)}) failed: {err}") from None
+        made = fn(**typed)
+    except MeshjaxError as err:
+        raise MeshjaxError(f"model {spec!r}: {attr}() failed: {err}") from None
+    except Exception as err:  # a user's code: one line naming it, not a traceback
+        args = ", ".join(f"{k}={v!r}" for k, v in typed.items())
+        raise MeshjaxError(f"model {spec!r}: {attr}({args}) raised {type(err).__name__}: {err}") from None
     if all(hasattr(made, a) for a in ("loss", "params", "batch")):
         return Loaded(spec, made.loss, made.params, tuple(made.batch))
     if isinstance(made, tuple) and len(made) == 3 and callable(made[0]):
@@ -174,11 +202,9 @@ def memory_limit(text: str | None, hardware) -> float | None:
     >>> memory_limit("none", PROFILES["h100-node"]), memory_limit("device", PROFILES["h100-node"]) / 1e9
     (None, 72.0)
     """
-    if text is None or text.strip().lower() == "none":
-        return None
-    if text.strip().lower() == "device":
-        return hardware.usable_memory_bytes
-    return float(parse_bytes(text))
+    from meshjax import validate
+
+    return validate.memory_budget(text, "--memory-limit", hardware)
 
 
 def compiled_json(report) -> dict[str, Any]:
@@ -215,16 +241,20 @@ def plan_json(model: str, plan, check=None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     # Check every argument and configure simulated devices before anything starts a JAX backend.
+    from meshjax import validate
     from meshjax.cost.hardware import get_hardware
     from meshjax.devices import parse_mesh_shape
     from meshjax.layout import parse_rules
+    from meshjax.units import format_bytes
 
-    axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
-    mesh_shape = parse_mesh_shape(args.mesh, axes)
+    mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
     hardware = get_hardware(args.hardware)
     budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
     overrides = parse_overrides(args.overrides)
+    validate.count(args.top, "--top", minimum=0)
+    validate.writable_file(args.json_path, "--json")
+    validate.writable_file(args.hlo, "--hlo")
     compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
     n = math.prod(mesh_shape.values())
     if compile_it or args.devices is not None:
@@ -232,12 +262,13 @@ def run(args: argparse.Namespace) -> int:
 
     from meshjax import commands
 
-    import meshjax as mj
     from meshjax.solve import solve
 
     console = commands.console()
     model = load_model(args.model, overrides)
-    graph = mj.trace(model.loss, model.params, *model.batch)
+    graph = trace_model(model)
+    if budget is not None:
+        console.print(f"memory limit {format_bytes(budget)} per device")
     plan = solve(
         graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget,
         optimizer=args.optimizer, zero=getattr(args, "zero", False),

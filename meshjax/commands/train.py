@@ -28,7 +28,8 @@ from meshjax.optimizer import OPTIMIZERS
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("train", help="train a model preset on the shipped text under a solved plan")
+    p = commands.add_parser("train", help="train a model preset on the shipped text under a solved plan",
+                            description="Train a language-model preset on the shipped text under a solved plan.")
     p.add_argument("model", nargs="?", default="gpt-tiny", help="model preset (default: gpt-tiny)")
     p.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2 (default: 4x2)")
     p.add_argument("--axes", default=None, help="comma-separated mesh axis names (default: data,model for 2D)")
@@ -46,27 +47,45 @@ def add_parser(commands) -> None:
     p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
                    help="also save every N steps (needs --checkpoint)")
     p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
+    p.add_argument("--skip-damaged", dest="skip_damaged", action="store_true",
+                   help="with --resume: if the latest step is damaged, resume from the newest intact one")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run that JAX detects (SLURM, TPU pods, Kubernetes); "
                         "runs started by `meshjax launch` join automatically")
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshjax import validate
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
 
-    axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
-    mesh_shape = parse_mesh_shape(args.mesh, axes)
-    if args.steps < 0:
-        raise MeshjaxError(f"--steps must be >= 0, got {args.steps}")
+    mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
+    validate.count(args.steps, "--steps", minimum=0)
     if args.save_every is not None and (args.save_every < 1 or not args.checkpoint):
         raise MeshjaxError("--save-every needs a positive N and --checkpoint DIR")
     for flag in ("batch", "seq"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise MeshjaxError(f"--{flag} must be positive, got {value}")
+        if value is not None:
+            validate.count(value, f"--{flag}")
+    validate.positive_number(args.lr, "--lr")
+    validate.writable_file(args.losses_json, "--losses-json")
+    validate.writable_dir(args.checkpoint, "--checkpoint")
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
+    if args.skip_damaged and not args.resume:
+        raise MeshjaxError("--skip-damaged needs --resume DIR")
+    from meshjax import models
+
+    def is_lm(name: str) -> bool:
+        module, config = models.get(name)
+        return {"batch", "seq", "vocab"} <= set(module.sizes(config)) and len(module.abstract_batch(config)) == 2
+
+    if not is_lm(args.model):
+        lms = [n for n in models.PRESETS if is_lm(n)]
+        raise MeshjaxError(
+            f"model {args.model!r} is not a language model; train needs one (tokens -> next token), "
+            f"e.g. {', '.join(lms[:4])}"
+        )
     # Before anything starts a JAX backend.
     from meshjax import distributed
 
@@ -77,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         distributed.initialize()
     else:
         use_cpu_devices(total)
+
+    import warnings
 
     import jax
     import numpy as np
@@ -90,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     import meshjax as mj
-    from meshjax import checkpoint, data, models
+    from meshjax import checkpoint, data
     from meshjax.cost.hardware import hardware_for
     from meshjax.data import lm_batch
     from meshjax.devices import global_mesh, make_mesh
@@ -98,16 +119,26 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.optimizer import Optimizer
     from meshjax.train import make_train_step
 
+    if args.resume:
+        saved = checkpoint.steps(args.resume)
+        if not saved:
+            raise MeshjaxError(f"--resume {args.resume!r}: no checkpoint steps there")
+        if saved[-1] >= args.steps and not args.skip_damaged:
+            raise MeshjaxError(
+                f"--steps {args.steps}: the checkpoint in {args.resume!r} is already at step {saved[-1]}; "
+                f"--steps is the total, so ask for more than {saved[-1]}"
+            )
+
     multi = jax.process_count() > 1
-    console = commands.console(stderr=True, quiet=not distributed.is_main_process())  # process 0 speaks
+    quiet = not distributed.is_main_process()  # process 0 speaks
+    console = commands.console(quiet=quiet)  # what the run did: stdout
+    progress_console = commands.console(stderr=True, quiet=quiet)  # the live progress bar: stderr
     overrides: dict[str, Any] = {"vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
     if args.seq is not None:
         overrides["seq"] = args.seq
-    module, config = models.get(args.model, **overrides)
-    if not {"batch", "seq", "vocab"} <= set(module.sizes(config)) or len(module.abstract_batch(config)) != 2:
-        raise MeshjaxError(f"model {args.model!r} is not a language model (tokens, targets); train needs one")
+    _, config = models.get(args.model, **overrides)
     example = models.example(args.model, key=args.seed, **overrides)
     batch, seq = config.batch, config.seq
 
@@ -123,7 +154,16 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
 
     if args.resume:
-        state = checkpoint.restore(args.resume, plan, mesh, trainer.abstract_state())
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always", checkpoint.CheckpointWarning)
+            state = checkpoint.restore(args.resume, plan, mesh, trainer.abstract_state(), fallback=args.skip_damaged)
+        for w in skipped:
+            progress_console.print(f"meshjax: warning: {w.message}", highlight=False)
+        if state.step >= args.steps:
+            raise MeshjaxError(
+                f"--steps {args.steps}: the newest intact checkpoint in {args.resume!r} is already at step "
+                f"{state.step}; --steps is the total, so ask for more than {state.step}"
+            )
         console.print(f"resumed from {args.resume} at step {state.step}")
     else:
         state = trainer.init(example.params)
@@ -136,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ms]} ms/step"), TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=progress_console, transient=False) as progress:
         task = progress.add_task("train", total=args.steps, completed=min(start, args.steps), loss="-", ms="-")
         if multi:  # each process builds only the rows its devices hold
             host_batches = (lm_batch(i, batch, seq, seed=args.seed) for i in range(start, max(start, args.steps)))
@@ -144,9 +184,16 @@ def run(args: argparse.Namespace) -> int:
             host_batches = data.batches(batch, seq, seed=args.seed, start=start, steps=max(0, args.steps - start))
         for host_batch in host_batches:
             t = time.perf_counter()
-            state, loss = trainer.step(state, *host_batch)
+            new_state, loss = trainer.step(state, *host_batch)
             value = float(loss)  # waits for the step
             dt = time.perf_counter() - t
+            if not math.isfinite(value):
+                kept = f"; last checkpoint: step {saved_at[-1]} in {args.checkpoint}" if saved_at else (
+                    "; nothing was saved" if args.checkpoint else "")
+                raise MeshjaxError(
+                    f"step {state.step + 1}: loss is {value} (lr {args.lr:g}); training stopped{kept}"
+                )
+            state = new_state
             losses.append(value)
             times.append(dt)
             progress.update(task, advance=1, loss=f"{value:.4f}", ms=f"{dt * 1e3:.1f}")
@@ -160,7 +207,6 @@ def run(args: argparse.Namespace) -> int:
     if losses:
         console.print(f"steps {start + 1}..{state.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
                       f"median {np.median(times[1:] or times) * 1e3:.1f} ms/step (first step compiles)")
-
     if args.losses_json and distributed.is_main_process():
         out = {
             "model": args.model,

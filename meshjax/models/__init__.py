@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from difflib import get_close_matches
 from types import ModuleType
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 
+from meshjax import validate
 from meshjax.errors import MeshjaxError
 from meshjax.models import block, llama, mlp, moe, transformer
 
@@ -47,7 +49,8 @@ class UnknownModelError(MeshjaxError, KeyError):
 
 def get(name: str, **overrides: Any) -> tuple[ModuleType, Any]:
     """``(module, config)`` of preset ``name``; keyword ``overrides`` replace config fields
-    (``get("gpt-tiny", scan_layers=True)``)."""
+    (``get("gpt-tiny", scan_layers=True)``), checked and typed by :func:`meshjax.validate.config_overrides`
+    (strings as typed on the command line are accepted: ``get("gpt-tiny", batch="16")``)."""
     try:
         module, config = _REGISTRY[name]
     except KeyError:
@@ -55,11 +58,8 @@ def get(name: str, **overrides: Any) -> tuple[ModuleType, Any]:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint}; known models: {', '.join(PRESETS)}") from None
     if overrides:
-        fields = set(type(config).__dataclass_fields__)
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise MeshjaxError(f"model {name!r} has no config field {bad[0]!r} (fields: {', '.join(sorted(fields))})")
-        config = module.replace(config, **overrides)
+        # Typed by each field: "16" -> 16, "no" -> False; sizes > 0, dtypes from validate.DTYPES.
+        config = dataclasses.replace(config, **validate.config_overrides(name, config, overrides))
     return module, config
 
 

@@ -40,13 +40,12 @@ Example::
     >>> config = llama.PRESETS["llama-tiny"]
     >>> params = llama.init(config, 0)
     >>> tokens, targets = llama.example_batch(config, 1)
-    >>> llama.loss(params, tokens, targets).dims
+    >>> jax.jit(llama.loss)(params, tokens, targets).dims     # one compile, not op by op
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
-from meshjax.models.transformer import MASK_VALUE, block_keys
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, layer_decls, param_functions,
+)
+from meshjax.models.transformer import MASK_VALUE, block_keys, next_token_loss
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
 
@@ -66,20 +67,11 @@ NORM_EPS = 1e-5  # RMSNorm epsilon
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a LLaMA-style decoder. ``heads`` must be a multiple of ``kv_heads``."""
 
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
     kv_heads: int = 2
-    head_dim: int = 8
     mlp: int = 64
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -105,19 +97,11 @@ def sizes(config: Config) -> dict[str, int]:
     """Dim name -> size."""
     _check(config)
     return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
+        **decoder_sizes(config),
         "kv_heads": config.kv_heads,
         "group": config.heads // config.kv_heads,
-        "head_dim": config.head_dim,
         "half": config.head_dim // 2,
         "pair": 2,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
     }
 
 
@@ -126,13 +110,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """One block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     return {
         "attn_norm": {"scale": p("embed", Constant(1.0))},
@@ -158,24 +138,9 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``)."""
-    return host_init(decls(config), sizes(config), key)
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    return count_params(abstract_params(config))
-
-
-# --- the model -------------------------------------------------------------------------------
-
-# out[pair=0] = -x[pair=1], out[pair=1] = x[pair=0]: the 90-degree turn of each rotary pair,
-# indexed [pair_in, pair].
 _QUARTER_TURN = np.array([[0.0, 1.0], [-1.0, 0.0]], np.float32)
 
 
@@ -288,10 +253,7 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = R
 
 def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
-    with mj.scope("head"):
-        xent = mj.cross_entropy(logits, targets, name="xent")
-    return mj.mean(xent, "batch seq", name="loss")
+    return next_token_loss(forward(params, tokens), targets)
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:
@@ -299,14 +261,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return _gpt_example_batch(config, key)
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 __all__ = [

@@ -41,7 +41,6 @@ aux weight 0.01; every preset uses them); :func:`make_loss` builds the loss of a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from meshjax.context import compute, emit
 from meshjax.graph import LINEAR, OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
+from meshjax.models.common import DecoderConfig, Normal, abstract_tokens, param_functions
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -65,23 +64,14 @@ AUX_WEIGHT = 0.01
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of the MoE GPT and its routing settings."""
 
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
     mlp: int = 64
-    layers: int = 2
-    batch: int = 8
     experts: int = 4
     top_k: int = TOP_K
     capacity_factor: float = CAPACITY_FACTOR
     aux_weight: float = AUX_WEIGHT
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -128,31 +118,11 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
 
 
 def decls(config: Config) -> dict[str, Any]:
-    dt = config.dtype
-    tree: dict[str, Any] = {
-        "token_embed": mj.param("vocab embed", Normal(0.02), dt),
-        "pos_embed": mj.param("seq embed", Normal(0.01), dt),
-    }
-    tree.update(layer_decls(config, block_decls))
-    tree["ln_f"] = {"scale": mj.param("embed", Constant(1.0), dt), "bias": mj.param("embed", Constant(0.0), dt)}
-    tree["unembed"] = mj.param("embed vocab", Normal(0.02), dt)
-    return tree
+    """The GPT decoder's declarations with this module's blocks."""
+    return transformer.decls(config, block_decls)
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``)."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    return count_params(abstract_params(config))
-
-
-# --- routing ---------------------------------------------------------------------------------
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 def route_values(probs: jax.Array, top_k: int, capacity: int, *, normalize: bool = True) -> jax.Array:
@@ -335,13 +305,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return transformer.example_batch(config, key)
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 __all__ = [

@@ -29,13 +29,12 @@ Example::
     >>> config = gpt.PRESETS["gpt-tiny"]
     >>> params = gpt.init(config, jax.random.key(0))
     >>> tokens, targets = gpt.example_batch(config, jax.random.key(1))
-    >>> gpt.loss(params, tokens, targets).dims
+    >>> jax.jit(gpt.loss)(params, tokens, targets).dims
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -46,31 +45,25 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls, host_rng
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, param_functions,
+)
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a GPT-style decoder. ``heads * head_dim`` need not equal ``embed``."""
-
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
-    mlp: int = 128
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
     "gpt-tiny": Config(vocab=64, seq=16, embed=32, heads=4, head_dim=8, mlp=128, layers=2, batch=8),
     "gpt-small": Config(vocab=256, seq=32, embed=64, heads=4, head_dim=16, mlp=256, layers=4, batch=16),
+    # `meshjax plan`'s default: wide enough for its weights that under cpu-sim splitting the
+    # MLP and attention over `model` beats replicating them, small enough to compile in seconds.
+    "gpt-demo": Config(vocab=512, seq=32, embed=256, heads=8, head_dim=32, mlp=1024, layers=2, batch=8),
     # Paper sizes (Brown et al. 2020, table 2.1), for abstract tracing and planning only. The
     # vocabulary 50257 is padded to 50304 (a multiple of 128) so it divides over mesh axes.
     "gpt3-125m": Config(vocab=50304, seq=2048, embed=768, heads=12, head_dim=64, mlp=3072, layers=12, batch=256),
@@ -83,19 +76,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def sizes(config: Config) -> dict[str, int]:
-    """Dim name -> size (``key_seq`` is ``seq``)."""
-    return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
-        "head_dim": config.head_dim,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
-    }
+sizes = decoder_sizes  # dim name -> size (``key_seq`` is ``seq``)
 
 
 # --- declarations ----------------------------------------------------------------------------
@@ -103,13 +84,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """Declarations of one block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))  # GPT-2's scaled residual projections
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     def norm() -> dict[str, mj.Param]:
         return {"scale": p("embed", Constant(1.0)), "bias": p("embed", Constant(0.0))}
@@ -127,8 +104,9 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     }
 
 
-def decls(config: Config) -> dict[str, Any]:
-    """Declarations of the whole decoder (see the module docstring for the names)."""
+def decls(config: Config, block_decls=block_decls) -> dict[str, Any]:
+    """Declarations of the whole decoder (see the module docstring for the names), its blocks
+    declared by ``block_decls`` (the MoE decoder passes its own)."""
     dt = config.dtype
     tree: dict[str, Any] = {
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
@@ -143,20 +121,7 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast). For
-    JAX's own sampler use ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    """Number of parameters (computed from the declarations, nothing allocated)."""
-    return count_params(abstract_params(config))
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -233,7 +198,12 @@ def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
 
 def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
+    return next_token_loss(forward(params, tokens), targets)
+
+
+def next_token_loss(logits: NamedArray, targets: NamedArray) -> NamedArray:
+    """Mean cross-entropy of ``logits`` "batch seq vocab" against ``targets`` "batch seq"
+    (tensors ``head/xent`` and ``loss``), the loss of every decoder here."""
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
@@ -246,10 +216,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return mj.named(jnp.asarray(stream[:, :-1]), "batch seq"), mj.named(jnp.asarray(stream[:, 1:]), "batch seq")
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 # --- one block on its own --------------------------------------------------------------------
@@ -272,11 +239,6 @@ def block_example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArra
 
 def block_abstract_batch(config: Config) -> tuple[NamedArray]:
     return (mj.abstract("batch seq embed", sizes(config), config.dtype),)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` (the registry uses it for overrides)."""
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [

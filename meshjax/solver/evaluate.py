@@ -70,32 +70,44 @@ class OpCost:
     collectives: tuple[Collective, ...]
 
 
+class StepTotals:
+    """A step's totals, summed over its :class:`OpCost` rows (``self.op_costs``); the one
+    definition :class:`Evaluation` and :class:`~meshjax.plan.Plan` share."""
+
+    op_costs: tuple[OpCost, ...]
+
+    @property
+    def collectives(self) -> list[Collective]:
+        return [c for row in self.op_costs for c in row.collectives]
+
+    @property
+    def comm_bytes(self) -> float:
+        """Predicted comm bytes per step, defined as in :mod:`meshjax.hlo`."""
+        return sum(c.comm_bytes for c in self.collectives)
+
+    @property
+    def comm_time_s(self) -> float:
+        return sum(r.comm_time for r in self.op_costs)
+
+    @property
+    def compute_time_s(self) -> float:
+        return sum(r.compute_time for r in self.op_costs)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.comm_time_s + self.compute_time_s
+
+
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(StepTotals):
     """What a choice costs: time rows, comm, and bytes per device by kind (``memory["total"]``)."""
 
     rows: tuple[OpCost, ...]
     memory: Mapping[str, float]
 
     @property
-    def collectives(self) -> list[Collective]:
-        return [c for row in self.rows for c in row.collectives]
-
-    @property
-    def comm_bytes(self) -> float:
-        return sum(c.comm_bytes for c in self.collectives)
-
-    @property
-    def comm_time_s(self) -> float:
-        return sum(r.comm_time for r in self.rows)
-
-    @property
-    def compute_time_s(self) -> float:
-        return sum(r.compute_time for r in self.rows)
-
-    @property
-    def step_time_s(self) -> float:
-        return self.comm_time_s + self.compute_time_s
+    def op_costs(self) -> tuple[OpCost, ...]:
+        return self.rows
 
 
 # --- pricing options (the ILP's coefficients) --------------------------------------------------
@@ -209,6 +221,6 @@ def state_layouts(problem: Problem, choice: Sequence[int], layouts: Mapping[str,
     out = {}
     for t in problem.graph.params:
         k = problem.node_of[t.name]
-        state = getattr(problem.nodes[k].options[choice[k]], "state", None)
-        out[t.name] = Layout(t.dims, state.axes) if state is not None else layouts[t.name]
+        option = problem.nodes[k].options[choice[k]]
+        out[t.name] = Layout(t.dims, option.state.axes) if isinstance(option, ParamOption) else layouts[t.name]
     return out

@@ -18,8 +18,14 @@ On GPT-3 175B at 80 GB per device this takes 0.3 s where HiGHS alone takes 5 s.
 
 Example::
 
-    >>> result = solve_ilp(problem, memory_budget=80e9, time_limit=10)      # doctest: +SKIP
-    >>> result.choice, result.objective, result.gap
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver.problem import build_problem
+    >>> ex = models.example("gpt-tiny", abstract=True)
+    >>> problem = build_problem(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 8}, PROFILES["cpu-sim"], train=True)
+    >>> result = solve_ilp(problem, memory_budget=1e9, time_limit=10)
+    >>> result.status, result.gap, result.objective == problem.total_time(result.choice)
+    ('optimal', 0.0, True)
 """
 
 from __future__ import annotations

@@ -15,14 +15,21 @@ carries the costs of every instance.
 
 Example::
 
-    >>> problem = build_problem(graph, {"data": 4, "model": 2}, PROFILES["h100-node"])   # doctest: +SKIP
-    >>> problem.total_time([0] * len(problem.nodes))
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> problem = build_problem(graph, {"data": 4, "model": 2}, PROFILES["h100-node"])
+    >>> [node.key for node in problem.nodes][:4]       # params and inputs, then one node per op
+    ['mlp/w_in', 'mlp/w_out', 'x', 'target']
+    >>> problem.total_time([0] * len(problem.nodes)) > 0    # every node's first option
+    True
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,12 +40,9 @@ from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op
 from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
-from meshjax.layout import Layout, Rules, as_layout, check_rules, parse_rules
+from meshjax.layout import Layout, MeshShape, Rules, as_layout, axes_of, check_rules, parse_rules
 from meshjax.optimizer import Optimizer, get_optimizer
 from meshjax.solver.evaluate import price_param_options, price_source_options
-
-MeshShape = Mapping[str, int]
-
 
 @dataclass
 class Constraints:
@@ -56,8 +60,8 @@ class Constraints:
         pinned = {name: as_layout(graph.tensor(name), value) for name, value in (pins or {}).items()}
         cands = {}
         for dim, options in (candidates or {}).items():
-            check_rules({dim: tuple(a for o in options for a in ((o,) if isinstance(o, str) else tuple(o or ())))}, graph, mesh_shape)
-            cands[dim] = [tuple((o,) if isinstance(o, str) else tuple(o or ())) for o in options]
+            cands[dim] = [axes_of(o) for o in options]
+            check_rules({dim: tuple(a for axes in cands[dim] for a in axes)}, graph, mesh_shape)
         return cls(parsed, pinned, cands)
 
     def allows(self, layout: Layout) -> bool:
