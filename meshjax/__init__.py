@@ -59,6 +59,7 @@ from meshjax.ops import (
     where,
 )
 from meshjax.params import Param, abstract, abstract_params, init_params, param
+from meshjax.repeat import repeated
 from meshjax.scan import scan
 from meshjax.trace import trace
 from meshjax.vmap import vmap
@@ -109,6 +110,7 @@ __all__ = [
     "rename",
     "rms_norm",
     "rsqrt",
+    "repeated",
     "scan",
     "scope",
     "sigmoid",

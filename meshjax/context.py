@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from meshjax.errors import TraceError
@@ -147,7 +148,7 @@ class Recorder(_Context):
             taken = self.tensors.get("/".join([*self.scopes, name]))
             if taken is not None and taken.role in ("param", "input"):
                 raise TraceError(
-                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"{kind} op named {name!r} would share its name with the {taken.role} {taken.name!r}; "
                     f"give the op another name"
                 )
         out_name = self.fresh_name(name or kind)
@@ -192,6 +193,7 @@ class Pinner(_Context):
         operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
         recomputed: dict[str, tuple[bool, ...]] | None = None,
         computed_specs: dict[str, jax.sharding.PartitionSpec] | None = None,
+        remat: dict[str, tuple[str, ...]] | None = None,
     ):
         super().__init__()
         self.mesh = mesh
@@ -199,6 +201,8 @@ class Pinner(_Context):
         self.operand_specs = operand_specs or {}
         self.recomputed = recomputed or {}
         self.computed_specs = computed_specs or {}
+        # Scope prefix of a rematerialised block -> the tensor names its checkpoint saves.
+        self.remat = remat or {}
 
     def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
         op_name = self.peek_name(base)
@@ -270,7 +274,19 @@ class Pinner(_Context):
     def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         out_name = self.fresh_name(name or kind)
         with jax.named_scope(out_name):
-            return self.pin(output, out_name), out_name
+            pinned = self.pin(output, out_name)
+            if self.remat:  # names a checkpoint policy can save (an identity otherwise)
+                value = checkpoint_name(pinned.value, out_name)
+                pinned = NamedArray.tree_unflatten(pinned.dims, (value,))
+            return pinned, out_name
+
+    def remat_policy(self, prefix: str) -> Any:
+        """The ``jax.checkpoint`` policy of the block whose tensors are named ``prefix...``, or
+        None when the block keeps everything."""
+        names = self.remat.get(prefix)
+        if names is None:
+            return None
+        return jax.checkpoint_policies.save_only_these_names(*names)
 
     def pin_as(self, array: NamedArray, name: str) -> NamedArray:
         return self.pin(array, name)

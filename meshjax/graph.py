@@ -57,7 +57,7 @@ class Tensor:
         """Whether gradients flow through this tensor's dtype (bfloat16 and float8 included)."""
         return is_floating(self.dtype)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
 

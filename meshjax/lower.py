@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax import context
 from meshjax.cost.memory import keeps_operand
+from meshjax.cost.remat import saved_names
 from meshjax.devices import auto_axes, mesh_shape
 from meshjax import validate as checks
 from meshjax.errors import TraceError
@@ -89,6 +90,7 @@ class Program:
         layouts: Mapping[str, Layout],
         operand_layouts: Mapping[str, tuple[Layout, ...]] | None = None,
         computed_layouts: Mapping[str, Layout] | None = None,
+        remat: Mapping[str, str] | None = None,
     ):
         if graph.signature is None:
             raise TraceError("the graph has no signature: make it with meshjax.trace")
@@ -114,6 +116,15 @@ class Program:
             for name, operand in (operand_layouts or {}).items()
             if name in ops
         }
+        # Scope prefix of each rematerialised block (instance) -> the names its checkpoint saves.
+        self.remat = {}
+        for unit, policy in (remat or {}).items():
+            if policy == "none":
+                continue
+            block = graph.blocks[unit]
+            prefixes = block.instances if block.kind == "unrolled" else (unit + "/",)
+            for prefix in prefixes:
+                self.remat[prefix] = saved_names(graph, unit, policy, prefix)
         shape = mesh_shape(self.mesh)
         for name, layout in self.layouts.items():
             validate(graph.tensor(name), layout, shape)
@@ -170,7 +181,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, self.remat)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

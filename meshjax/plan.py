@@ -70,6 +70,8 @@ class Plan(StepTotals):
     # Op name -> the layout an op computes its result in before a reduce-scatter or gather
     # moves it to its planned layout (pinned first when lowered).
     computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
+    remat: Mapping[str, str] = field(default_factory=dict)  # training: repeated block -> policy
+    microbatches: int = 1  # training: ``graph`` is one of this many micro-batches of the step
 
     # --- what users read ---------------------------------------------------------------------
     @property
@@ -162,7 +164,8 @@ class Plan(StepTotals):
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
         return Program(
-            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts)
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts),
+            dict(self.remat),
         )
 
     # --- output (meshjax.report) --------------------------------------------------------------

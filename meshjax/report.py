@@ -49,12 +49,23 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "peak_memory_bytes": plan.peak_memory_bytes,
             "memory": plan.memory_breakdown(),
         },
+        "remat": remat_json(plan),
+        "microbatches": plan.microbatches,
         "solver": {
             "status": plan.solution.status if plan.solution else "manual",
             "gap": plan.solution.gap if plan.solution else 0.0,
         },
         "solve_time_s": plan.solve_time_s,
     }
+
+def remat_json(plan: Plan) -> dict[str, str]:
+    """Every repeated block with its rematerialisation policy (``none`` where none applies)."""
+    from meshjax.cost.remat import remat_units
+
+    if not plan.train:
+        return {}
+    return {unit: plan.remat.get(unit, "none") for unit in remat_units(plan.graph)}
+
 
 def dumps(plan: Plan) -> str:
     return json.dumps(to_json(plan), indent=2)
@@ -99,6 +110,17 @@ def summary(plan: Plan) -> str:
         f"(comm {plan.comm_time_s * 1e3:.4f} ms, compute {plan.compute_time_s * 1e3:.4f} ms), "
         f"comm {format_bytes(plan.comm_bytes)}, memory {format_bytes(mem['total'])}/device, "
         f"solved in {plan.solve_time_s:.3f} s"
+        + _levers(plan)
     )
+
+
+def _levers(plan: Plan) -> str:
+    if not plan.train:
+        return ""
+    remat = remat_json(plan)
+    text = f"; micro-batches {plan.microbatches}"
+    if remat:
+        text += "; remat " + ", ".join(f"{unit}: {policy}" for unit, policy in remat.items())
+    return text
 
 

@@ -50,8 +50,27 @@ def scan(
     """``jax.lax.scan`` over the ``dim`` axis of every leaf of ``xs``.
 
     ``body(carry, x) -> (carry, y)`` sees ``x`` without ``dim``; the stacked ``y`` gets ``dim``
-    in front. Tensors made inside are named under the scope ``name``.
+    in front. Tensors made inside are named under the scope ``name``. When the program being
+    lowered pipelines ``dim`` over a stage mesh axis, the scan runs as that pipeline
+    (:mod:`meshjax.pipeline.lower`); its graph is the same.
     """
+    pipeline = getattr(context.current(), "pipeline", None)
+    if pipeline is not None and pipeline.dim == dim:
+        from meshjax.pipeline.lower import pipelined_scan
+
+        return pipelined_scan(body, carry, xs, dim=dim, name=name)
+    return scan_unpipelined(body, carry, xs, dim=dim, name=name)
+
+
+def scan_unpipelined(
+    body: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any,
+    *,
+    dim: str = "layers",
+    name: str = "layers",
+) -> tuple[Any, Any]:
+    """:func:`scan` as one ``jax.lax.scan`` (a pipeline stage runs its layers this way)."""
     carry_leaves, carry_def = _leaves(carry, "the carry")
     x_leaves, x_def = _leaves(xs, "xs")
     lengths = {leaf.size(dim) for leaf in x_leaves}
@@ -114,7 +133,10 @@ def scan(
         return [c.value for c in c_out], [leaf.value for leaf in y_leaves]
 
     stacked_x = [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves]
-    final_values, stacked_y = jax.lax.scan(step, [c.value for c in carry_leaves], stacked_x, length=length)
+    policy = ctx.remat_policy(block.name + "/") if hasattr(ctx, "remat_policy") else None
+    # A rematerialised body keeps only what its policy saves; the backward pass recomputes the rest.
+    body_fn = step if policy is None else jax.checkpoint(step, policy=policy, prevent_cse=False)
+    final_values, stacked_y = jax.lax.scan(body_fn, [c.value for c in carry_leaves], stacked_x, length=length)
 
     ctx = context.current()
     with context.scope(name):

@@ -46,6 +46,7 @@ from meshjax.devices import auto_axes
 from meshjax.lower import named_sharding, sharding_tree
 from meshjax import validate
 from meshjax.errors import MeshjaxError, TraceError
+from meshjax.microbatch import BATCH_DIM, global_shape
 from meshjax.named import NamedArray, is_named
 from meshjax.optimizer import ADAM, Optimizer
 from meshjax.params import path_name
@@ -174,11 +175,12 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
         tensor = plan.graph.tensors[name]
         if callable(host) and hasattr(host, "shape"):
             # A meshjax.data.BlockFetch: this process builds only its devices' block.
-            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name))),)))
+            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name)), plan.microbatches),)))
             continue
         host = np.asarray(host)
-        if tuple(host.shape) != tuple(tensor.shape):
-            raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
+        shape = global_shape(tensor, plan.microbatches)
+        if tuple(host.shape) != shape:
+            raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {shape}")
         if host.dtype != np.dtype(tensor.dtype):
             host = host.astype(tensor.dtype)
         sharding = named_sharding(mesh, specs.get(name))
@@ -187,11 +189,11 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
     return tuple(out)
 
 
-def _from_block(name: str, fetch: Any, tensor, sharding: NamedSharding) -> jax.Array:
+def _from_block(name: str, fetch: Any, tensor, sharding: NamedSharding, microbatches: int) -> jax.Array:
     """The global array of input ``name`` from the one block of it this process's devices hold."""
-    from meshjax.distributed import local_index, process_block
+    from meshjax.data import local_index, process_block
 
-    shape = tuple(tensor.shape)
+    shape = global_shape(tensor, microbatches)
     if tuple(fetch.shape) != shape:
         raise MeshjaxError(f"input {name!r} has shape {tuple(fetch.shape)}; the plan expects {shape}")
     block = process_block(sharding, shape)
@@ -392,9 +394,11 @@ class TrainStep:
         loss_fn = self._loss
         optimizer = self.optimizer
         grad_shardings = self.state_shardings  # ZeRO-1/2: gradients reduce-scatter into the state layout
+        k = self.plan.microbatches
+        value_and_grad = jax.value_and_grad(loss_fn) if k == 1 else _accumulated(loss_fn, k, self.param_shardings)
 
         def step(params, opt_state, args):
-            loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+            loss, grads = value_and_grad(params, *args)
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -414,7 +418,7 @@ class TrainStep:
             names = input_names(self.plan)
             if len(batch) != len(names):
                 raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch)}")
-            validate.arrays_match(self.plan.graph, names, batch)
+            validate.arrays_match(self.plan.graph, names, batch, self.plan.microbatches)
             # Already on devices: move to the planned layout (a no-op when it is already there).
             return jax.device_put(tuple(batch), self.input_shardings)
         return shard_batch(self.plan, self.mesh, batch)
@@ -440,6 +444,42 @@ class TrainStep:
         else:
             args = self.prepare_batch(batch)
         return self._step_fn.lower(state.params, state.opt_state, args)
+
+
+def _accumulated(loss_fn: Any, k: int, param_shardings: Any) -> Any:
+    """``value_and_grad`` of ``loss_fn`` over ``k`` micro-batches of the batch, one at a time
+    (a scan): the mean loss and the mean gradient, summed in float32 in the params' layout.
+
+    Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...`` of the batch dim, so each device's
+    rows stay on it when the batch is split over devices."""
+    import jax.numpy as jnp
+
+    def split(leaf: NamedArray) -> NamedArray:
+        if BATCH_DIM not in leaf.dims:
+            raise MeshjaxError(f"micro-batches: input with dims {leaf.dims} has no {BATCH_DIM!r} dim to split")
+        axis = leaf.dims.index(BATCH_DIM)
+        shape = leaf.value.shape
+        value = leaf.value.reshape(*shape[:axis], shape[axis] // k, k, *shape[axis + 1:])
+        return NamedArray.tree_unflatten(leaf.dims, (jnp.moveaxis(value, axis + 1, 0),))
+
+    def pinned(tree: Any) -> Any:
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def run(params: Any, *args: Any) -> tuple[jax.Array, Any]:
+        micro = jax.tree_util.tree_map(split, args, is_leaf=is_named)
+        zeros = pinned(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+        def body(carry, batch):
+            total, acc = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            acc = pinned(jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
+            return (total + loss.astype(jnp.float32), acc), None
+
+        (total, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        grads = jax.tree_util.tree_map(lambda g, p: (g / k).astype(p.dtype), acc, params)
+        return total / k, grads
+
+    return run
 
 
 def make_train_step(plan, loss_fn, mesh: Mesh, *args: Any, **kwargs: Any) -> TrainStep:

@@ -38,7 +38,7 @@ def test_plan_gpt_small_json(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert list(doc) == [
         "model", "mesh", "hardware", "train", "tensors", "rules", "settings", "predicted", "compiled", "verification",
-        "solve_time_s",
+        "remat", "microbatches", "solve_time_s",
     ]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
     assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes", "memory_breakdown"}

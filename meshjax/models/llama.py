@@ -244,8 +244,7 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = R
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
-            with mj.scope(key):
-                x = block(params[key], x, cos, sin, eps=eps)
+            x = mj.repeated(key, lambda p, h: block(p, h, cos, sin, eps=eps), params[key], x)
     with mj.scope("head"):
         x = mj.rms_norm(x, "embed", params["norm_f"]["scale"], eps=eps, name="norm")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")

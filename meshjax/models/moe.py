@@ -261,8 +261,7 @@ def forward(
     else:
         aux = None
         for key in block_keys(params):
-            with mj.scope(key):
-                x, layer_aux = block(params[key], x, **kw)
+            x, layer_aux = mj.repeated(key, lambda p, h: block(p, h, **kw), params[key], x)
             aux = layer_aux if aux is None else mj.elementwise("add", aux, layer_aux, name="aux_total")
     with mj.scope("head"):
         x = mj.layer_norm(x, "embed", params["ln_f"]["scale"], params["ln_f"]["bias"], name="ln")

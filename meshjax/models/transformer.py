@@ -189,8 +189,7 @@ def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
-            with mj.scope(key):
-                x = block(params[key], x)
+            x = mj.repeated(key, block, params[key], x)
     with mj.scope("head"):
         x = mj.layer_norm(x, "embed", params["ln_f"]["scale"], params["ln_f"]["bias"], name="ln")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")

@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
     from meshjax.solver.problem import Problem
 
 MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations", "backward_peak")
+# Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
+# micro-batching, and what a rematerialised block recomputes for one instance.
+LEVER_KINDS = ("grad_accumulator", "recompute")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,24 @@ def price_source_options(
     return np.zeros(len(layouts)), {"params" if tensor.role == "param" else "constants": nbytes}
 
 
+def price_accumulation(
+    tensor: Tensor, layouts: Sequence[Layout], time: np.ndarray, parts: dict[str, np.ndarray],
+    mesh_shape: Mapping[str, int], k: int, instances: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A source's time and memory parts when the step runs ``k`` micro-batches: an input holds
+    and is fed the whole batch (its tensor is one micro-batch's), a param adds a float32
+    gradient accumulator in its layout (:func:`meshjax.microbatch.accumulator_bytes`)."""
+    from meshjax.microbatch import accumulator_bytes
+
+    parts = dict(parts)
+    if tensor.role == "input":
+        parts["inputs"] = parts["inputs"] * k
+        return time * k, parts
+    if tensor.role == "param":
+        parts["grad_accumulator"] = np.array([accumulator_bytes(tensor, l, mesh_shape) for l in layouts]) * instances
+    return time, parts
+
+
 # --- a choice ----------------------------------------------------------------------------------
 
 
@@ -154,6 +176,8 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
         )
+        if e.rerun:  # a rematerialised consumer's forward reshard runs again
+            colls += reshard(e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware)[1]
         colls = tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)
         incoming[e.dst].append((float(e.cost[a, b]), colls))
     rows = []
@@ -170,8 +194,11 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
                 rows.append(OpCost(node.key, node.tensor.role, label, float(node.time[c]), 0.0, ()))
             continue
         mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in option.collectives)
+        ran = option.collectives + (tuple(node.recompute_collectives[c]) if node.recompute_collectives is not None else ())
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in ran)
         compute = option.compute_time * mult
+        if node.recompute_compute is not None:  # a rematerialised op computes its forward again
+            compute += float(node.recompute_compute[c])
         # The node's time holds its own collectives and any self-edge (tied instances feeding
         # their own twin) folded into it.
         comm = float(node.time[c]) - compute
@@ -181,10 +208,23 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
-    if memory.get("constants"):
-        out["constants"] = memory["constants"]
+    for kind in ("constants", *LEVER_KINDS):
+        if memory.get(kind):
+            out[kind] = memory[kind]
     out["total"] = sum(out.values())
     return Evaluation(tuple(rows), out)
+
+
+def recompute_flops(problem: Problem, choice: Sequence[int]) -> float:
+    """Floating-point work per device the backward pass spends recomputing (rematerialised
+    blocks' forward ops), per step."""
+    total = 0.0
+    for node, c in zip(problem.nodes, choice):
+        if node.op is None or node.recompute_compute is None:
+            continue
+        split = math.prod(problem.mesh_shape[a] for _, axes in node.options[c].assign for a in axes)
+        total += node.op.index.flops / split * node.multiplicity
+    return total
 
 
 def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[Layout, ...]]:
