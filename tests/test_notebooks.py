@@ -40,6 +40,9 @@ assert max(results[l].step_time_s for l in two_d) < min(results[l].step_time_s f
 assert all(results[l].comm_bytes > 0 for l in results) and len(compiled_comm) == 2
 assert all(abs(compiled_comm[l] - results[l].comm_bytes) <= 0.05 * results[l].comm_bytes for l in compiled_comm)
 assert len({str(results[l].param_specs["block_0/mlp/w_in"]) for l in results}) > 1
+assert tight.peak_memory_bytes <= budget < free.peak_memory_bytes, (tight.peak_memory_bytes, budget)
+assert tight.remat.get("blocks", "none") != "none" or tight.microbatches > 1, (tight.remat, tight.microbatches)
+assert tight.step_time_s > free.step_time_s
 """,
     "03_training.ipynb": """
 assert tuple(plan.param_specs["block_0/mlp/w_in"]) != (), plan.param_specs["block_0/mlp/w_in"]
