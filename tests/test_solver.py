@@ -140,7 +140,7 @@ def test_memory_budget_moves_weights_onto_both_axes_and_compiles_within_budget()
     mesh_shape = {"data": 4, "model": 2}
     free = solve(graph, mesh_shape, hardware="h100-node", train=True)
     megatron_dp = solve(graph, mesh_shape, hardware="h100-node", train=True, rules="batch:data;heads:model;mlp:model;embed:none")
-    budget = 0.6 * megatron_dp.peak_memory_bytes
+    budget = 0.55 * megatron_dp.peak_memory_bytes
     tight = solve(graph, mesh_shape, hardware="h100-node", train=True, memory_budget=budget)
     assert tight.peak_memory_bytes <= budget
     assert free.peak_memory_bytes > budget or free.step_time_s <= tight.step_time_s

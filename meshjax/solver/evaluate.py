@@ -11,7 +11,9 @@ time is the ILP's objective and its memory the ILP's memory row, to rounding:
     evaluate(problem, choice).memory["total"] == problem.memory(choice)
 
 Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` (moments and the
-fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
+fp32 master copy), ``partial_gradients`` (training: a weight gradient's whole partial sums
+where the batch is split over an axis the weight is not, held until XLA's combined all-reduce),
+``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
 transient at its largest op); ``constants`` when the function closes over arrays.
 
@@ -54,7 +56,7 @@ from meshjax.optimizer import Optimizer
 if TYPE_CHECKING:
     from meshjax.solver.problem import Problem
 
-MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations", "backward_peak")
+MEMORY_KINDS = ("params", "gradients", "partial_gradients", "optimizer_state", "inputs", "activations", "backward_peak")
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
             colls += extra
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
     memory["backward_peak" if problem.train else "activations"] += peak
-    out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
+    out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "partial_gradients", "backward_peak")}
     if memory.get("constants"):
         out["constants"] = memory["constants"]
     out["total"] = sum(out.values())
