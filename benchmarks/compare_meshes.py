@@ -23,6 +23,11 @@ solved for, or compiled comm bytes against that same baseline) are flagged.
 
 Writes ``compare_meshes{,_quick}.{json,md}`` and ``compare_*.png`` into ``--out`` (default: a new
 temporary folder). The committed results in ``benchmarks/results`` change only when it is named.
+    $ python benchmarks/compare_meshes.py --stage --out benchmarks/results   # 3-D: data x model x stage
+
+With ``--stage``, only ``compare_meshes_stage.{json,md}``: every ``data x model x stage`` mesh of
+8 devices with the solver's pipelined plan (micro-batches, remat and in-stage layouts chosen per
+profile), beside the 2-D plan on 4x2, compiled and measured.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from meshjax import models  # noqa: E402
 from meshjax.baselines import BASELINES, predict  # noqa: E402
 from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
+from meshjax.commands.compare import mesh_shapes  # noqa: E402
 from meshjax.devices import make_mesh  # noqa: E402
 from meshjax.errors import InfeasibleError  # noqa: E402
 from meshjax.hlo import inspect_compiled  # noqa: E402
@@ -59,7 +65,7 @@ from meshjax.plan import solve  # noqa: E402
 from meshjax.solver.problem import build_problem  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"  # the committed results: written only with --out naming it
-MESHES = [{"data": 8}, {"model": 8}, {"data": 4, "model": 2}, {"data": 2, "model": 4}]
+MESHES = mesh_shapes(8)
 QUICK_MODELS = ["mlp-small", "gpt-tiny"]
 FULL_MODELS = ["mlp-small", "gpt-tiny", "gpt-small", "llama-tiny", "moe-tiny"]
 HARDWARE = list(PROFILES)
@@ -167,6 +173,87 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
                 f"comm {result['comm_bytes']:>9,} B  measured {result['measured_step_s'] * 1e3:7.2f} ms "
                 f"compile {result['compile_s']:.1f} s")
     return rows
+
+
+STAGE_MODELS = {"gpt-tiny": {"layers": 4, "scan_layers": True}}
+
+
+def bench_stage(name: str, overrides: dict, repeats: int, log) -> list[dict]:
+    """The 3-D section: the solver's pipelined plan on every ``data x model x stage`` mesh."""
+    from meshjax.commands.compare import stage_meshes
+    from meshjax.pipeline.plan import solve_pipelined
+    from meshjax.pipeline.stage_graph import preset_tracer
+
+    ex = models.example(name, **overrides)
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    trace_for = preset_tracer(name, **overrides)
+    layers = ex.config.layers
+    rows = []
+    for mesh_shape in [{"data": 4, "model": 2}, *stage_meshes(8)]:
+        if mesh_shape.get("stage", 1) > layers or layers % mesh_shape.get("stage", 1):
+            continue
+        label = mesh_label(mesh_shape)
+        predicted, plans = {}, {}
+        for hw in HARDWARE:
+            start = time.perf_counter()
+            if "stage" in mesh_shape:
+                plan = solve_pipelined(trace_for, mesh_shape, hardware=hw, train=True)
+            else:
+                plan = solve(graph, mesh_shape, hardware=hw, train=True)
+            plans[hw] = (plan, time.perf_counter() - start)
+            predicted[hw] = {"step_time_s": plan.step_time_s, "comm_bytes": plan.comm_bytes,
+                             "memory_bytes": plan.peak_memory_bytes}
+            if hasattr(plan, "pipeline"):
+                predicted[hw]["pipeline"] = plan.pipeline.to_json()
+        plan = plans["cpu-sim"][0]
+        mesh = make_mesh(mesh_shape)
+        program = plan.program(ex.loss, mesh)
+        jitted = program.jit(grad=True)
+        start = time.perf_counter()
+        compiled = jitted.lower(ex.params, *ex.batch).compile()
+        compile_s = time.perf_counter() - start
+        report = inspect_compiled(compiled, mesh)
+        params, batch = program.place(ex.params, *ex.batch)
+        pv, av = jitted._split(params, batch)
+        jax.block_until_ready(compiled(pv, av))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(pv, av))
+            times.append(time.perf_counter() - t)
+        row = {"model": name, "mesh": mesh_shape, "mesh_label": label,
+               "strategy": "solver (pipelined)" if "stage" in mesh_shape else "solver",
+               "predicted": predicted, "solve_time_s": {hw: s for hw, (_, s) in plans.items()},
+               "compiled": {"compile_s": compile_s, "comm_bytes": report.comm_bytes, "collectives": report.by_kind(),
+                            "measured_step_s": statistics.median(times)}}
+        rows.append(row)
+        log(f"{name:10s} {label:26s} pred(cpu-sim) {predicted['cpu-sim']['step_time_s'] * 1e3:8.4f} ms "
+            f"comm pred {predicted['cpu-sim']['comm_bytes']:>9,.0f} compiled {report.comm_bytes:>9,} B "
+            f"measured {row['compiled']['measured_step_s'] * 1e3:7.2f} ms")
+    return rows
+
+
+def stage_markdown(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [
+        "# 3-D meshes: data x model x stage (pipelined) on 8 devices",
+        "",
+        f"Machine: {m['platform']}, {m['cores']} cores, JAX {m['jax']}, {m['devices']}. Loss + grads of "
+        "gpt-tiny with 4 scanned layers; the solver's pipelined plan per mesh (micro-batches m, stage remat and "
+        f"in-stage layouts chosen per profile), beside the 2-D plan on 4x2. Measured: median of {doc['repeats']} CPU steps.",
+        "",
+        "| mesh | strategy | pipeline (cpu-sim) | " + " | ".join(f"pred. {hw} ms" for hw in HARDWARE)
+        + " | pred. comm B | compiled comm B | measured CPU ms |",
+        "|" + "---|" * (6 + len(HARDWARE)),
+    ]
+    for r in doc["rows"]:
+        pipe = r["predicted"]["cpu-sim"].get("pipeline")
+        pipe_s = f"p={pipe['stages']}, m={pipe['microbatches']}{', remat' if pipe['remat'] else ''}" if pipe else "-"
+        preds = " | ".join(f"{r['predicted'][hw]['step_time_s'] * 1e3:.4f}" for hw in HARDWARE)
+        c = r["compiled"]
+        lines.append(f"| {r['mesh_label']} | {r['strategy']} | {pipe_s} | {preds} | "
+                     f"{r['predicted']['cpu-sim']['comm_bytes']:,.0f} | {c['comm_bytes']:,} | {c['measured_step_s'] * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def flag(rows: list[dict]) -> list[dict]:
@@ -296,8 +383,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"folder for the JSON, markdown and plots (default: a new temporary folder; "
                              f"{RESULTS.relative_to(Path(__file__).parent.parent)} to regenerate the committed results)")
+    parser.add_argument("--stage", action="store_true", help="only the 3-D section (data x model x stage)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meshjax-compare-"))
+    if args.stage:
+        repeats = max(5, args.repeats or 5)
+        rows = []
+        for name, overrides in STAGE_MODELS.items():
+            rows += bench_stage(name, overrides, repeats, lambda s: print(s, flush=True))
+        doc = {"machine": machine(), "repeats": repeats, "hardware": HARDWARE, "rows": rows}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "compare_meshes_stage.json").write_text(json.dumps(doc, indent=1))
+        (out_dir / "compare_meshes_stage.md").write_text(stage_markdown(doc))
+        print(f"wrote {out_dir / 'compare_meshes_stage'}.json and .md")
+        return 0
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     repeats = max(5, args.repeats or (5 if args.quick else 20))
     start = time.perf_counter()

@@ -10,11 +10,11 @@ a plan priced for ``h100-node`` has a reduce-scatter), memory as XLA's ``memory_
 (arguments + outputs + temporaries - aliased). Each graph is traced once per model and each
 distinct program (same layouts, operand and computed layouts) compiled once.
 
-    $ python benchmarks/fidelity.py --quick --out /tmp/fidelity     # a subset, a few minutes
-    $ python benchmarks/fidelity.py --results                       # the grid, benchmarks/results/
+    $ python benchmarks/fidelity.py --quick --out /tmp/fidelity          # a subset
+    $ python benchmarks/fidelity.py --out benchmarks/results             # the grid, committed results
 
 Writes ``fidelity{,_quick}.{json,md}`` and ``fidelity{,_quick}.png`` (predicted vs compiled
-scatter) into ``--out`` (``--results``: ``benchmarks/results``); with neither, prints only.
+scatter) into ``--out`` (default: a new temporary folder), after each model.
 Bands: :data:`meshjax.verify.COMM_BAND` and :data:`meshjax.verify.MEMORY_BAND` (compiled over
 predicted); a budgeted row also fails when compiled memory exceeds its budget.
 """
@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -256,7 +257,8 @@ def markdown(doc: dict) -> str:
         f"# Predicted vs compiled comm and memory{' (quick)' if doc['quick'] else ''}",
         "",
         f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, JAX {m['jax']}, {m['devices']}; "
-        f"{doc['wall_s']:.0f} s.",
+        f"{doc['wall_s']:.0f} s. Models: {', '.join(doc.get('models', []))}; meshes: "
+        f"{', '.join(doc.get('meshes', []))}; hardware: {', '.join(doc.get('hardware', []))}.",
         "Training plans (whole Adam step) compiled on simulated CPU devices. Ratios are compiled over predicted; "
         f"comm band {COMM_BAND[0]:.2f}-{COMM_BAND[1]:.2f}, memory band {MEMORY_BAND[0]:.2f}-{MEMORY_BAND[1]:.2f}. "
         "Predicted comm is the plan's collectives as XLA:CPU lowers them (a reduce-scatter priced for h100-node "
@@ -345,9 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated presets (default: per --quick)")
     parser.add_argument("--meshes", default=None, help=f"comma-separated, of {', '.join(MESHES)} (default: per --quick)")
     parser.add_argument("--hardware", default=None, help=f"comma-separated profiles (default: {', '.join(HARDWARE)})")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=None, metavar="DIR", help="write the JSON, markdown and PNG here")
-    where.add_argument("--results", action="store_true", help=f"write them to {RESULTS}")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"folder for the JSON, markdown and plot (default: a new temporary folder; "
+                             f"{RESULTS.relative_to(Path(__file__).parent.parent)} to regenerate the committed results)")
     args = parser.parse_args(argv)
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else MODELS)
     meshes = args.meshes.split(",") if args.meshes else (QUICK_MESHES if args.quick else list(MESHES))
@@ -356,7 +358,7 @@ def main(argv=None) -> int:
         if m not in MESHES:
             parser.error(f"--meshes: unknown mesh {m!r}; known: {', '.join(MESHES)}")
     start = time.perf_counter()
-    out = RESULTS if args.results else args.out
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meshjax-fidelity-"))
     rows: list[Row] = []
     skipped: list[dict[str, str]] = []
     for name in names:  # results are written after each model, so a long run leaves what it did
@@ -369,11 +371,9 @@ def main(argv=None) -> int:
             "summary": summary(rows), "rows": [r.__dict__ for r in rows], "skipped": skipped,
             "wall_s": time.perf_counter() - start,
         }
-        if out is not None:
-            write(doc, out)
+        write(doc, out)
     print(summary_line(doc["summary"]))
-    if out is not None:
-        print(f"wrote {out}/{_stem(doc)}.json, .md and .png in {doc['wall_s']:.0f} s")
+    print(f"wrote {out}/{_stem(doc)}.json, .md and .png in {doc['wall_s']:.0f} s")
     return 0
 
 

@@ -2,10 +2,13 @@
 
 Example::
 
+    >>> import jax.numpy as jnp
     >>> import meshjax as mj
-    >>> x = mj.named(jnp.ones((8, 16)), "batch embed")        # doctest: +SKIP
+    >>> x = mj.named(jnp.ones((8, 16)), "batch embed")
     >>> w = mj.named(jnp.ones((16, 64)), "embed mlp")
     >>> h = mj.einsum("batch embed, embed mlp -> batch mlp", x, w)
+    >>> h.dims, h.shape
+    (('batch', 'mlp'), (8, 64))
 """
 
 import sys as _sys
@@ -23,6 +26,7 @@ from meshjax.errors import (
 from meshjax.graph import Graph, IndexForm, Op, Tensor
 from meshjax.named import NamedArray, named, parse_dims
 from meshjax.ops import (
+    attention,
     arange,
     cast,
     cross_entropy,
@@ -56,6 +60,7 @@ from meshjax.ops import (
     where,
 )
 from meshjax.params import Param, abstract, abstract_params, init_params, param
+from meshjax.repeat import repeated
 from meshjax.scan import scan
 from meshjax.trace import trace
 from meshjax.vmap import vmap
@@ -81,6 +86,7 @@ __all__ = [
     "abstract",
     "abstract_params",
     "arange",
+    "attention",
     "cast",
     "cross_entropy",
     "einsum",
@@ -106,6 +112,7 @@ __all__ = [
     "rename",
     "rms_norm",
     "rsqrt",
+    "repeated",
     "scan",
     "scope",
     "sigmoid",

@@ -38,10 +38,15 @@ Example::
 
     >>> parse_roles("batch=img,mlp=ffn")
     {'batch': 'img', 'mlp': 'ffn'}
-    >>> base = BASELINES["fsdp"](graph, {"data": 4, "model": 2})      # doctest: +SKIP
-    >>> base = baseline("megatron", graph, {"model": 8}, roles={"batch": "img", "mlp": "ffn"})  # doctest: +SKIP
-    >>> plan, notes = predict(graph, {"data": 4, "model": 2}, base.layouts, "h100-node", train=True)  # doctest: +SKIP
-    >>> plan.step_time_s, plan.comm_bytes, plan.peak_memory_bytes      # doctest: +SKIP
+    >>> from meshjax import models
+    >>> ex = models.example("mlp-tiny", abstract=True, batch=8192, embed=1024, mlp=4096)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> base = BASELINES["fsdp"](graph, {"data": 4, "model": 2})
+    >>> str(base.layouts["mlp/w_in"])             # the largest dim split over every axis
+    '[embed, mlp:data+model]'
+    >>> plan, notes = predict(graph, {"data": 4, "model": 2}, base.layouts, "h100-node", train=True)
+    >>> notes, plan.step_time_s > 0
+    ([], True)
 """
 
 from __future__ import annotations
@@ -56,13 +61,12 @@ import numpy as np
 from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.errors import InfeasibleError, MeshjaxError
 from meshjax.graph import Graph, Tensor
-from meshjax.layout import Layout
+from meshjax.layout import Layout, MeshShape
 from meshjax.optimizer import Optimizer
 from meshjax.solver.ilp import solve_ilp
 from meshjax.solver.problem import Problem, build_problem
 from meshjax.solver.reduce import restrict
 
-MeshShape = Mapping[str, int]
 Wanted = Mapping[str, tuple[str, ...]]  # dim -> mesh axes a strategy wants for it
 
 

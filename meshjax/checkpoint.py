@@ -6,11 +6,12 @@ A checkpoint directory holds one numbered subdirectory per saved step (an orbax
 saved under one plan restores under any other: each process reads only the shards its target
 shardings ask for.
 
-Example::
+Example (``state`` from a :class:`~meshjax.train.TrainStep` of a plan on one mesh, restored
+under a plan of the same model on another)::
 
-    >>> save("ckpt", state, state.step)                                  # doctest: +SKIP
-    >>> trainer = make_train_step(plan_2x4, ex.loss, mesh_2x4, optax.adam(1e-3))
-    >>> state = restore("ckpt", plan_2x4, mesh_2x4, trainer.abstract_state())
+    save("ckpt", state, state.step)
+    trainer = make_train_step(plan_2x4, ex.loss, mesh_2x4, optax.adam(1e-3))
+    state = restore("ckpt", plan_2x4, mesh_2x4, trainer.abstract_state())
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 from meshjax.errors import MeshjaxError
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 from meshjax.params import path_name
 from meshjax.train import TrainState, opt_state_shardings, param_shardings
 
@@ -40,7 +41,7 @@ def state_leaves(state: TrainState) -> dict[str, Any]:
     (values may be arrays or ``ShapeDtypeStruct``). The names checkpoints are stored under."""
     out: dict[str, Any] = {}
     for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_named)[0]:
             name = path_name(path)
             out[f"{group}/{name}" if name else group] = leaf.value if isinstance(leaf, NamedArray) else leaf
     return out
@@ -50,7 +51,7 @@ def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None =
     """``state`` with every array replaced by ``values[name]`` (names from :func:`state_leaves`)."""
     trees = {}
     for group, tree in (("params", state.params), ("opt_state", state.opt_state)):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named_array)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_named)
         new = []
         for path, leaf in flat:
             name = path_name(path)
@@ -59,9 +60,6 @@ def replace_leaves(state: TrainState, values: dict[str, Any], step: int | None =
         trees[group] = jax.tree_util.tree_unflatten(treedef, new)
     return TrainState(trees["params"], trees["opt_state"], state.step if step is None else step)
 
-
-def _is_named_array(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 def _ocp():

@@ -8,9 +8,14 @@ adds a tensor and an op to the graph; inside a lowered program a :class:`Pinner`
 
 Example::
 
-    >>> with scope("mlp"):                   # doctest: +SKIP
-    ...     h = einsum("batch embed, embed mlp -> batch mlp", x, w, name="hidden")
-    # recorded as tensor "mlp/hidden"
+    >>> import meshjax as mj
+    >>> def f(params, x):
+    ...     with scope("mlp"):
+    ...         return mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w"], name="hidden")
+    >>> sizes = {"batch": 2, "embed": 4, "mlp": 8}
+    >>> graph = mj.trace(f, mj.abstract_params({"w": mj.param("embed mlp")}, sizes), mj.abstract("batch embed", sizes))
+    >>> graph.outputs
+    ('mlp/hidden',)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from meshjax.errors import TraceError
@@ -142,7 +148,7 @@ class Recorder(_Context):
             taken = self.tensors.get("/".join([*self.scopes, name]))
             if taken is not None and taken.role in ("param", "input"):
                 raise TraceError(
-                    f"{kind} op named {name!r} would share the name {taken.name!r} with a {taken.role}; "
+                    f"{kind} op named {name!r} would share its name with the {taken.role} {taken.name!r}; "
                     f"give the op another name"
                 )
         out_name = self.fresh_name(name or kind)
@@ -187,6 +193,7 @@ class Pinner(_Context):
         operand_specs: dict[str, tuple[jax.sharding.PartitionSpec | None, ...]] | None = None,
         recomputed: dict[str, tuple[bool, ...]] | None = None,
         computed_specs: dict[str, jax.sharding.PartitionSpec] | None = None,
+        remat: dict[str, tuple[str, ...]] | None = None,
     ):
         super().__init__()
         self.mesh = mesh
@@ -194,6 +201,8 @@ class Pinner(_Context):
         self.operand_specs = operand_specs or {}
         self.recomputed = recomputed or {}
         self.computed_specs = computed_specs or {}
+        # Scope prefix of a rematerialised block -> the tensor names its checkpoint saves.
+        self.remat = remat or {}
 
     def compute(self, base: str, arrays: Sequence[NamedArray], fn: Callable[[list[NamedArray]], Any]) -> tuple[list[NamedArray], Any]:
         op_name = self.peek_name(base)
@@ -265,7 +274,19 @@ class Pinner(_Context):
     def emit(self, kind, inputs, output, index, attrs, name, facts) -> tuple[NamedArray, str]:
         out_name = self.fresh_name(name or kind)
         with jax.named_scope(out_name):
-            return self.pin(output, out_name), out_name
+            pinned = self.pin(output, out_name)
+            if self.remat:  # names a checkpoint policy can save (an identity otherwise)
+                value = checkpoint_name(pinned.value, out_name)
+                pinned = NamedArray.tree_unflatten(pinned.dims, (value,))
+            return pinned, out_name
+
+    def remat_policy(self, prefix: str) -> Any:
+        """The ``jax.checkpoint`` policy of the block whose tensors are named ``prefix...``, or
+        None when the block keeps everything."""
+        names = self.remat.get(prefix)
+        if names is None:
+            return None
+        return jax.checkpoint_policies.save_only_these_names(*names)
 
     def pin_as(self, array: NamedArray, name: str) -> NamedArray:
         return self.pin(array, name)
@@ -289,9 +310,8 @@ def active(ctx: _Context) -> Iterator[_Context]:
 def scope(name: str) -> Iterator[None]:
     """Prefix the names of tensors made inside with ``name/``.
 
-    >>> with scope("block"):                 # doctest: +SKIP
-    ...     with scope("mlp"):
-    ...         h = einsum(..., name="hidden")   # tensor "block/mlp/hidden"
+    Scopes nest: ``scope("block")`` around ``scope("mlp")`` names an op ``hidden`` made inside
+    ``block/mlp/hidden``. Outside a trace or a lowered program a scope does nothing.
     """
     if "/" in name or not name:
         raise TraceError(f"scope name {name!r} must be non-empty and contain no '/'")
@@ -312,7 +332,11 @@ def compute(
     """How an op computes: ``fn(operands) -> value`` on its operands as the active context wants
     them (pinned when lowering). Returns ``(operands, value)``; pass the operands to :func:`emit`.
 
-    >>> operands, value = compute("exp", None, [x], lambda ops: jnp.exp(ops[0].value))   # doctest: +SKIP
+    >>> from meshjax.named import named
+    >>> x = named(jnp.zeros(3), "embed")
+    >>> operands, value = compute("exp", None, [x], lambda ops: jnp.exp(ops[0].value))
+    >>> value.tolist()                 # outside any context: computed as is
+    [1.0, 1.0, 1.0]
     """
     ctx = current()
     if ctx is None:
@@ -335,21 +359,7 @@ def emit(
     ``facts`` declares what the cost model needs beyond ``index`` (what the op's backward pass
     reads, whether it is a reduction); tracing an op without them is an error.
     """
-    return emit_with_name(kind, inputs, output, index, attrs, name, facts=facts)[0]
-
-
-def emit_with_name(
-    kind: str,
-    inputs: Sequence[NamedArray],
-    output: NamedArray,
-    index: IndexForm,
-    attrs: dict | None = None,
-    name: str | None = None,
-    *,
-    facts: OpFacts | None = None,
-) -> tuple[NamedArray, str | None]:
-    """:func:`emit`, also returning the tensor name given to the result (None outside a context)."""
     ctx = current()
     if ctx is None:
-        return output, None
-    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)
+        return output
+    return ctx.emit(kind, inputs, output, index, attrs or {}, name, facts)[0]

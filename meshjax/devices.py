@@ -108,8 +108,15 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.devices.shape))
+def mesh_shape(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
+    """Axis name -> size of a mesh (a ``{name: size}`` mapping is copied as it is).
+
+    >>> mesh_shape({"data": 4, "model": 2})
+    {'data': 4, 'model': 2}
+    """
+    if isinstance(mesh, Mapping):
+        return dict(mesh)
+    return dict(zip(mesh.axis_names, np.shape(mesh.devices)))
 
 
 # --- meshes over several processes --------------------------------------------------------------

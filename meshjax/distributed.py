@@ -17,10 +17,16 @@ Three ways to say who the processes are:
 
 Example (in each of two processes)::
 
-    >>> info = initialize("127.0.0.1:8476", 2, process_id, local_devices=4)   # doctest: +SKIP
-    >>> mesh = global_mesh({"data": 4, "model": 2})     # data spans the 2 processes, model stays local
-    >>> hw = hardware_for("cpu-sim", mesh)              # the process boundary is the slow link
-    >>> plan = solve(graph, mesh, hardware=hw, train=True)
+    info = initialize("127.0.0.1:8476", 2, process_id, local_devices=4)
+    mesh = global_mesh({"data": 4, "model": 2})     # data spans the 2 processes, model stays local
+    hw = hardware_for("cpu-sim", mesh)              # the process boundary is the slow link
+    plan = solve(graph, mesh, hardware=hw, train=True)
+
+In one process the same calls give the usual mesh and the profile unchanged:
+
+>>> mesh = global_mesh({"data": 4, "model": 2})
+>>> dict(mesh.shape), process_axes(mesh), hardware_for("cpu-sim", mesh).name
+({'data': 4, 'model': 2}, (), 'cpu-sim')
 """
 
 from __future__ import annotations

@@ -8,11 +8,15 @@ per-op code.
 
 Example::
 
-    >>> g = trace(mlp, params, x)            # doctest: +SKIP
-    >>> g.tensors["mlp/w_in"].dims
-    ('embed', 'mlp')
+    >>> from meshjax import models
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> g = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> g.tensors["mlp/w_in"].dims, g.tensors["mlp/w_in"].role
+    (('embed', 'mlp'), 'param')
     >>> [op.kind for op in g.ops][:2]
     ['einsum', 'gelu']
+    >>> g.producer["mlp/hidden"].index.reduced     # the einsum sums over embed
+    ('embed',)
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Tensor:
         """Whether gradients flow through this tensor's dtype (bfloat16 and float8 included)."""
         return is_floating(self.dtype)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
 
@@ -113,7 +117,15 @@ class OpFacts:
     - ``reduction``: a reduction (sum, max, log-sum-exp ...): XLA reduces a split dim locally and
       combines the smaller results; it never gathers the operand first;
     - ``slices``: its result is one trip's slice of its operand (a scan over a stacked weight):
-      the backward reads the slice from the operand, never from a copy of its own.
+      the backward reads the slice from the operand, never from a copy of its own;
+    - ``also_saves_result``: its backward reads its result besides the operands in ``saves``
+      (memory-efficient attention keeps q, k, v and its output); ``residuals`` may then be a
+      fraction (attention's per-row log-sum-exp);
+    - ``forward_scratch``, ``backward_scratch``: what its forward / backward pass holds while it
+      runs beyond its result and operands, in multiples of its result's bytes per device
+      (attention's float32 accumulator and score tiles);
+    - ``holds_operand_gradients``: its backward holds the gradients of all its operands at once
+      (a fused kernel's), in the layouts it computes in.
 
     >>> OpFacts.reading(2).saves
     (0, 1)
@@ -121,12 +133,16 @@ class OpFacts:
 
     saves: tuple[int, ...] = ()
     saves_result: bool = False
-    residuals: int = 0
+    residuals: float = 0
     reduction: bool = False
     slices: bool = False
-    scan_residuals: int | None = None
+    scan_residuals: float | None = None
+    also_saves_result: bool = False
+    forward_scratch: float = 0.0
+    backward_scratch: float = 0.0
+    holds_operand_gradients: bool = False
 
-    def residuals_in(self, scanned: bool) -> int:
+    def residuals_in(self, scanned: bool) -> float:
         """Tensors of the result's size kept besides operands and result, in a scan or not."""
         return self.scan_residuals if scanned and self.scan_residuals is not None else self.residuals
 

@@ -8,7 +8,7 @@ Example::
 
     >>> layout = Layout(("batch", "embed"), (("data",), ()))
     >>> layout.spec()
-    PartitionSpec('data', None)
+    P('data',)
     >>> parse_rules("batch:data;mlp:model,seq=none")
     {'batch': ('data',), 'mlp': ('model',), 'seq': ()}
 """
@@ -46,14 +46,14 @@ class Layout:
     @classmethod
     def from_mapping(cls, dims: tuple[str, ...], mapping: Mapping[str, Any]) -> Layout:
         """``Layout.from_mapping(("batch", "embed"), {"batch": "data"})``."""
-        return cls(tuple(dims), tuple(_as_axes(mapping.get(d)) for d in dims))
+        return cls(tuple(dims), tuple(axes_of(mapping.get(d)) for d in dims))
 
     @classmethod
     def from_spec(cls, dims: tuple[str, ...], spec: PartitionSpec) -> Layout:
         entries = tuple(spec) + (None,) * (len(dims) - len(spec))
         if len(entries) != len(dims):
             raise LayoutError(f"spec {spec} has more entries than dims {' '.join(dims)!r}")
-        return cls(tuple(dims), tuple(_as_axes(e) for e in entries))
+        return cls(tuple(dims), tuple(axes_of(e) for e in entries))
 
     def of(self, dim: str) -> tuple[str, ...]:
         return self.axes[self.dims.index(dim)]
@@ -69,7 +69,7 @@ class Layout:
 
     def spec(self) -> PartitionSpec:
         """The ``PartitionSpec``: ``None``, an axis name, or a tuple of axis names per dim."""
-        entries = [None if not a else a[0] if len(a) == 1 else tuple(a) for a in self.axes]
+        entries = [spec_entry(a) for a in self.axes]
         while entries and entries[-1] is None:
             entries.pop()
         return PartitionSpec(*entries)
@@ -85,12 +85,26 @@ class Layout:
         return "[" + ", ".join(f"{d}:{'+'.join(a)}" if a else d for d, a in zip(self.dims, self.axes)) + "]"
 
 
-def _as_axes(entry: Any) -> tuple[str, ...]:
+def axes_of(entry: Any) -> tuple[str, ...]:
+    """A ``PartitionSpec`` entry (``None``, an axis name or a sequence of them) as a tuple of axes.
+
+    >>> axes_of(None), axes_of("data"), axes_of(["data", "model"])
+    ((), ('data',), ('data', 'model'))
+    """
     if entry is None:
         return ()
     if isinstance(entry, str):
         return (entry,)
     return tuple(entry)
+
+
+def spec_entry(axes: tuple[str, ...]) -> None | str | tuple[str, ...]:
+    """The inverse of :func:`axes_of`: ``()`` -> ``None``, one axis -> its name, more -> a tuple.
+
+    >>> spec_entry(()), spec_entry(("data",)), spec_entry(("data", "model"))
+    (None, 'data', ('data', 'model'))
+    """
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def validate(tensor: Tensor, layout: Layout, mesh_shape: MeshShape) -> None:
@@ -133,7 +147,7 @@ def parse_rules(rules: str | Mapping[str, Any] | None) -> Rules:
     if rules is None:
         return {}
     if isinstance(rules, Mapping):
-        return {str(k): _as_axes(v) for k, v in rules.items()}
+        return {str(k): axes_of(v) for k, v in rules.items()}
     out: Rules = {}
     current: str | None = None
     for token in re.split(r"[;,]", rules):

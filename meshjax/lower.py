@@ -11,11 +11,7 @@ matmul) keeps the operand as it came and reshards it again in the backward pass,
 keeping the gathered copy alive in between (the Pinner wraps the op in a ``jax.custom_vjp``).
 Memory stays what the plan predicts; the cost model charges the second gather.
 
-Example::
-
-    >>> program = Program(loss, graph, mesh, layouts)                    # doctest: +SKIP
-    >>> loss_value = program.jit()(params, x)
-    >>> loss_value, grads = program.jit(grad=True)(params, x)
+:class:`Program` shows an example, and the plain ``jax.jit`` program it amounts to.
 """
 
 from __future__ import annotations
@@ -28,12 +24,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshjax import context
 from meshjax.cost.memory import keeps_operand
+from meshjax.cost.remat import saved_names
 from meshjax.devices import auto_axes, mesh_shape
 from meshjax import validate as checks
 from meshjax.errors import TraceError
 from meshjax.graph import Graph
 from meshjax.layout import Layout, validate
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 
 
 def named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
@@ -52,7 +49,38 @@ def sharding_tree(signature: Any, mesh: Mesh, specs: Mapping[str, PartitionSpec]
 
 
 class Program:
-    """``fn`` (as traced into ``graph``) laid out on ``mesh`` by ``layouts`` (name -> Layout)."""
+    """``fn`` (as traced into ``graph``) laid out on ``mesh`` by ``layouts`` (name -> Layout).
+
+    >>> from meshjax import models
+    >>> from meshjax.devices import make_mesh
+    >>> from meshjax.layout import layout_from_rules
+    >>> ex = models.example("mlp-tiny")
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> mesh = make_mesh({"data": 4, "model": 2})
+    >>> program = Program(ex.loss, graph, mesh, layout_from_rules(graph, mesh.shape, "batch:data;mlp:model"))
+    >>> loss = program.jit()(ex.params, *ex.batch)
+    >>> loss, grads = program.jit(grad=True)(ex.params, *ex.batch)
+    >>> grads["mlp"]["w_in"].value.sharding.spec
+    P(None, 'model')
+
+    It is the program one would write by hand with ``jax.jit`` and
+    ``jax.lax.with_sharding_constraint``, every tensor pinned to its planned spec (here the MLP
+    of :mod:`meshjax.models.mlp`):
+
+    >>> from jax.sharding import NamedSharding
+    >>> def pin(value, tensor):
+    ...     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, program.layouts[tensor].spec()))
+    >>> @jax.jit
+    ... def by_hand(w_in, w_out, x, target):
+    ...     h = pin(jax.nn.gelu(pin(jnp.einsum("be,em->bm", x, w_in), "mlp/hidden")), "mlp/act")
+    ...     y = pin(x + pin(jnp.einsum("bm,me->be", h, w_out), "mlp/out"), "mlp/residual")
+    ...     return jnp.mean(jnp.square(y - target))
+    >>> w = ex.params["mlp"]
+    >>> by_hand(w["w_in"].value, w["w_out"].value, *(b.value for b in ex.batch))  # doctest: +ELLIPSIS
+    Array(..., dtype=float32)
+    >>> bool(jnp.allclose(_, loss.value))
+    True
+    """
 
     def __init__(
         self,
@@ -62,6 +90,7 @@ class Program:
         layouts: Mapping[str, Layout],
         operand_layouts: Mapping[str, tuple[Layout, ...]] | None = None,
         computed_layouts: Mapping[str, Layout] | None = None,
+        remat: Mapping[str, str] | None = None,
     ):
         if graph.signature is None:
             raise TraceError("the graph has no signature: make it with meshjax.trace")
@@ -87,6 +116,15 @@ class Program:
             for name, operand in (operand_layouts or {}).items()
             if name in ops
         }
+        # Scope prefix of each rematerialised block (instance) -> the names its checkpoint saves.
+        self.remat = {}
+        for unit, policy in (remat or {}).items():
+            if policy == "none":
+                continue
+            block = graph.blocks[unit]
+            prefixes = block.instances if block.kind == "unrolled" else (unit + "/",)
+            for prefix in prefixes:
+                self.remat[prefix] = saved_names(graph, unit, policy, prefix)
         shape = mesh_shape(self.mesh)
         for name, layout in self.layouts.items():
             validate(graph.tensor(name), layout, shape)
@@ -143,7 +181,7 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs)
+            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, self.remat)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)
@@ -161,7 +199,7 @@ class Program:
         leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(sig.dims, values)]
         params, args = jax.tree_util.tree_unflatten(sig.treedef, leaves)
         out = self.pinned_fn()(params, *args)
-        return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, NamedArray))
+        return jax.tree_util.tree_leaves(out, is_leaf=is_named)
 
 
 class Jitted:
@@ -196,7 +234,9 @@ class Jitted:
             donate_argnums=(0,) if donate_params else (),
         )
 
-    def _split(self, params: Any, args: tuple, abstract: bool = False) -> tuple[list, list]:
+    def arguments(self, params: Any, args: tuple, abstract: bool = False) -> tuple[list, list]:
+        """The flat ``(param values, input values)`` the jitted function takes (as
+        ``ShapeDtypeStruct`` when ``abstract``): call a compiled program with them."""
         p = self.program
         leaves = p.graph.signature.flatten(params, *args)
         checks.arrays_match(p.graph, p.graph.signature.names, leaves)
@@ -207,15 +247,15 @@ class Jitted:
 
     def __call__(self, params: Any, *args: Any):
         graph = self.program.graph
-        result = self._jitted(*self._split(params, args))
+        result = self._jitted(*self.arguments(params, args))
         if not self.grad:
             out_dims = [graph.tensors[n].dims for n in graph.outputs]
             leaves = [NamedArray.tree_unflatten(d, (v,)) for d, v in zip(out_dims, result)]
             return jax.tree_util.tree_unflatten(graph.out_tree, leaves)
         loss, grads = result
-        param_leaves, param_def = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, NamedArray))
+        param_leaves, param_def = jax.tree_util.tree_flatten(params, is_leaf=is_named)
         grad_leaves = [NamedArray.tree_unflatten(leaf.dims, (g,)) for leaf, g in zip(param_leaves, grads)]
         return NamedArray.tree_unflatten((), (loss,)), jax.tree_util.tree_unflatten(param_def, grad_leaves)
 
     def lower(self, params: Any, *args: Any) -> jax.stages.Lowered:
-        return self._jitted.lower(*self._split(params, args, abstract=True))
+        return self._jitted.lower(*self.arguments(params, args, abstract=True))

@@ -55,6 +55,19 @@ def format_dims(dims: Iterable[str]) -> str:
     return " ".join(dims)
 
 
+def _binary_method(fn_name: str, swap: bool = False):
+    """``NamedArray.__add__`` and kin: the recorded elementwise op ``fn_name`` (operands swapped
+    for the reflected ``__radd__`` ...)."""
+
+    def method(self, other):
+        from meshjax import ops
+
+        return ops.elementwise(fn_name, *((other, self) if swap else (self, other)))
+
+    method.__name__ = f"__{'r' if swap else ''}{fn_name}__"
+    return method
+
+
 @jax.tree_util.register_pytree_node_class
 class NamedArray:
     """An array whose axes are named.
@@ -139,43 +152,30 @@ class NamedArray:
         )
 
     # --- operators route to the recorded elementwise ops ------------------------------------
-    def _binary(self, other, fn_name: str, swap: bool = False):
-        from meshjax import ops
-
-        a, b = (other, self) if swap else (self, other)
-        return ops.elementwise(fn_name, a, b)
-
-    def __add__(self, o):
-        return self._binary(o, "add")
-
-    def __radd__(self, o):
-        return self._binary(o, "add", swap=True)
-
-    def __sub__(self, o):
-        return self._binary(o, "subtract")
-
-    def __rsub__(self, o):
-        return self._binary(o, "subtract", swap=True)
-
-    def __mul__(self, o):
-        return self._binary(o, "multiply")
-
-    def __rmul__(self, o):
-        return self._binary(o, "multiply", swap=True)
-
-    def __truediv__(self, o):
-        return self._binary(o, "divide")
-
-    def __rtruediv__(self, o):
-        return self._binary(o, "divide", swap=True)
-
-    def __pow__(self, o):
-        return self._binary(o, "power")
+    __add__ = _binary_method("add")
+    __radd__ = _binary_method("add", swap=True)
+    __sub__ = _binary_method("subtract")
+    __rsub__ = _binary_method("subtract", swap=True)
+    __mul__ = _binary_method("multiply")
+    __rmul__ = _binary_method("multiply", swap=True)
+    __truediv__ = _binary_method("divide")
+    __rtruediv__ = _binary_method("divide", swap=True)
+    __pow__ = _binary_method("power")
 
     def __neg__(self):
         from meshjax import ops
 
         return ops.elementwise("negative", self)
+
+
+def is_named(x: Any) -> bool:
+    """Whether ``x`` is a :class:`NamedArray`: the ``is_leaf`` of every pytree walk over named
+    arrays (a NamedArray is itself a pytree node).
+
+    >>> is_named(named(np.ones(2), "batch")), is_named(np.ones(2))
+    (True, False)
+    """
+    return isinstance(x, NamedArray)
 
 
 def named(value: Any, dims: DimsLike) -> NamedArray:

@@ -31,7 +31,7 @@ __all__ = [
     "einsum", "elementwise", "exp", "log", "tanh", "relu", "gelu", "silu", "sigmoid", "square",
     "sqrt", "rsqrt", "maximum", "minimum", "where", "mask", "cast", "greater_equal", "sum", "mean", "max",
     "softmax", "logsumexp", "layer_norm", "rms_norm", "embed", "cross_entropy", "split_dim",
-    "merge_dims", "rename", "arange", "parse_einsum",
+    "merge_dims", "rename", "arange", "parse_einsum", "attention",
 ]
 
 
@@ -70,7 +70,7 @@ def parse_einsum(spec: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...
 def einsum(spec: str, *operands: NamedArray, name: str | None = None, precision=None) -> NamedArray:
     """Contract named arrays by a named spec. Operands may hold their dims in any order.
 
-    >>> x = named(jnp.ones((2, 3)), "embed batch")
+    >>> x = named(jnp.ones((3, 2)), "embed batch")
     >>> w = named(jnp.ones((3, 5)), "embed mlp")
     >>> einsum("batch embed, embed mlp -> batch mlp", x, w).shape
     (2, 5)
@@ -466,6 +466,139 @@ def cross_entropy(logits: NamedArray, targets: NamedArray, *, vocab: str = "voca
     )
     facts = OpFacts.reading(2, reduction=True)
     return emit("cross_entropy", [logits, targets], NamedArray(value, keep), index, {"vocab": vocab}, name, facts=facts)
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def attention(
+    q: NamedArray,
+    k: NamedArray,
+    v: NamedArray,
+    *,
+    seq: str = "seq",
+    key_seq: str = "key_seq",
+    heads: str = "heads",
+    kv_heads: str | None = None,
+    head_dim: str = "head_dim",
+    causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+    block: int | None = None,
+    name: str | None = None,
+) -> NamedArray:
+    """``softmax(q k * scale) v`` over ``key_seq`` per head, as ONE op that keeps no
+    ``[..., seq, key_seq]`` tensor (see :mod:`meshjax.flash` for the kernels).
+
+    ``q`` has dims ``seq``, ``heads`` and ``head_dim``; ``k`` and ``v`` have ``key_seq``,
+    ``head_dim`` and either ``heads`` or, with grouped key/value heads, ``kv_heads`` (which must
+    divide ``heads``; query head ``h`` reads key head ``h // (heads // kv_heads)``). Every other
+    dim (``batch``) is on all three. The result has ``q``'s dims. ``scale`` defaults to
+    ``1/sqrt(head_dim)``; ``causal`` lets query ``i`` see keys ``0..i``.
+
+    Its loop dims are the batch dims, ``kv_heads`` (or ``heads``), the query heads per key head
+    (``group``, kept whole), ``seq``, ``key_seq`` and ``head_dim``, the last two reduced and kept
+    whole: a strategy splits batch, heads (key heads with them) and the query sequence, whose
+    keys and values then arrive gathered (context parallelism).
+
+    >>> q = named(jnp.ones((2, 8, 4, 16)), "batch seq heads head_dim")
+    >>> kv = named(jnp.ones((2, 8, 2, 16)), "batch key_seq kv_heads head_dim")
+    >>> attention(q, kv, kv, kv_heads="kv_heads", causal=True).sizes
+    {'batch': 2, 'seq': 8, 'heads': 4, 'head_dim': 16}
+    """
+    from meshjax import flash
+
+    for array, what in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(array, NamedArray):
+            raise ShapeError(f"attention: {what} is not a NamedArray")
+    kv_dim = kv_heads or heads
+    for array, what, needs in ((q, "q", (seq, heads, head_dim)), (k, "k", (key_seq, kv_dim, head_dim)), (v, "v", (key_seq, kv_dim, head_dim))):
+        missing = [d for d in needs if d not in array.dims]
+        if missing:
+            raise ShapeError(f"attention: {what} has dims {format_dims(array.dims)!r}, it lacks dim {missing[0]!r}")
+    batch = tuple(d for d in q.dims if d not in (seq, heads, head_dim))
+    for array, what in ((k, "k"), (v, "v")):
+        if sorted(array.dims) != sorted((*batch, key_seq, kv_dim, head_dim)):
+            raise ShapeError(
+                f"attention: {what} has dims {format_dims(array.dims)!r}, expected {format_dims((*batch, key_seq, kv_dim, head_dim))!r}"
+            )
+    if k.sizes != v.sizes:
+        raise ShapeError(f"attention: k and v differ in size: {k.sizes} and {v.sizes}")
+    check_sizes([q, k, v], context="attention")
+    n_heads, n_kv = q.size(heads), k.size(kv_dim)
+    if n_heads % n_kv:
+        raise ShapeError(f"attention: dim {heads!r} of size {n_heads} is not a multiple of dim {kv_dim!r} of size {n_kv}")
+    n_batch = _prod(q.size(d) for d in batch)
+    q_order, kv_order = (*batch, seq, heads, head_dim), (*batch, key_seq, kv_dim, head_dim)
+    width = flash.DEFAULT_BLOCK if block is None else int(block)
+
+    def run(operands: list[NamedArray]):
+        q, k, v = operands
+        qv = q.align_to(q_order).reshape(n_batch, q.size(seq), n_heads, -1)
+        kv_shape = (n_batch, k.size(key_seq), n_kv, -1)
+        out = flash.dot_product_attention(
+            qv, k.align_to(kv_order).reshape(kv_shape), v.align_to(kv_order).reshape(kv_shape),
+            causal=causal, scale=scale, implementation=implementation, block=width,
+        )
+        out = out.reshape(*(q.size(d) for d in q_order))
+        return jnp.transpose(out, [q_order.index(d) for d in q.dims])
+
+    (q, k, v), value = compute("attention", name, [q, k, v], run)
+    # Query heads walk the key heads they read (row-major: heads = kv_heads x group), so a split
+    # of heads is a split of kv_heads; ``group`` stays whole.
+    grouped = kv_heads is not None
+    group = f"{heads}_per_{kv_dim}"
+    loop = (
+        *((d, q.size(d)) for d in batch),
+        (kv_dim, n_kv),
+        *(((group, n_heads // n_kv),) if grouped else ()),
+        (seq, q.size(seq)),
+        (key_seq, k.size(key_seq)),
+        (head_dim, q.size(head_dim)),
+    )
+    walk = {heads: kv_dim}
+    q_loop = tuple(walk.get(d, d) for d in q.dims)
+    index = IndexForm(
+        loop=loop,
+        operands=(q_loop, k.dims, v.dims),
+        result=q_loop,
+        reduced=(key_seq, head_dim),
+        whole=(key_seq, head_dim, *((group,) if grouped else ())),
+        flops=float(4 * _prod(s for _, s in loop)),  # q k and p v
+    )
+    attrs = {
+        "causal": causal, "scale": scale, "seq": seq, "key_seq": key_seq, "heads": heads,
+        "kv_heads": kv_dim, "head_dim": head_dim, "block": flash.block_size(k.size(key_seq), width),
+    }
+    return emit("attention", [q, k, v], NamedArray(value, q.dims), index, attrs, name, facts=_attention_facts(q, width, k.size(key_seq), head_dim))
+
+
+# Float32 tiles ``[..., seq, block]`` the blockwise kernel holds at once (read from XLA:CPU's buffer
+# assignments): the forward's scores and probabilities; the backward's scores, probabilities,
+# their gradients and the copies fusion makes of them.
+ATTENTION_FORWARD_TILES = 2
+ATTENTION_BACKWARD_TILES = 6
+
+
+def _attention_facts(q: NamedArray, block: int, keys: int, head_dim: str) -> OpFacts:
+    """What memory-efficient attention keeps and holds, in multiples of its output (q's shape):
+    it keeps q, k, v, its output and the float32 log-sum-exp per row (``4 / itemsize / head_dim``
+    of the output); its forward holds a float32 accumulator and score tiles, its backward the
+    gradients of q, k and v (q's accumulated in float32) and more tiles; never a ``[..., seq,
+    key_seq]`` tensor."""
+    from meshjax import flash
+
+    f32 = 4 / q.dtype.itemsize  # a float32 copy of the output, in outputs
+    tile = f32 * flash.block_size(keys, block) / q.size(head_dim)  # one [rows, block] tile
+    return OpFacts.reading(
+        3,
+        also_saves_result=True,
+        residuals=f32 / q.size(head_dim),
+        forward_scratch=f32 + ATTENTION_FORWARD_TILES * tile,
+        backward_scratch=(f32 - 1) + ATTENTION_BACKWARD_TILES * tile,
+        holds_operand_gradients=True,
+    )
+
 
 
 # --- reshaping -------------------------------------------------------------------------------

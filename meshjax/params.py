@@ -53,7 +53,8 @@ class Constant:
         return np.full(shape, self.value, dtype)
 
 
-def _seed_words(key: Any) -> list[int]:
+def seed_words(key: Any) -> list[int]:
+    """The integers a numpy generator is seeded with: an int seed, or a JAX key's data."""
     if isinstance(key, int):
         return [key]
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -100,7 +101,7 @@ def init_params(decls: Any, sizes: Mapping[str, int], key: jax.Array) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(decls, is_leaf=_is_decl)
     on_device = any(not hasattr(getattr(d, "init", None), "host") for _, d in leaves)
-    seed = _seed_words(key)
+    seed = seed_words(key)
     if isinstance(key, int):
         key = jax.random.key(key)
     keys = jax.random.split(key, max(1, len(leaves))) if on_device else None

@@ -2,12 +2,19 @@
 
 Example::
 
-    >>> plan = solve(graph, {"data": 4, "model": 2}, hardware="h100-node", train=True)   # doctest: +SKIP
-    >>> plan.specs["block_0/mlp/w_in"]
-    PartitionSpec(None, 'model')
+    >>> from meshjax import models
+    >>> from meshjax.solve import solve
+    >>> ex = models.example("mlp-tiny", abstract=True, batch=8192, embed=1024, mlp=4096)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> plan = solve(graph, {"data": 4, "model": 2}, hardware="cpu-sim", train=True)
+    >>> plan.specs["mlp/w_in"], plan.specs["x"]
+    (P(None, 'model'), P('data',))
     >>> plan.rules                       # for nnx.logical_axis_rules, when uniform per name
-    >>> print(plan.summary())
-    >>> program = plan.program(loss, mesh)   # a jax.jit program with every tensor pinned
+    {'embed': (), 'mlp': ('model',), 'batch': ('data',)}
+    >>> print(plan.summary())            # doctest: +ELLIPSIS
+    mesh {'data': 4, 'model': 2} on cpu-sim: step ... ms (comm ... ms, compute ... ms), comm 25.17 MB, ...
+    >>> from meshjax.devices import make_mesh
+    >>> program = plan.program(ex.loss, make_mesh({"data": 4, "model": 2}))   # jax.jit, every tensor pinned
 """
 
 from __future__ import annotations
@@ -18,14 +25,13 @@ from typing import Any
 
 from jax.sharding import Mesh, PartitionSpec
 
-from meshjax import report
-from meshjax.cost.collectives import Collective
+from meshjax import devices, report
 from meshjax.cost.hardware import Hardware
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
-from meshjax.layout import Layout, Rules, rules_conflict, rules_of
+from meshjax.layout import Layout, Rules, rules_conflict, rules_of, spec_entry
 from meshjax.optimizer import Optimizer
-from meshjax.solver.evaluate import OpCost
+from meshjax.solver.evaluate import OpCost, StepTotals
 from meshjax.solver.ilp import Solution
 from meshjax.solver.problem import Problem
 
@@ -44,7 +50,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(StepTotals):
     """A frozen record of what was solved: a layout per tensor (and per op operand, per param's
     optimizer state), the settings, and the figures :func:`meshjax.solver.evaluate.evaluate`
     priced for the choice. The plan never prices anything itself: its step time is the ILP's
@@ -64,6 +70,8 @@ class Plan:
     # Op name -> the layout an op computes its result in before a reduce-scatter or gather
     # moves it to its planned layout (pinned first when lowered).
     computed_layouts: Mapping[str, Layout] = field(default_factory=dict)
+    remat: Mapping[str, str] = field(default_factory=dict)  # training: repeated block -> policy
+    microbatches: int = 1  # training: ``graph`` is one of this many micro-batches of the step
 
     # --- what users read ---------------------------------------------------------------------
     @property
@@ -112,28 +120,7 @@ class Plan:
         rules = self.rules
         if rules is None:
             return None
-        return [(d, None if not a else a[0] if len(a) == 1 else tuple(a)) for d, a in rules.items()]
-
-    @property
-    def collectives(self) -> list[Collective]:
-        return [c for cost in self.op_costs for c in cost.collectives]
-
-    @property
-    def comm_bytes(self) -> float:
-        """Predicted comm bytes per step, defined as in :mod:`meshjax.inspect`."""
-        return sum(c.comm_bytes for c in self.collectives)
-
-    @property
-    def comm_time_s(self) -> float:
-        return sum(c.comm_time for c in self.op_costs)
-
-    @property
-    def compute_time_s(self) -> float:
-        return sum(c.compute_time for c in self.op_costs)
-
-    @property
-    def step_time_s(self) -> float:
-        return self.comm_time_s + self.compute_time_s
+        return [(d, spec_entry(a)) for d, a in rules.items()]
 
     def memory_breakdown(self) -> dict[str, float]:
         """Predicted bytes per device by kind (:data:`meshjax.solver.evaluate.MEMORY_KINDS`) and
@@ -173,11 +160,12 @@ class Plan:
         """The jit program of ``fn`` (the traced function) with every tensor pinned."""
         from meshjax.lower import Program
 
-        shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+        shape = devices.mesh_shape(mesh)
         if shape != self.mesh_shape:
             raise InfeasibleError(f"plan is for mesh {self.mesh_shape}, got {shape}")
         return Program(
-            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts)
+            fn, self.graph, mesh, dict(self.layouts), dict(self.operand_layouts), dict(self.computed_layouts),
+            dict(self.remat),
         )
 
     # --- output (meshjax.report) --------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from meshjax.layout import spec_entry
 from meshjax.units import format_bytes
 
 if TYPE_CHECKING:
@@ -16,15 +17,14 @@ if TYPE_CHECKING:
 def tensor_rows(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for name, t in plan.graph.tensors.items():
-        spec = plan.layouts[name].spec()
+        entries = [spec_entry(axes) for axes in plan.layouts[name].axes]
         rows.append(
             {
                 "name": name,
                 "dims": list(t.dims),
                 "shape": list(t.shape),
                 "role": t.role,
-                "spec": [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-                + [None] * (len(t.dims) - len(spec)),
+                "spec": [list(e) if isinstance(e, tuple) else e for e in entries],
             }
         )
     return rows
@@ -49,12 +49,23 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "peak_memory_bytes": plan.peak_memory_bytes,
             "memory": plan.memory_breakdown(),
         },
+        "remat": remat_json(plan),
+        "microbatches": plan.microbatches,
         "solver": {
             "status": plan.solution.status if plan.solution else "manual",
             "gap": plan.solution.gap if plan.solution else 0.0,
         },
         "solve_time_s": plan.solve_time_s,
     }
+
+def remat_json(plan: Plan) -> dict[str, str]:
+    """Every repeated block with its rematerialisation policy (``none`` where none applies)."""
+    from meshjax.cost.remat import remat_units
+
+    if not plan.train:
+        return {}
+    return {unit: plan.remat.get(unit, "none") for unit in remat_units(plan.graph)}
+
 
 def dumps(plan: Plan) -> str:
     return json.dumps(to_json(plan), indent=2)
@@ -99,6 +110,17 @@ def summary(plan: Plan) -> str:
         f"(comm {plan.comm_time_s * 1e3:.4f} ms, compute {plan.compute_time_s * 1e3:.4f} ms), "
         f"comm {format_bytes(plan.comm_bytes)}, memory {format_bytes(mem['total'])}/device, "
         f"solved in {plan.solve_time_s:.3f} s"
+        + _levers(plan)
     )
+
+
+def _levers(plan: Plan) -> str:
+    if not plan.train:
+        return ""
+    remat = remat_json(plan)
+    text = f"; micro-batches {plan.microbatches}"
+    if remat:
+        text += "; remat " + ", ".join(f"{unit}: {policy}" for unit, policy in remat.items())
+    return text
 
 

@@ -2,9 +2,16 @@
 
 Example::
 
-    >>> def block(h, w):                        # doctest: +SKIP
-    ...     return relu(einsum("batch embed, embed embed2 -> batch embed2", h, w)), None
-    >>> h, _ = scan(block, x, stacked_w, dim="layers")   # stacked_w: "layers embed embed2"
+    >>> import jax.numpy as jnp
+    >>> import meshjax as mj
+    >>> def block(h, w):
+    ...     h = mj.relu(mj.einsum("batch embed, embed hidden -> batch hidden", h, w))
+    ...     return mj.rename(h, {"hidden": "embed"}), None
+    >>> x = mj.named(jnp.ones((2, 4)), "batch embed")
+    >>> stacked_w = mj.named(jnp.full((3, 4, 4), 0.5), "layers embed hidden")
+    >>> h, _ = scan(block, x, stacked_w, dim="layers")   # three layers, one traced body
+    >>> h.dims, h.value[0, 0].item()                      # each layer doubles: 1 -> 2 -> 4 -> 8
+    (('batch', 'embed'), 8.0)
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ import jax
 from meshjax import context
 from meshjax.errors import ShapeError
 from meshjax.graph import LINEAR, Block, IndexForm, OpFacts
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 
 
 def _leaves(tree: Any, what: str) -> tuple[list[NamedArray], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, NamedArray))
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_named)
     for leaf in leaves:
         if not isinstance(leaf, NamedArray):
             raise ShapeError(f"scan: every leaf of {what} must be a NamedArray, got {type(leaf).__name__}")
@@ -43,8 +50,27 @@ def scan(
     """``jax.lax.scan`` over the ``dim`` axis of every leaf of ``xs``.
 
     ``body(carry, x) -> (carry, y)`` sees ``x`` without ``dim``; the stacked ``y`` gets ``dim``
-    in front. Tensors made inside are named under the scope ``name``.
+    in front. Tensors made inside are named under the scope ``name``. When the program being
+    lowered pipelines ``dim`` over a stage mesh axis, the scan runs as that pipeline
+    (:mod:`meshjax.pipeline.lower`); its graph is the same.
     """
+    pipeline = getattr(context.current(), "pipeline", None)
+    if pipeline is not None and pipeline.dim == dim:
+        from meshjax.pipeline.lower import pipelined_scan
+
+        return pipelined_scan(body, carry, xs, dim=dim, name=name)
+    return scan_unpipelined(body, carry, xs, dim=dim, name=name)
+
+
+def scan_unpipelined(
+    body: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any,
+    *,
+    dim: str = "layers",
+    name: str = "layers",
+) -> tuple[Any, Any]:
+    """:func:`scan` as one ``jax.lax.scan`` (a pipeline stage runs its layers this way)."""
     carry_leaves, carry_def = _leaves(carry, "the carry")
     x_leaves, x_def = _leaves(xs, "xs")
     lengths = {leaf.size(dim) for leaf in x_leaves}
@@ -68,9 +94,9 @@ def scan(
                 c_in, c_names = [], []
                 for outer, value in zip(carry_leaves, carry_values):
                     index = _identity_index(outer.dims, outer.sizes)
-                    inner, inner_name = context.emit_with_name(
-                        "loop_carry", [outer], NamedArray(value, outer.dims), index, name="carry", facts=LINEAR
-                    )
+                    inner, inner_name = NamedArray(value, outer.dims), None
+                    if ctx is not None:  # the carry's name inside the loop, for its back edge
+                        inner, inner_name = ctx.emit("loop_carry", [outer], inner, index, {}, "carry", LINEAR)
                     c_in.append(inner)
                     c_names.append(inner_name)
                 x_in = []
@@ -107,7 +133,10 @@ def scan(
         return [c.value for c in c_out], [leaf.value for leaf in y_leaves]
 
     stacked_x = [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves]
-    final_values, stacked_y = jax.lax.scan(step, [c.value for c in carry_leaves], stacked_x, length=length)
+    policy = ctx.remat_policy(block.name + "/") if hasattr(ctx, "remat_policy") else None
+    # A rematerialised body keeps only what its policy saves; the backward pass recomputes the rest.
+    body_fn = step if policy is None else jax.checkpoint(step, policy=policy, prevent_cse=False)
+    final_values, stacked_y = jax.lax.scan(body_fn, [c.value for c in carry_leaves], stacked_x, length=length)
 
     ctx = context.current()
     with context.scope(name):

@@ -32,6 +32,8 @@ def plan_from_choice(problem: Problem, solution: Solution, solve_time: float, me
     priced = evaluate(problem, choice)
     settings = Settings(problem.hardware, problem.train, memory_budget, problem.optimizer, problem.zero)
     return Plan(
+        remat=dict(problem.remat),
+        microbatches=problem.microbatches,
         graph=problem.graph,
         mesh_shape=dict(problem.mesh_shape),
         settings=settings,
@@ -60,6 +62,8 @@ def solve(
     time_limit: float | None = None,
     optimizer: Optimizer | str | None = None,
     zero: bool = False,
+    remat: str | Mapping[str, str] = "none",
+    microbatches: int | str = 1,
 ) -> Plan:
     """Choose a layout for every tensor of ``graph`` minimising predicted step time.
 
@@ -74,7 +78,15 @@ def solve(
     uses by default); ``None`` (the default here) sets no budget. Layouts that do not fit are
     excluded; if none fits, the one-line error gives the least memory any layout needs, the
     tensors that take most of it, and what would make it fit.
+
+    In training, ``remat`` is a policy for every repeated block (``"none"``, ``"selective"``,
+    ``"full"``), a mapping block -> policy, or ``"auto"``: the solver picks it per scanned block
+    together with the layouts. ``microbatches`` is the number of micro-batches the global batch
+    is split into (gradient accumulation), or ``"auto"``: the solver picks it among the divisors
+    of the batch. See :mod:`meshjax.levers`.
     """
+    from meshjax.levers import search
+
     start = time.perf_counter()
     mesh_shape = validate.mesh_shape(mesh)
     hw = get_hardware(hardware)
@@ -84,13 +96,15 @@ def solve(
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
     validate.rules(constraints.rules, graph, mesh_shape)
     validate.pins(constraints.pins, graph, mesh_shape)
-    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
-    try:
-        solution = solve_ilp(problem, memory_budget=budget, time_limit=time_limit)
-    except InfeasibleError:
-        if budget is None:
-            raise
-        raise _memory_infeasible(problem, budget) from None
+
+    def build(g: Graph, policies: Mapping[str, str], k: int, cache: dict, edges: bool = True) -> Problem:
+        return build_problem(
+            g, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero,
+            remat=policies, microbatches=k, cache=cache, edges=edges,
+        )
+
+    problem, solution = search(graph, build, train=train, remat=remat, microbatches=microbatches,
+                               memory_budget=budget, time_limit=time_limit, infeasible=_memory_infeasible)
     return plan_from_choice(problem, solution, time.perf_counter() - start, budget)
 
 

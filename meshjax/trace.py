@@ -5,12 +5,15 @@ argument names (``x``, ``batch/tokens``), activations by scope and op (``block/m
 
 Example::
 
-    >>> def loss(params, x):                                 # doctest: +SKIP
-    ...     h = mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w_in"])
+    >>> import meshjax as mj
+    >>> def loss(params, x):
+    ...     h = mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w_in"], name="h")
     ...     return mj.mean(mj.square(h), "batch mlp")
-    >>> graph = trace(loss, params, x)
-    >>> sorted(graph.tensors)[:2]
-    ['einsum', 'mean']
+    >>> sizes = {"batch": 8, "embed": 16, "mlp": 64}
+    >>> params = mj.abstract_params({"w_in": mj.param("embed mlp")}, sizes)
+    >>> graph = trace(loss, params, mj.abstract("batch embed", sizes))
+    >>> [(t.name, t.role) for t in graph.tensors.values()]
+    [('w_in', 'param'), ('x', 'input'), ('h', 'activation'), ('square', 'activation'), ('mean', 'output')]
 """
 
 from __future__ import annotations
@@ -25,12 +28,9 @@ import jax
 from meshjax import context
 from meshjax.errors import TraceError
 from meshjax.graph import Graph, find_unrolled_blocks
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 from meshjax.params import path_name
 
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Signature:
     treedef: Any
 
     def flatten(self, params: Any, *args: Any) -> list[NamedArray]:
-        leaves, treedef = jax.tree_util.tree_flatten((params, args), is_leaf=_is_named)
+        leaves, treedef = jax.tree_util.tree_flatten((params, args), is_leaf=is_named)
         if treedef != self.treedef:
             raise TraceError(f"arguments do not have the structure the plan was made for:\n{treedef}\nvs\n{self.treedef}")
         return leaves
@@ -69,9 +69,9 @@ def signature_of(fn: Callable, params: Any, *args: Any) -> Signature:
     names, roles, dims = [], [], []
     labels = arg_names(fn, len(args))
     for group, tree, role in [(None, params, "param"), *((labels[i], a, "input") for i, a in enumerate(args))]:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_named)[0]:
             name = "/".join(p for p in (group, path_name(path)) if p)
-            if not _is_named(leaf):
+            if not is_named(leaf):
                 raise TraceError(
                     f"{role} {name or '(root)'!r} is a {type(leaf).__name__}, not a NamedArray: "
                     "wrap arrays with meshjax.named(value, 'dims')"
@@ -82,7 +82,7 @@ def signature_of(fn: Callable, params: Any, *args: Any) -> Signature:
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise TraceError(f"two leaves would both be called {dupes}")
-    treedef = jax.tree_util.tree_structure((params, args), is_leaf=_is_named)
+    treedef = jax.tree_util.tree_structure((params, args), is_leaf=is_named)
     return Signature(tuple(names), tuple(roles), tuple(dims), treedef)
 
 
@@ -107,9 +107,9 @@ def trace(fn: Callable, params: Any, *args: Any, find_repeats: bool = True) -> G
         p, a = jax.tree_util.tree_unflatten(sig.treedef, named_leaves)
         with context.active(recorder):
             out = fn(p, *a)
-        out_leaves, out_tree[0] = jax.tree_util.tree_flatten(out, is_leaf=_is_named)
+        out_leaves, out_tree[0] = jax.tree_util.tree_flatten(out, is_leaf=is_named)
         for leaf in out_leaves:
-            if not _is_named(leaf):
+            if not is_named(leaf):
                 raise TraceError(f"{getattr(fn, '__name__', 'fn')} must return NamedArrays, got {type(leaf).__name__}")
             out_names.append(recorder.name_of(leaf))
         return [leaf.value for leaf in out_leaves]

@@ -8,12 +8,23 @@ optimizer state are donated, so a step updates them in place.
 
 Example::
 
-    >>> ex = models.example("gpt-tiny", key=0)                       # doctest: +SKIP
-    >>> plan = solve(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 4, "model": 2}, train=True)
-    >>> trainer = make_train_step(plan, ex.loss, make_mesh({"data": 4, "model": 2}), optax.adam(1e-3))
+    >>> import optax
+    >>> from meshjax import models
+    >>> from meshjax.devices import make_mesh
+    >>> from meshjax.solve import solve
+    >>> ex = models.example("mlp-tiny", key=0)
+    >>> plan = solve(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 4, "model": 2}, train=True,
+    ...              hardware="cpu-sim", rules="batch:data;mlp:model")
+    >>> trainer = make_train_step(plan, ex.loss, make_mesh({"data": 4, "model": 2}), optax.adam(1e-2))
     >>> state = trainer.init(ex.params)
-    >>> for tokens, targets in data.batches(8, 16, seed=0):
-    ...     state, loss = trainer.step(state, tokens, targets)     # numpy batches are sharded first
+    >>> first = None
+    >>> for _ in range(3):
+    ...     state, loss = trainer.step(state, *ex.batch)
+    ...     first = first or float(loss)
+    >>> int(state.step), float(loss) < first
+    (3, True)
+    >>> state.params["mlp"]["w_in"].value.sharding.spec     # params stay where the plan put them
+    P(None, 'model')
 
 Optimizer state is laid out from the plan: every subtree of the optimizer state with the same
 structure as the params (Adam's ``mu`` and ``nu``) takes each param's spec, scalar leaves (step
@@ -35,13 +46,11 @@ from meshjax.devices import auto_axes
 from meshjax.lower import named_sharding, sharding_tree
 from meshjax import validate
 from meshjax.errors import MeshjaxError, TraceError
-from meshjax.named import NamedArray
+from meshjax.microbatch import BATCH_DIM, global_shape
+from meshjax.named import NamedArray, is_named
 from meshjax.optimizer import ADAM, Optimizer
 from meshjax.params import path_name
 
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 @dataclass(frozen=True)
@@ -100,25 +109,25 @@ def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_sta
     sig = _signature(plan)
     state_specs = plan.state_specs
     param_names = [n for n, r in zip(sig.names, sig.roles) if r == "param"]
-    param_leaves, params_def = jax.tree_util.tree_flatten(abstract_params, is_leaf=_is_named)
+    param_leaves, params_def = jax.tree_util.tree_flatten(abstract_params, is_leaf=is_named)
     full_def = jax.tree_util.tree_structure(abstract_params)
 
     def mirrors(x: Any) -> bool:
         return x is not None and jax.tree_util.tree_structure(x) == full_def
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_opt_state, is_leaf=lambda x: _is_named(x) or mirrors(x))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_opt_state, is_leaf=lambda x: is_named(x) or mirrors(x))
     out = []
     for path, leaf in flat:
         where = path_name(path) or "(root)"
         if mirrors(leaf):
-            mirror_leaves = jax.tree_util.tree_flatten(leaf, is_leaf=_is_named)[0]
+            mirror_leaves = jax.tree_util.tree_flatten(leaf, is_leaf=is_named)[0]
             shardings = []
             for name, param, state_leaf in zip(param_names, param_leaves, mirror_leaves):
-                shape = tuple(np.shape(state_leaf.value if _is_named(state_leaf) else state_leaf))
+                shape = tuple(np.shape(state_leaf.value if is_named(state_leaf) else state_leaf))
                 if shape == () or (replicate_factored and shape != tuple(param.shape)):
                     # A placeholder (no master copy of this param), or factored statistics.
                     sharding = named_sharding(mesh, PartitionSpec())
-                    shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
+                    shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if is_named(state_leaf) else sharding)
                     continue
                 if shape != tuple(param.shape):
                     raise MeshjaxError(
@@ -126,13 +135,13 @@ def opt_state_shardings(plan, mesh: Mesh, abstract_params: Any, abstract_opt_sta
                         f"shape {tuple(param.shape)}: it has no layout in the plan"
                     )
                 sharding = named_sharding(mesh, state_specs.get(name))
-                shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if _is_named(state_leaf) else sharding)
+                shardings.append(NamedArray.tree_unflatten(state_leaf.dims, (sharding,)) if is_named(state_leaf) else sharding)
             out.append(jax.tree_util.tree_unflatten(params_def, shardings))
             continue
-        value = leaf.value if _is_named(leaf) else leaf
+        value = leaf.value if is_named(leaf) else leaf
         if np.shape(value) == ():
             sharding = named_sharding(mesh, PartitionSpec())
-            out.append(NamedArray.tree_unflatten(leaf.dims, (sharding,)) if _is_named(leaf) else sharding)
+            out.append(NamedArray.tree_unflatten(leaf.dims, (sharding,)) if is_named(leaf) else sharding)
             continue
         raise MeshjaxError(
             f"optimizer state leaf '{where}' (shape {tuple(np.shape(value))}) has no layout in the plan: "
@@ -162,15 +171,16 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
     dims_of = dict(zip(sig.names, sig.dims))
     out = []
     for name, leaf in zip(names, batch_leaves):
-        host = leaf.value if _is_named(leaf) else leaf
+        host = leaf.value if is_named(leaf) else leaf
         tensor = plan.graph.tensors[name]
         if callable(host) and hasattr(host, "shape"):
             # A meshjax.data.BlockFetch: this process builds only its devices' block.
-            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name))),)))
+            out.append(NamedArray.tree_unflatten(dims_of[name], (_from_block(name, host, tensor, named_sharding(mesh, specs.get(name)), plan.microbatches),)))
             continue
         host = np.asarray(host)
-        if tuple(host.shape) != tuple(tensor.shape):
-            raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {tuple(tensor.shape)}")
+        shape = global_shape(tensor, plan.microbatches)
+        if tuple(host.shape) != shape:
+            raise MeshjaxError(f"input {name!r} has shape {tuple(host.shape)}; the plan expects {shape}")
         if host.dtype != np.dtype(tensor.dtype):
             host = host.astype(tensor.dtype)
         sharding = named_sharding(mesh, specs.get(name))
@@ -179,11 +189,11 @@ def shard_batch(plan, mesh: Mesh, batch_leaves: Sequence[Any]) -> tuple[NamedArr
     return tuple(out)
 
 
-def _from_block(name: str, fetch: Any, tensor, sharding: NamedSharding) -> jax.Array:
+def _from_block(name: str, fetch: Any, tensor, sharding: NamedSharding, microbatches: int) -> jax.Array:
     """The global array of input ``name`` from the one block of it this process's devices hold."""
-    from meshjax.distributed import local_index, process_block
+    from meshjax.data import local_index, process_block
 
-    shape = tuple(tensor.shape)
+    shape = global_shape(tensor, microbatches)
     if tuple(fetch.shape) != shape:
         raise MeshjaxError(f"input {name!r} has shape {tuple(fetch.shape)}; the plan expects {shape}")
     block = process_block(sharding, shape)
@@ -210,7 +220,7 @@ def pinned_loss(program) -> Any:
 
     def loss(params: Any, *args: Any) -> jax.Array:
         sig.flatten(params, *args)  # checks the structure (at trace time)
-        return jax.tree_util.tree_leaves(pinned(params, *args), is_leaf=_is_named)[0].value
+        return jax.tree_util.tree_leaves(pinned(params, *args), is_leaf=is_named)[0].value
 
     return loss
 
@@ -257,6 +267,19 @@ class TrainStep:
     transformation (run as given, on the params in their own dtype). ``program``: the loss laid
     out otherwise than every tensor as planned (a baseline that pins only its params and inputs
     and leaves the rest to XLA's propagation).
+
+    One step is what one would write by hand as ``jax.jit`` of the loss (every tensor pinned with
+    ``with_sharding_constraint``, see :class:`~meshjax.lower.Program`), its gradients pinned to
+    their params' shardings, and the optimizer update, with params and state donated::
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1),
+                           in_shardings=(param_shardings, state_shardings, *input_shardings),
+                           out_shardings=(param_shardings, state_shardings, loss_sharding))
+        def step(params, opt_state, *batch):
+            loss, grads = jax.value_and_grad(pinned_loss)(params, *batch)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
     """
 
     def __init__(
@@ -336,13 +359,13 @@ class TrainStep:
     def check_structure(self, params: Any) -> None:
         """Raise :class:`TraceError` unless ``params`` (concrete or abstract) have the pytree
         structure the plan was traced with."""
-        if jax.tree_util.tree_structure(params, is_leaf=_is_named) != jax.tree_util.tree_structure(
-            self.param_shardings, is_leaf=_is_named
+        if jax.tree_util.tree_structure(params, is_leaf=is_named) != jax.tree_util.tree_structure(
+            self.param_shardings, is_leaf=is_named
         ):
             raise TraceError("params do not have the structure the plan was made for")
         sig = _signature(self.plan)
         names = [n for n, r in zip(sig.names, sig.roles) if r == "param"]
-        validate.arrays_match(self.plan.graph, names, jax.tree_util.tree_leaves(params, is_leaf=_is_named))
+        validate.arrays_match(self.plan.graph, names, jax.tree_util.tree_leaves(params, is_leaf=is_named))
 
     def place_params(self, params: Any) -> Any:
         """Copies of ``params`` with their planned shardings (the originals stay valid even when
@@ -371,9 +394,11 @@ class TrainStep:
         loss_fn = self._loss
         optimizer = self.optimizer
         grad_shardings = self.state_shardings  # ZeRO-1/2: gradients reduce-scatter into the state layout
+        k = self.plan.microbatches
+        value_and_grad = jax.value_and_grad(loss_fn) if k == 1 else _accumulated(loss_fn, k, self.param_shardings)
 
         def step(params, opt_state, args):
-            loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+            loss, grads = value_and_grad(params, *args)
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -389,11 +414,11 @@ class TrainStep:
     def prepare_batch(self, batch: Sequence[Any]) -> tuple:
         """Batch leaves as global arrays: host (numpy) leaves are sharded with :func:`shard_batch`;
         NamedArrays around jax arrays pass through."""
-        if all(_is_named(b) and isinstance(b.value, jax.Array) for b in batch):
+        if all(is_named(b) and isinstance(b.value, jax.Array) for b in batch):
             names = input_names(self.plan)
             if len(batch) != len(names):
                 raise MeshjaxError(f"the plan takes {len(names)} inputs ({', '.join(names)}), got {len(batch)}")
-            validate.arrays_match(self.plan.graph, names, batch)
+            validate.arrays_match(self.plan.graph, names, batch, self.plan.microbatches)
             # Already on devices: move to the planned layout (a no-op when it is already there).
             return jax.device_put(tuple(batch), self.input_shardings)
         return shard_batch(self.plan, self.mesh, batch)
@@ -409,32 +434,59 @@ class TrainStep:
     def lower(self, state: TrainState, *batch: Any) -> jax.stages.Lowered:
         """The step lowered for ``state`` and ``batch``, either of which may be abstract
         (``ShapeDtypeStruct`` leaves, as :meth:`abstract_state` gives): nothing is allocated.
-
-        >>> compiled = trainer.lower(trainer.abstract_state(), *ex.batch).compile()   # doctest: +SKIP
-        >>> compiled.memory_analysis().temp_size_in_bytes
+        ``trainer.lower(trainer.abstract_state(), *ex.batch).compile().memory_analysis()`` is
+        what the step will hold, before any array exists.
         """
         if self._step_fn is None:
             self._step_fn = self._build_step()
-        if all(_is_named(b) and isinstance(b.value, jax.ShapeDtypeStruct) for b in batch):
+        if all(is_named(b) and isinstance(b.value, jax.ShapeDtypeStruct) for b in batch):
             args = tuple(batch)  # the step's in_shardings place them
         else:
             args = self.prepare_batch(batch)
         return self._step_fn.lower(state.params, state.opt_state, args)
 
 
-def make_train_step(
-    plan,
-    loss_fn,
-    mesh: Mesh,
-    optimizer: optax.GradientTransformation | Optimizer | None = None,
-    *,
-    donate: bool = True,
-    program=None,
-) -> TrainStep:
+def _accumulated(loss_fn: Any, k: int, param_shardings: Any) -> Any:
+    """``value_and_grad`` of ``loss_fn`` over ``k`` micro-batches of the batch, one at a time
+    (a scan): the mean loss and the mean gradient, summed in float32 in the params' layout.
+
+    Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...`` of the batch dim, so each device's
+    rows stay on it when the batch is split over devices."""
+    import jax.numpy as jnp
+
+    def split(leaf: NamedArray) -> NamedArray:
+        if BATCH_DIM not in leaf.dims:
+            raise MeshjaxError(f"micro-batches: input with dims {leaf.dims} has no {BATCH_DIM!r} dim to split")
+        axis = leaf.dims.index(BATCH_DIM)
+        shape = leaf.value.shape
+        value = leaf.value.reshape(*shape[:axis], shape[axis] // k, k, *shape[axis + 1:])
+        return NamedArray.tree_unflatten(leaf.dims, (jnp.moveaxis(value, axis + 1, 0),))
+
+    def pinned(tree: Any) -> Any:
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def run(params: Any, *args: Any) -> tuple[jax.Array, Any]:
+        micro = jax.tree_util.tree_map(split, args, is_leaf=is_named)
+        zeros = pinned(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+        def body(carry, batch):
+            total, acc = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            acc = pinned(jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
+            return (total + loss.astype(jnp.float32), acc), None
+
+        (total, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        grads = jax.tree_util.tree_map(lambda g, p: (g / k).astype(p.dtype), acc, params)
+        return total / k, grads
+
+    return run
+
+
+def make_train_step(plan, loss_fn, mesh: Mesh, *args: Any, **kwargs: Any) -> TrainStep:
     """A :class:`TrainStep` for ``plan`` (solved with ``train=True``) of ``loss_fn`` on ``mesh``;
-    ``optimizer`` defaults to the plan's, ``program`` to the plan's fully pinned one (see
-    :class:`TrainStep`)."""
-    return TrainStep(plan, loss_fn, mesh, optimizer, donate=donate, program=program)
+    the other arguments are :class:`TrainStep`'s (``optimizer`` defaults to the plan's,
+    ``program`` to the plan's fully pinned one)."""
+    return TrainStep(plan, loss_fn, mesh, *args, **kwargs)
 
 
 __all__ = [

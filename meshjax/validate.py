@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from difflib import get_close_matches
 from typing import Any
 
+from meshjax import devices
 from meshjax.errors import LayoutError, MeshjaxError
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -78,7 +79,7 @@ def mesh_shape(mesh: Any) -> dict[str, int]:
     from jax.sharding import Mesh
 
     if isinstance(mesh, Mesh):
-        return dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape)))
+        return devices.mesh_shape(mesh)
     if isinstance(mesh, str):
         raise LayoutError(
             f"mesh {mesh!r}: pass a dict like {{'data': 4, 'model': 2}} or a jax Mesh "
@@ -324,17 +325,21 @@ def scalar_loss(graph: Any) -> None:
 # --- arrays against the plan they are run under ----------------------------------------------
 
 
-def arrays_match(graph: Any, names: Sequence[str], leaves: Sequence[Any]) -> None:
-    """Every leaf has the shape the graph (and so the plan) was traced with."""
+def arrays_match(graph: Any, names: Sequence[str], leaves: Sequence[Any], microbatches: int = 1) -> None:
+    """Every leaf has the shape the graph (and so the plan) was traced with; with
+    ``microbatches``, the graph is one micro-batch and inputs hold the whole batch."""
+    from meshjax.microbatch import global_shape
+
     for name, leaf in zip(names, leaves):
         tensor = graph.tensors.get(name)
         if tensor is None:
             continue
         shape = tuple(getattr(leaf, "shape", ()))
-        if shape != tuple(tensor.shape):
+        want = global_shape(tensor, microbatches) if tensor.role == "input" else tuple(tensor.shape)
+        if shape != want:
             dims = " ".join(tensor.dims)
             raise MeshjaxError(
-                f"{tensor.role} {name!r} has shape {shape}; the plan was made for {tuple(tensor.shape)} "
+                f"{tensor.role} {name!r} has shape {shape}; the plan was made for {want} "
                 f"({dims}): solve again for these sizes"
             )
 

@@ -9,11 +9,19 @@ among those ops in proportion to their predicted bytes; such rows are marked ``c
 
 Example::
 
-    >>> check = verify(plan, loss, mesh, params, *batch)       # doctest: +SKIP
+    >>> from meshjax import models
+    >>> from meshjax.devices import make_mesh
+    >>> from meshjax.solve import solve
+    >>> ex = models.example("mlp-tiny", abstract=True, batch=8192, embed=1024, mlp=4096)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> plan = solve(graph, {"data": 4, "model": 2}, hardware="cpu-sim", train=True)
+    >>> check = verify(plan, ex.loss, make_mesh({"data": 4, "model": 2}), ex.params, *ex.batch)
     >>> check.comm_ratio          # compiled / predicted comm bytes
     1.0
-    >>> console.print(check.table())
-    >>> [row for row in check.per_op() if row.compiled_bytes != row.predicted_bytes]
+    >>> check.compiled_by_kind == check.predicted_by_kind == {"all-reduce": 25165828.0}
+    True
+    >>> [(c.kind, c.axes) for c in check.compiled.collectives]   # Megatron's, then the gradient sync
+    [('all-reduce', ('model',)), ('all-reduce', ('data',))]
 """
 
 from __future__ import annotations

@@ -22,32 +22,29 @@ from typing import Any
 import jax
 
 from meshjax.errors import ShapeError
-from meshjax.named import NamedArray, named  # noqa: F401  (named for the doctest)
+from meshjax.named import NamedArray, is_named, named  # noqa: F401  (named for the doctest)
 from meshjax.ops import sum as mj_sum  # noqa: F401  (for the doctest)
 
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 def vmap(fn: Callable, dim: str) -> Callable:
     """Map ``fn`` over the named dim ``dim`` of its NamedArray arguments."""
 
     def mapped(*args: Any) -> Any:
-        leaves, treedef = jax.tree_util.tree_flatten(args, is_leaf=_is_named)
-        sizes = {leaf.size(dim) for leaf in leaves if _is_named(leaf) and dim in leaf.dims}
+        leaves, treedef = jax.tree_util.tree_flatten(args, is_leaf=is_named)
+        sizes = {leaf.size(dim) for leaf in leaves if is_named(leaf) and dim in leaf.dims}
         if not sizes:
             raise ShapeError(f"vmap over {dim!r}: no argument has that dim")
         if len(sizes) > 1:
             raise ShapeError(f"vmap over {dim!r}: arguments disagree on its size: {sorted(sizes)}")
         in_axes, values, inner_dims = [], [], []
         for leaf in leaves:
-            if _is_named(leaf) and dim in leaf.dims:
+            if is_named(leaf) and dim in leaf.dims:
                 rest = tuple(d for d in leaf.dims if d != dim)
                 values.append(leaf.align_to((dim, *rest)))
                 inner_dims.append(rest)
                 in_axes.append(0)
-            elif _is_named(leaf):
+            elif is_named(leaf):
                 values.append(leaf.value)
                 inner_dims.append(leaf.dims)
                 in_axes.append(None)
@@ -60,12 +57,12 @@ def vmap(fn: Callable, dim: str) -> Callable:
         def inner(*vals: Any) -> list[Any]:
             rebuilt = [v if d is None else NamedArray(v, d) for v, d in zip(vals, inner_dims)]
             out = fn(*jax.tree_util.tree_unflatten(treedef, rebuilt))
-            out_leaves, out_def = jax.tree_util.tree_flatten(out, is_leaf=_is_named)
+            out_leaves, out_def = jax.tree_util.tree_flatten(out, is_leaf=is_named)
             for leaf in out_leaves:
-                if _is_named(leaf) and dim in leaf.dims:
+                if is_named(leaf) and dim in leaf.dims:
                     raise ShapeError(f"vmap over {dim!r}: the function returned a result that already has {dim!r}")
-            out_box[:] = [out_def, [leaf.dims if _is_named(leaf) else None for leaf in out_leaves]]
-            return [leaf.value if _is_named(leaf) else leaf for leaf in out_leaves]
+            out_box[:] = [out_def, [leaf.dims if is_named(leaf) else None for leaf in out_leaves]]
+            return [leaf.value if is_named(leaf) else leaf for leaf in out_leaves]
 
         out_values = jax.vmap(inner, in_axes=tuple(in_axes))(*values)
         out_def, out_dims = out_box

@@ -330,6 +330,7 @@ def test_version_and_help():
         assert word in out
 
 
+@pytest.mark.slow
 def test_console_script_errors_are_one_line():
     exe = shutil.which("meshjax") or os.path.join(os.path.dirname(sys.executable), "meshjax")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -37,6 +37,7 @@ def saved(tmp_path_factory):
     return ex, graph, host, path, values, float(next_loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, rules",
     [({"data": 2, "model": 4}, "batch:data;heads:model;mlp:model"), ({"data": 8}, "batch:data")],
@@ -67,6 +68,7 @@ def test_restore_onto_another_mesh(saved, shape, rules):
     np.testing.assert_allclose(float(loss), next_loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_names_the_leaf(saved, tmp_path):
     ex, graph, host, path, values, _ = saved
     shape = {"data": 8}

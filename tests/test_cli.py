@@ -12,6 +12,7 @@ import pytest
 from meshjax.cli import main
 
 
+@pytest.mark.slow
 def test_console_script_default_plan():
     exe = shutil.which("meshjax") or os.path.join(os.path.dirname(sys.executable), "meshjax")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -27,6 +28,7 @@ def test_console_script_default_plan():
     assert predicted > 0 and compiled > 0, line
 
 
+@pytest.mark.slow
 def test_plan_gpt_small_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     hlo = tmp_path / "out.hlo"
@@ -36,7 +38,7 @@ def test_plan_gpt_small_json(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert list(doc) == [
         "model", "mesh", "hardware", "train", "tensors", "rules", "settings", "predicted", "compiled", "verification",
-        "solve_time_s",
+        "remat", "microbatches", "solve_time_s",
     ]
     assert doc["model"] == "gpt-small" and doc["mesh"] == {"data": 4, "model": 2} and doc["train"] is True
     assert set(doc["predicted"]) == {"step_time_s", "comm_bytes", "peak_memory_bytes", "memory_breakdown"}
@@ -83,6 +85,7 @@ def test_plan_model_from_file_with_overrides(tmp_path, capsys):
     assert next(t for t in doc["tensors"] if t["name"] == "x")["shape"] == [16, 16]
 
 
+@pytest.mark.slow
 def test_compare(tmp_path, capsys):
     path = tmp_path / "cmp.json"
     assert main(["compare", "gpt-tiny", "--devices", "8", "--no-verify", "--json", str(path)]) == 0

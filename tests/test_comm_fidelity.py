@@ -35,7 +35,7 @@ def _assert_in_band(check):
     )
 
 
-@pytest.mark.parametrize("mesh_shape", [{"data": 2, "model": 4}, {"data": 4, "model": 2}])
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "model": 4}, pytest.param({"data": 4, "model": 2}, marks=pytest.mark.slow)])
 def test_weight_gradients_summed_over_two_split_dims(mesh_shape):
     """The README's ``--rules batch:data`` example: the solver splits seq over ``model``, so each
     weight gradient is a partial sum over batch (data) and seq (model): XLA all-reduces it once
@@ -56,6 +56,7 @@ def test_gpt_small_readme_rules_example_matches_compiled():
     assert check.compiled.comm_bytes == pytest.approx(plan.comm_bytes, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_moe_routing_matches_compiled():
     """moe-tiny on 4x2: the router logits are computed batch-split and gathered (pinned so, not
     the activations gathered first), and routing carries no gradient into ``dispatch``."""
@@ -85,7 +86,7 @@ def test_two_dim_sharded_weight_is_gathered_one_dim_at_a_time():
     _assert_in_band(verify(plan, ex.loss, make_mesh(mesh_shape), ex.params, *ex.batch))
 
 
-@pytest.mark.parametrize("mesh_shape,rules", [({"data": 8}, "vocab:data"), ({"data": 4, "model": 2}, "vocab:model;batch:data")])
+@pytest.mark.parametrize("mesh_shape,rules", [pytest.param({"data": 8}, "vocab:data", marks=pytest.mark.slow), ({"data": 4, "model": 2}, "vocab:model;batch:data")])
 def test_vocab_split_lookup_and_cross_entropy_match_compiled(mesh_shape, rules):
     """A vocab-split table: the lookup sums partial rows (it does not gather the table), and the
     cross-entropy over a split vocab combines its max, its sum and the target's logit."""

@@ -99,6 +99,7 @@ def test_a_plan_reports_what_the_ilp_counts(graph, mesh, train, zero, optimizer,
     assert plan.comm_bytes == pytest.approx(sum(c.comm_bytes for row in plan.op_costs for c in row.collectives))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, per_param", [("adam", 16), ("sgd", 8)])
 def test_mixed_precision_step_holds_what_the_memory_model_counts(optimizer, per_param):
     """bf16 params train with an fp32 master copy and fp32 moments: the compiled step's arguments
@@ -124,6 +125,7 @@ def test_mixed_precision_step_holds_what_the_memory_model_counts(optimizer, per_
     assert compiled["argument_bytes"] == pytest.approx(counted, rel=0.01, abs=4096)
 
 
+@pytest.mark.slow
 def test_mixed_precision_training_updates_an_fp32_master_copy():
     """The sharded bf16 step equals a one-device reference written with optax by hand: SGD on
     fp32 master weights (SGD, so a bf16 rounding of a gradient moves the result by lr times that

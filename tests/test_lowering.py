@@ -132,7 +132,13 @@ def _assert_sharding(array, mesh, spec, what):
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def _marked(case):
+    """The MLP cases and one 2D transformer block run in the fast subset; the rest are slow."""
+    fast = case[0] == "mlp" or case[:3] == ("block", {"data": 2, "model": 4}, TP2D)
+    return case if fast else pytest.param(case, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("case", [_marked(c) for c in CASES], ids=[_case_id(c) for c in CASES])
 def test_sharded_loss_and_grads_equal_unsharded(case):
     key, shape, rules, overrides = case
     ex, graph, ref_loss, ref_grads = _model(key)
@@ -299,6 +305,7 @@ def test_grad_needs_a_scalar_loss():
 SMALL_GPT = dict(batch=8, seq=16, embed=128, heads=4, head_dim=32, mlp=512, vocab=128, layers=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [SMALL_GPT, dict(SMALL_GPT, batch=16, seq=32, embed=256, head_dim=64, mlp=1024, vocab=256, scan_layers=True)],

@@ -142,6 +142,7 @@ def test_moe_ffn_equals_token_by_token_reference(top_k, capacity_factor):
     np.testing.assert_allclose(float(aux.value), ref_aux, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_capacity_drops_tokens_beyond_capacity():
     """A zero router ties every expert, so every token's first choice is expert 0 (and its second
     expert 1): the first ``capacity`` tokens of each sequence are served, the rest dropped (with
@@ -211,6 +212,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1].values()))}-{c[2]}" for c in CASES])
 def test_sharded_loss_and_grads_equal_unsharded(case):
     name, shape, rules = case
@@ -238,7 +240,7 @@ def test_sharded_loss_and_grads_equal_unsharded(case):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize(
     "name, billions",
-    [("llama-7b", 6.74), ("llama-70b", 68.98), ("moe-64e", None)],
+    [("llama-7b", 6.74), ("llama-70b", 68.98), ("llama3-8b", 8.03), ("moe-64e", None)],
 )
 def test_paper_presets_trace_abstractly(name, billions):
     module, config = models.get(name, scan_layers=True)
@@ -249,6 +251,14 @@ def test_paper_presets_trace_abstractly(name, billions):
     assert graph.tensors["loss"].dims == ()
     assert graph.blocks["blocks"].trip_count == config.layers
     if name == "llama-70b":
+        op = graph.producer["blocks/attn/context"]
+        assert op.kind == "attention" and op.inputs == ("blocks/attn/q_rope/out", "blocks/attn/keys", "blocks/attn/values")
+        assert op.index.loop_sizes == {
+            "batch": 512, "kv_heads": 8, "heads_per_kv_heads": 8, "seq": 4096, "key_seq": 4096, "head_dim": 128
+        }
+        assert not any("key_seq" in t.dims and "seq" in t.dims for t in graph.tensors.values())
+        einsum = models.example(name, abstract=True, scan_layers=True, attention="einsum")
+        graph = mj.trace(einsum.loss, einsum.params, *einsum.batch)
         assert graph.tensors["blocks/attn/q_groups"].sizes == {
             "batch": 512, "seq": 4096, "kv_heads": 8, "group": 8, "head_dim": 128
         }

@@ -101,6 +101,7 @@ def hang_run(tmp_path_factory):
 # --- multi-process runs ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(two_process_run, tmp_path):
     """2 processes x 4 devices give the losses of 1 process x 8 devices; only process 0 speaks."""
     _, proc, two = two_process_run
@@ -115,6 +116,7 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
     assert "[p1] gpt-tiny" not in proc.stdout and "[p1] train" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_cross_process_collectives_run_over_the_predicted_axes(hang_run):
     """With batch on data and heads/mlp on model over 2 processes x 4: data spans the processes
     (the solver prices it on the slow link), model stays inside each; the compiled program's
@@ -126,11 +128,13 @@ def test_cross_process_collectives_run_over_the_predicted_axes(hang_run):
         assert report["compiled_local"] == report["predicted_local"] == ["model"], report
 
 
+@pytest.mark.slow
 def test_each_process_builds_only_its_rows(hang_run):
     """Batch on data across 2 processes: process 0 builds rows 0-3, process 1 rows 4-7."""
     assert [r["rows"] for r in hang_run[4]] == [[0, 4], [4, 8]]
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_run(hang_run):
     code, after_kill, _, err, _ = hang_run
     assert code != 0
@@ -139,6 +143,7 @@ def test_killed_process_stops_the_run(hang_run):
     assert "ready pid=" in err  # its last lines
 
 
+@pytest.mark.slow
 def test_checkpoint_across_process_counts(two_process_run, tmp_path):
     """Saved by 2 processes as 4x2; restored by 1 process as 8 (this one) and by 4 processes as
     2x4: every leaf bitwise equal, and the next step's loss is the uninterrupted run's (so what
@@ -161,6 +166,7 @@ def test_checkpoint_across_process_counts(two_process_run, tmp_path):
     np.testing.assert_allclose([info_one["next_loss"], info_four["next_loss"]], two["losses"][2], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_wrong_coordinator_is_a_clear_error():
     """Nothing listening at the address: process 1 gives up after its timeout naming it. An
     address that is not this machine's: process 0 says so at once and the launcher stops p1."""
@@ -233,6 +239,7 @@ def test_env_config_and_launcher_arguments():
         launch_cmd.launch([], 2)
 
 
+@pytest.mark.slow
 def test_launcher_streams_and_reports_a_failing_process(capsys):
     """Plain commands (no JAX): prefixed output; a failing process is named with its last lines."""
     code = launch_cmd.launch([sys.executable, "-c", "import os; print('hi from', os.environ['MESHJAX_PROCESS_ID'])"], 2)

@@ -57,6 +57,7 @@ def test_layers_carry_logical_dims_and_compute_named():
     assert nnx.get_partition_spec(nnx.state(dense))["kernel"].get_value() == jax.sharding.PartitionSpec("embed", "mlp")
 
 
+@pytest.mark.slow
 def test_nnx_llama_equals_the_zoo_llama_with_the_same_params():
     model = _model("llama", kv_heads=2)
     p = nn.named_params(model)
@@ -115,6 +116,7 @@ def test_split_merge_round_trip_and_update():
     np.testing.assert_array_equal(np.asarray(model.unembed.kernel.get_value()), np.asarray(merged.unembed.kernel.get_value()))
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_trains():
     model = _model("llama", kv_heads=2, layers=1)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
@@ -130,6 +132,7 @@ def test_nnx_optimizer_trains():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_sharded_program_equals_unsharded_nnx_grads():
     model = _model("gpt", layers=1)
     tokens, targets = _batch()

@@ -132,14 +132,13 @@ def test_trace_errors():
         g.tensor("hiden")
 
 
-def test_op_named_like_an_input_does_not_replace_it():
+def test_op_named_like_an_input_is_an_error_naming_both():
     def fn(params, x):
         h = mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w"], name="x")
         return mj.sum(h, "batch mlp")
 
-    g = mj.trace(fn, {"w": mj.abstract("embed mlp", {"embed": 4, "mlp": 6})}, mj.abstract("batch embed", {"batch": 2, "embed": 4}))
-    assert _summary(g, "x") == ("input", ("batch", "embed"), (2, 4), "float32")
-    assert len(g.inputs) == 1
+    with pytest.raises(mj.TraceError, match="einsum op named 'x' would share its name with the input 'x'"):
+        mj.trace(fn, {"w": mj.abstract("embed mlp", {"embed": 4, "mlp": 6})}, mj.abstract("batch embed", {"batch": 2, "embed": 4}))
 
 
 def test_identity_op_keeps_edges_right():
@@ -197,7 +196,7 @@ def test_transformer_params_are_named_by_path():
 
 
 def test_transformer_activations_are_named_by_scope():
-    _, g = _trace("gpt-tiny")
+    _, g = _trace("gpt-tiny", attention="einsum")
     B, S, E, H, D, M, V = 8, 16, 32, 4, 8, 128, 64
     expected = {
         "embed/tokens": (("batch", "seq", "embed"), (B, S, E)),
@@ -225,6 +224,18 @@ def test_transformer_activations_are_named_by_scope():
     assert g.producer["embed/tokens"].inputs == ("tokens", "token_embed")
     assert g.producer["head/xent"].inputs == ("head/logits", "targets")
     assert g.producer["block_0/attn/probs"].index.stats == (("key_seq", 2),)
+
+
+def test_flash_attention_is_one_op_with_no_seq_by_seq_tensor():
+    _, g = _trace("gpt-tiny")
+    B, S, H, D = 8, 16, 4, 8
+    op = g.producer["block_1/attn/context"]
+    assert op.kind == "attention" and op.inputs == ("block_1/attn/q", "block_1/attn/keys", "block_1/attn/values")
+    assert (g.tensors[op.output].dims, g.tensors[op.output].shape) == (("batch", "seq", "heads", "head_dim"), (B, S, H, D))
+    assert op.index.loop == (("batch", B), ("heads", H), ("seq", S), ("key_seq", S), ("head_dim", D))
+    assert op.index.reduced == ("key_seq", "head_dim") and set(op.index.whole) == {"key_seq", "head_dim"}
+    assert op.attrs["causal"] and op.attrs["scale"] == pytest.approx(D**-0.5)
+    assert not any({"seq", "key_seq"} <= set(t.dims) for t in g.tensors.values())
 
 
 def test_unrolled_identical_blocks_are_one_block():
@@ -274,7 +285,7 @@ def test_scanned_params_are_stacked_along_layers():
 
 @pytest.mark.parametrize("layers", [2, 5])
 def test_scan_body_is_recorded_once(layers):
-    _, g = _trace("gpt-tiny", scan_layers=True, layers=layers)
+    _, g = _trace("gpt-tiny", scan_layers=True, layers=layers, attention="einsum")
     assert set(g.blocks) == {"blocks"}
     block = g.blocks["blocks"]
     assert (block.kind, block.trip_count) == ("scan", layers)
@@ -306,7 +317,7 @@ def test_scanned_and_unrolled_traces_have_the_same_block_ops():
 
 
 def test_transformer_block_loss_on_its_own():
-    _, g = _trace("block-tiny")
+    _, g = _trace("block-tiny", attention="einsum")
     assert {t.name for t in g.inputs} == {"x"}
     assert set(t.name for t in g.params) == set(_expected_params(TINY, ""))
     assert g.tensors["block/attn/probs"].dims == ("batch", "heads", "seq", "key_seq")
@@ -317,6 +328,7 @@ def test_transformer_block_loss_on_its_own():
 # --------------------------------------------------------------------------- #
 # Paper-size models stay abstract
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_gpt3_175b_traces_without_allocating():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
@@ -330,7 +342,9 @@ def test_gpt3_175b_traces_without_allocating():
     assert grown_mib < 1024, f"tracing grew the process by {grown_mib:.0f} MiB"
     assert elapsed < 60
     assert g.blocks["block_"].trip_count == 96
-    assert g.tensors["block_95/attn/scores"].shape == (1536, 96, 2048, 2048)
+    assert g.producer["block_95/attn/context"].index.loop_sizes == {
+        "batch": 1536, "heads": 96, "seq": 2048, "key_seq": 2048, "head_dim": 128
+    }
     assert g.tensors["head/logits"].shape == (1536, 2048, 50304)
     assert g.tensors["block_0/mlp/w_in"].shape == (12288, 49152)
 

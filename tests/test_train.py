@@ -62,8 +62,8 @@ def _sharding(mesh, spec):
     "shape, rules",
     [
         ({"data": 4, "model": 2}, RULES),
-        ({"data": 2, "model": 4}, None),  # the solver's own plan
-        ({"data": 8}, "batch:data"),
+        pytest.param({"data": 2, "model": 4}, None, marks=pytest.mark.slow),  # the solver's own plan
+        pytest.param({"data": 8}, "batch:data", marks=pytest.mark.slow),
     ],
     ids=["4x2", "2x4-free", "8"],
 )
@@ -175,6 +175,7 @@ def test_shipped_text_and_batches():
 # --- the command -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_command_loss_falls_and_resumes(tmp_path):
     ckpt = tmp_path / "ckpt"
     first, second = tmp_path / "a.json", tmp_path / "b.json"
@@ -204,6 +205,7 @@ def test_train_command_errors(tmp_path, capsys):
     assert len(err) == 4 and all(line.startswith("meshjax: error: ") for line in err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, shape",
     [

@@ -6,6 +6,10 @@ Example::
     $ meshjax compare gpt-small --devices 8 --meshes 4x2 --hardware h100-node --json cmp.json
     $ meshjax compare gpt3-1.3b --devices 64 --hardware h100-2node   # large: predictions only
     $ meshjax compare vit.py:make --roles batch=img,mlp=ffn            # your model's dim names
+    $ meshjax compare gpt-tiny --devices 8 --set layers=4 --stage   # + 3-D data x model x stage
+
+With ``--stage`` every ``data x model x stage`` mesh is added with the solver's pipelined plan
+(:mod:`meshjax.pipeline`; the preset's layers are scanned for every row).
 
 For each mesh (the 1D mesh as ``data`` and as ``model``, then every 2D factorisation
 ``data x model`` with both sizes above one) it solves a plan and lays out each baseline of
@@ -47,6 +51,8 @@ def add_parser(commands) -> None:
     cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
                      help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
     cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
+    cmp.add_argument("--stage", action="store_true",
+                     help="also compare 3-D meshes data x model x stage: the solver's pipelined plan (layers scanned)")
 
 
 def _baseline_names() -> list[str]:
@@ -56,9 +62,29 @@ def _baseline_names() -> list[str]:
 
 
 def mesh_shapes(n: int) -> list[dict[str, int]]:
-    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every a*b == n, a, b > 1."""
+    """The 1D mesh as ``data`` and as ``model``, then ``data x model`` for every factorisation
+    of ``n`` into two factors > 1.
+
+    >>> mesh_shapes(8)
+    [{'data': 8}, {'model': 8}, {'data': 2, 'model': 4}, {'data': 4, 'model': 2}]
+    """
+    from meshjax.solve import factorisations
+
     out: list[dict[str, int]] = [{"data": n}, {"model": n}] if n > 1 else [{"data": 1}]
-    out += [{"data": a, "model": n // a} for a in range(2, n) if n % a == 0 and n // a > 1]
+    return out + [{"data": a, "model": b} for a, b in (f for f in factorisations(n, 2) if len(f) == 2) if a > 1 and b > 1]
+
+
+def stage_meshes(n: int) -> list[dict[str, int]]:
+    """``data x model x stage`` for every factorisation with at least two stages and two
+    devices per stage (a pipeline whose stages are single devices is listed too when n allows)."""
+    out = []
+    for stages in range(2, n + 1):
+        if n % stages:
+            continue
+        rest = n // stages
+        for data in range(1, rest + 1):
+            if rest % data == 0:
+                out.append({"data": data, "model": rest // data, "stage": stages})
     return out
 
 
@@ -87,7 +113,8 @@ def mesh_label(shape: dict[str, int]) -> str:
     if len(shape) == 1:
         (name, size), = shape.items()
         return f"{size} ({name})"
-    return "x".join(str(s) for s in shape.values())
+    label = "x".join(str(s) for s in shape.values())
+    return label if len(shape) == 2 else f"{label} ({','.join(shape)})"
 
 
 @dataclass
@@ -139,6 +166,26 @@ def evaluate(
             notes = ["activations: XLA propagation (predicted: solver's completion)", *notes]
         out.append(Entry(name, mesh_shape, base.layouts, plan, base.notes + notes, base.partial))
     return out
+
+
+def evaluate_pipelined(model_spec: str, overrides: dict[str, Any], mesh_shape: dict[str, int], hardware, train: bool) -> Entry:
+    """The solver's pipelined plan on a mesh with a ``stage`` axis (micro-batches, remat and
+    in-stage layouts chosen)."""
+    import meshjax as mj
+    from meshjax.errors import InfeasibleError
+    from meshjax.pipeline.plan import solve_pipelined
+
+    def trace_for(sizes):
+        model = load_model(model_spec, {**overrides, **sizes})
+        return mj.trace(model.loss, model.params, *model.batch)
+
+    try:
+        plan = solve_pipelined(trace_for, mesh_shape, hardware=hardware, train=train)
+    except (InfeasibleError, MeshjaxError) as err:
+        return Entry("solver (pipelined)", mesh_shape, {}, None, [str(err)])
+    pipe = plan.pipeline
+    note = f"{pipe.stages} stages x {pipe.microbatches} micro-batches{', stage remat' if pipe.remat else ''}, bubble {pipe.bubble_fraction:.0%}"
+    return Entry("solver (pipelined)", mesh_shape, plan.layouts, plan, [note])
 
 
 def compile_entry(model, graph, entry: Entry, train: bool) -> None:
@@ -247,6 +294,11 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.baselines import parse_roles
 
     roles = parse_roles(args.roles)
+    if args.stage:
+        from meshjax import models
+
+        if args.model in models.PRESETS and hasattr(models.get(args.model)[1], "scan_layers"):
+            overrides.setdefault("scan_layers", True)  # a pipeline splits a scan; same model either way
     strategies = None
     if args.strategies:
         known = ["solver", *_baseline_names()]
@@ -270,6 +322,9 @@ def run(args: argparse.Namespace) -> int:
     entries: list[Entry] = []
     for shape in meshes:
         entries += evaluate(graph, shape, hardware, args.train, strategies, roles)
+    if args.stage:
+        for shape in stage_meshes(n):
+            entries.append(evaluate_pipelined(args.model, overrides, shape, hardware, args.train))
     if verify:
         compile_all(model, graph, entries, args.train, console)
 

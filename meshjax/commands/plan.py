@@ -84,11 +84,58 @@ def add_parser(commands) -> None:
                       help="per-device memory budget, e.g. 16GiB or 80GB (units below); 'none' for no budget "
                       "(default: the hardware profile's memory less its reserve)")
     plan.add_argument("--zero", action="store_true", help="let optimizer state be sharded beyond its param (ZeRO-1)")
+    add_lever_arguments(plan)
     plan.add_argument("--verify", dest="verify", action="store_true", default=None,
                       help="compile on simulated CPU devices and compare with XLA (default: on)")
     plan.add_argument("--no-verify", dest="verify", action="store_false", help="skip compiling")
     plan.add_argument("--hlo", default=None, metavar="FILE", help="write the compiled HLO text (implies compiling)")
     plan.add_argument("--top", type=int, default=20, help="rows of the cost table (default: 20)")
+    add_pipeline_arguments(plan)
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--stage-axis``/``--remat-stages``: ``plan`` and ``train`` share them (a pipeline's
+    micro-batches are ``--microbatches``)."""
+    parser.add_argument("--stage-axis", dest="stage_axis", default="stage", metavar="AXIS",
+                        help="the mesh axis that pipelines the layer scan, when the mesh has it (default: stage)")
+    parser.add_argument("--remat-stages", dest="remat_stages", default=None, choices=("on", "off"),
+                        help="recompute each stage's forward in the backward pass (default: the solver picks)")
+
+
+def staged_overrides(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], mesh_shape: dict[str, int]) -> dict[str, Any]:
+    """``overrides`` plus ``scan_layers=True`` when the mesh pipelines and the preset can scan
+    its layers (a pipeline splits a scan), unless the user set it."""
+    from meshjax import models
+
+    if args.stage_axis not in mesh_shape or "scan_layers" in overrides or model_spec not in models.PRESETS:
+        return overrides
+    _, config = models.get(model_spec)
+    return {**overrides, "scan_layers": True} if hasattr(config, "scan_layers") else overrides
+
+
+def solve_for(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], graph, mesh_shape: dict[str, int], **kwargs: Any):
+    """A pipelined plan when the mesh has ``--stage-axis``, else a plain one (with the memory
+    levers ``remat`` and ``microbatches``)."""
+    if args.stage_axis not in mesh_shape:
+        from meshjax.solve import solve
+
+        return solve(graph, mesh_shape, **kwargs)
+    import meshjax as mj
+    from meshjax.pipeline.plan import solve_pipelined
+
+    if kwargs.pop("remat", "auto") not in ("auto", "none"):
+        raise MeshjaxError("--remat chooses per-block recompute of an unpipelined plan; a pipeline recomputes per stage (--remat-stages on|off)")
+    microbatches = kwargs.pop("microbatches", "auto")
+
+    def trace_for(sizes):
+        model = load_model(model_spec, {**overrides, **sizes})
+        return mj.trace(model.loss, model.params, *model.batch)
+
+    remat = None if args.remat_stages is None else args.remat_stages == "on"
+    return solve_pipelined(
+        trace_for, mesh_shape, axis=args.stage_axis, microbatches=None if microbatches == "auto" else microbatches,
+        remat=remat, **kwargs,
+    )
 
 
 def trace_model(model: Loaded):
@@ -112,6 +159,27 @@ def _presets() -> tuple[str, ...]:
 
 
 # --- shared helpers (used by ``compare`` too) -----------------------------------------------
+
+
+def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--remat`` and ``--microbatches``, shared by ``plan`` and ``train``."""
+    parser.add_argument("--remat", default="auto", choices=("auto", "none", "selective", "full"),
+                        help="rematerialisation of every repeated block; auto: the solver picks per block (default)")
+    parser.add_argument("--microbatches", default="auto", metavar="auto|N",
+                        help="gradient accumulation over N micro-batches; auto: the solver picks (default)")
+
+
+def parse_microbatches(text: str) -> int | str:
+    """``"auto"`` or a positive count."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise MeshjaxError(f"--microbatches {text!r}: expected auto or a positive integer")
+    return value
 
 
 def parse_overrides(text: str | None) -> dict[str, str]:
@@ -232,6 +300,10 @@ def plan_json(model: str, plan, check=None) -> dict[str, Any]:
     if check is not None:  # a meshjax.verify.Verification
         out["compiled"] = compiled_json(check.compiled)
         out["verification"] = check.ratios_json()
+    out["remat"] = full["remat"]
+    out["microbatches"] = full["microbatches"]
+    if "pipeline" in full:
+        out["pipeline"] = full["pipeline"]
     out["solve_time_s"] = plan.solve_time_s
     return out
 
@@ -251,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
     hardware = get_hardware(args.hardware)
     budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
-    overrides = parse_overrides(args.overrides)
+    overrides = staged_overrides(args, args.model, parse_overrides(args.overrides), mesh_shape)
+    microbatches = parse_microbatches(args.microbatches)
     validate.count(args.top, "--top", minimum=0)
     validate.writable_file(args.json_path, "--json")
     validate.writable_file(args.hlo, "--hlo")
@@ -262,16 +335,15 @@ def run(args: argparse.Namespace) -> int:
 
     from meshjax import commands
 
-    from meshjax.solve import solve
-
     console = commands.console()
     model = load_model(args.model, overrides)
     graph = trace_model(model)
     if budget is not None:
         console.print(f"memory limit {format_bytes(budget)} per device")
-    plan = solve(
-        graph, mesh_shape, hardware=hardware, train=args.train, rules=rules, memory_budget=budget,
-        optimizer=args.optimizer, zero=getattr(args, "zero", False),
+    plan = solve_for(
+        args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=args.train, rules=rules,
+        memory_budget=budget, optimizer=args.optimizer, zero=getattr(args, "zero", False),
+        remat=args.remat if args.train else "none", microbatches=microbatches if args.train else 1,
     )
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
@@ -292,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"wrote compiled HLO to {args.hlo}")
         check = Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
         console.print(check.compiled.table())
-        console.print(check.op_table())
+        if not hasattr(plan, "pipeline"):  # per-op attribution: the pipeline's loop has no op names
+            console.print(check.op_table())
         predicted_mem = plan.peak_memory_bytes
         compiled_mem = check.compiled.memory.get("peak_bytes")
         console.print(f"comm bytes/step: predicted {check.predicted_comm_bytes:,.0f}, compiled {check.compiled.comm_bytes:,}")

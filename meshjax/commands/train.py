@@ -5,6 +5,10 @@ Example::
     $ meshjax train gpt-tiny --mesh 4x2 --steps 100 --losses-json losses.json
     $ meshjax train gpt-tiny --mesh 4x2 --steps 50 --checkpoint ckpt --save-every 25
     $ meshjax train gpt-tiny --mesh 2x4 --steps 100 --resume ckpt     # continues at step 50
+    $ meshjax train gpt-tiny --mesh 2x2x2 --axes data,model,stage --set layers=4,scan_layers=true
+
+A mesh axis named ``stage`` (``--stage-axis``) pipelines the scanned layer stack over it
+(``--microbatches``, ``--remat-stages``; by default the solver picks them).
 
 Tokens are bytes, so the model's vocab is set to 256. ``--steps`` is the total step count: a
 resumed run continues from the checkpoint's step up to it.
@@ -18,6 +22,8 @@ shards of a checkpoint (``--checkpoint`` must be on a filesystem every process s
 from __future__ import annotations
 
 import argparse
+
+from meshjax.commands.plan import add_lever_arguments
 import json
 import math
 import os
@@ -28,6 +34,8 @@ from meshjax.optimizer import OPTIMIZERS
 
 
 def add_parser(commands) -> None:
+    from meshjax.commands.plan import add_pipeline_arguments
+
     p = commands.add_parser("train", help="train a model preset on the shipped text under a solved plan",
                             description="Train a language-model preset on the shipped text under a solved plan.")
     p.add_argument("model", nargs="?", default="gpt-tiny", help="model preset (default: gpt-tiny)")
@@ -41,12 +49,17 @@ def add_parser(commands) -> None:
                    help="adam, sgd or adafactor (default: adam; fp32 master weights for bf16/fp16 params)")
     p.add_argument("--hardware", default="cpu-sim", help="hardware profile for the solver (default: cpu-sim)")
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
+    p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
+                   help="override model config fields, e.g. layers=4,scan_layers=true")
+    p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB")
+    add_lever_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
     p.add_argument("--losses-json", dest="losses_json", default=None, metavar="FILE", help="write the losses as JSON")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="save a checkpoint here at the end")
     p.add_argument("--save-every", dest="save_every", type=int, default=None, metavar="N",
                    help="also save every N steps (needs --checkpoint)")
     p.add_argument("--resume", default=None, metavar="DIR", help="restore the latest checkpoint in DIR first")
+    add_pipeline_arguments(p)
     p.add_argument("--skip-damaged", dest="skip_damaged", action="store_true",
                    help="with --resume: if the latest step is damaged, resume from the newest intact one")
     p.add_argument("--distributed", action="store_true",
@@ -56,8 +69,10 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshjax import validate
+    from meshjax.commands.plan import parse_microbatches, parse_overrides
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
+    from meshjax.units import parse_bytes
 
     mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
     validate.count(args.steps, "--steps", minimum=0)
@@ -70,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     validate.positive_number(args.lr, "--lr")
     validate.writable_file(args.losses_json, "--losses-json")
     validate.writable_dir(args.checkpoint, "--checkpoint")
+    config_overrides = parse_overrides(args.overrides)
+    microbatches = parse_microbatches(args.microbatches)
+    budget = parse_bytes(args.memory_limit) if args.memory_limit else None
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
     if args.skip_damaged and not args.resume:
@@ -115,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.cost.hardware import hardware_for
     from meshjax.data import lm_batch
     from meshjax.devices import global_mesh, make_mesh
-    from meshjax.solve import solve
     from meshjax.optimizer import Optimizer
     from meshjax.train import make_train_step
 
@@ -133,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     quiet = not distributed.is_main_process()  # process 0 speaks
     console = commands.console(quiet=quiet)  # what the run did: stdout
     progress_console = commands.console(stderr=True, quiet=quiet)  # the live progress bar: stderr
-    overrides: dict[str, Any] = {"vocab": data.VOCAB}
+    from meshjax.commands.plan import solve_for, staged_overrides
+
+    overrides: dict[str, Any] = {**staged_overrides(args, args.model, config_overrides, mesh_shape), "vocab": data.VOCAB}
     if args.batch is not None:
         overrides["batch"] = args.batch
     if args.seq is not None:
@@ -148,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = global_mesh(mesh_shape) if multi else make_mesh(mesh_shape)
     hardware = hardware_for(args.hardware, mesh) if multi else args.hardware
     optimizer = Optimizer(args.optimizer, args.lr)
-    plan = solve(graph, mesh_shape, hardware=hardware, train=True, rules=args.rules, optimizer=optimizer)
+    plan = solve_for(args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=True, rules=args.rules,
+                     optimizer=optimizer, memory_budget=budget, remat=args.remat, microbatches=microbatches)
     trainer = make_train_step(plan, example.loss, mesh)
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     console.print(f"{args.model}: batch {batch}, seq {seq}, vocab {data.VOCAB}, mesh {mesh_shape}{procs}; {plan.summary()}")
@@ -223,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             "specs": {name: str(spec) for name, spec in plan.param_specs.items()},
             "processes": jax.process_count(),
         }
+        if hasattr(plan, "pipeline"):
+            out["pipeline"] = plan.pipeline.to_json()
         with open(args.losses_json, "w") as f:
             json.dump(out, f, indent=2)
         console.print(f"wrote {args.losses_json}")

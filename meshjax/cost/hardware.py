@@ -113,6 +113,17 @@ PROFILES: dict[str, Hardware] = {
         devices_per_node=4096,
         description="TPU v5p pod slice, 3D torus ICI",
     ),
+    # NVIDIA Selene (DGX A100 80GB), where Narayanan et al. 2021 trained GPT-3 175B: NVLink 3
+    # (600 GB/s bidirectional per GPU) in a node, eight 200 Gb/s HDR InfiniBand NICs per node.
+    "a100-selene": Hardware(
+        name="a100-selene",
+        flops={"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},  # dense; f32 as TF32
+        memory_bytes=80 * GB,
+        intra_node=Link(bandwidth=300 * GB, latency=5e-6),
+        inter_node=Link(bandwidth=25 * GB, latency=15e-6),
+        devices_per_node=8,
+        description="DGX A100 80GB nodes joined by 200 Gb/s HDR InfiniBand per GPU (Selene)",
+    ),
     "cpu-sim": Hardware(
         name="cpu-sim",
         flops={"float32": 20e9, "bfloat16": 5e9},

@@ -12,8 +12,16 @@ keeping the copy (see :mod:`meshjax.lower`), and the cost model charges the seco
 
 Example::
 
-    >>> sorted(saved_for_backward(graph))            # doctest: +SKIP
-    ['block_0/attn/ln', 'block_0/attn/probs', 'block_0/mlp/hidden', ...]
+    >>> import meshjax as mj
+    >>> from meshjax import models
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> sorted(saved_for_backward(graph))   # gelu's input, the second matmul's input, square's input
+    ['error', 'mlp/act', 'mlp/hidden']
+    >>> kept_copies(graph)["mlp/act"]       # itself and the tanh of gelu's approximation
+    2
+    >>> keeps_operand(graph.producer["mlp/out"], 0), keeps_operand(graph.producer["mlp/residual"], 0)
+    (True, False)
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
 
-def extra_residuals(op: Op, graph: Graph | None = None) -> int:
+def extra_residuals(op: Op, graph: Graph | None = None) -> float:
     """How many tensors of its result's size ``op``'s backward keeps besides its operands (in a
     scan, every residual JAX saves is stacked: ``OpFacts.scan_residuals``)."""
     scanned = graph is not None and op.block is not None and graph.blocks[op.block].kind == "scan"
@@ -39,9 +47,6 @@ def kept_operands(op: Op) -> tuple[int, ...]:
 
 def keeps_operand(op: Op, position: int) -> bool:
     """Whether ``op``'s backward pass reads its operand at ``position``.
-
-    >>> keeps_operand(graph.producer["block_0/mlp/hidden"], 1)     # doctest: +SKIP
-    True
     """
     return position in kept_operands(op)
 
@@ -65,7 +70,8 @@ def kept_by(op: Op, graph: Graph) -> set[str]:
     """Tensors ``op``'s backward pass reads."""
     if op.facts.saves_result:
         return {op.output}
-    return {op.inputs[i] for i in kept_operands(op)}
+    kept = {op.inputs[i] for i in kept_operands(op)}
+    return kept | {op.output} if op.facts.also_saves_result else kept
 
 
 def saved_for_backward(graph: Graph) -> frozenset[str]:
@@ -82,12 +88,9 @@ def saved_for_backward(graph: Graph) -> frozenset[str]:
     )
 
 
-def kept_copies(graph: Graph) -> dict[str, int]:
+def kept_copies(graph: Graph) -> dict[str, float]:
     """Activation name -> how many tensors of its size a training step keeps for the backward
     pass: itself when some op's backward reads it, plus its producer's extra residuals.
-
-    >>> kept_copies(graph)["block_0/mlp/act"]        # gelu's result and its tanh    # doctest: +SKIP
-    2
     """
     saved = saved_for_backward(graph)
     out = {}
@@ -115,13 +118,12 @@ def working_set(
 ) -> float:
     """Bytes per device an op needs beyond what stays resident: its result (as computed, before
     a reduce-scatter shrinks it) and its activation operands in the layouts it computes in
-    (params and inputs are resident already).
+    (params and inputs are resident already), plus the scratch the op declares
+    (``OpFacts.forward_scratch``).
 
     In inference, the peak is the largest working set of any op.
-
-    >>> working_set(graph.producer["block_0/attn/probs"], graph, layout, [layout], {"model": 8})  # doctest: +SKIP
     """
-    total = _result_bytes(graph, op, result, computed, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape) * (1 + op.facts.forward_scratch)
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
@@ -154,12 +156,15 @@ def backward_working_set(
     """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
     its result (gathered back to the layout it was computed in, after a reduce-scatter), one
     temporary of that size, and the operands it reads in the layouts it computes in (an FSDP
-    weight is gathered again here).
+    weight is gathered again here), plus what the op declares: its scratch
+    (``OpFacts.backward_scratch``) and, for a fused kernel, its operands' gradients.
 
     In training, the peak on top of what is kept is the largest of these over the ops.
     """
-    total = 2 * _result_bytes(graph, op, result, computed, mesh_shape)
+    total = _result_bytes(graph, op, result, computed, mesh_shape) * (2 + op.facts.backward_scratch)
     for i in kept_operands(op):
         if graph.tensors[op.inputs[i]].role != "constant":
             total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
+    if op.facts.holds_operand_gradients:
+        total += sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
     return total

@@ -9,10 +9,17 @@ made and the layout a consumer needs is a :func:`reshard`.
 
 Example::
 
-    >>> strategies = op_strategies(op, graph, {"model": 8}, hw)          # doctest: +SKIP
-    >>> best = min(strategies, key=lambda s: s.time)
-    >>> str(best.result_layout)
-    '[batch, embed]'
+    >>> import meshjax as mj
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> sizes = {"batch": 32, "embed": 16, "mlp": 16}
+    >>> def f(params, x):
+    ...     return mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w"], name="h")
+    >>> graph = mj.trace(f, mj.abstract_params({"w": mj.param("embed mlp")}, sizes), mj.abstract("batch embed", sizes))
+    >>> strategies = op_strategies(graph.producer["h"], graph, {"model": 8}, PROFILES["h100-node"])
+    >>> sorted({s.label for s in strategies})      # model on one loop dim, or on none
+    ['batch:model', 'embed:model', 'mlp:model', 'replicated']
+    >>> [str(s.result_layout) for s in strategies if s.label == "embed:model"]   # all-reduce or reduce-scatter
+    ['[batch, mlp]', '[batch:model, mlp]', '[batch, mlp:model]']
 """
 
 from __future__ import annotations
@@ -26,10 +33,7 @@ from dataclasses import dataclass
 from meshjax.cost.collectives import Collective, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.graph import Graph, Op, Tensor
-from meshjax.layout import Layout
-
-MeshShape = Mapping[str, int]
-
+from meshjax.layout import Layout, MeshShape
 
 @dataclass(frozen=True)
 class Strategy:

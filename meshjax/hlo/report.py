@@ -29,22 +29,17 @@ sub-axis).
 
 Example
 -------
-::
-
-    import jax, jax.numpy as jnp, rich
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from meshjax.hlo import inspect_compiled
-
-    mesh = jax.make_mesh((4, 2), ("data", "model"))
-    s = lambda *spec: NamedSharding(mesh, P(*spec))
-    f = jax.jit(lambda x, w: x @ w,
-                in_shardings=(s(None, "model"), s("model", None)), out_shardings=s())
-    compiled = f.lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
-    report = inspect_compiled(compiled, mesh)
-    [(c.kind, c.axes, c.bytes_per_device, c.count) for c in report.collectives]
-    # -> [('all-reduce', ('model',), 128, 1)]     f32[8,4] partial sums, summed over "model"
-    report.comm_bytes                             # -> 128
-    rich.print(report.table())
+>>> from jax.sharding import NamedSharding, PartitionSpec as P
+>>> from meshjax.devices import make_mesh
+>>> mesh = make_mesh({"data": 4, "model": 2})
+>>> s = lambda *spec: NamedSharding(mesh, P(*spec))
+>>> f = jax.jit(lambda x, w: x @ w, in_shardings=(s(None, "model"), s("model", None)), out_shardings=s())
+>>> compiled = f.lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
+>>> report = inspect_compiled(compiled, mesh)
+>>> [(c.kind, c.axes, c.bytes_per_device, c.count) for c in report.collectives]   # f32[8,4] partial sums
+[('all-reduce', ('model',), 128, 1)]
+>>> report.comm_bytes
+128
 """
 
 from __future__ import annotations
@@ -56,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from meshjax import devices
 from meshjax.hlo.groups import (
     Groups,
     group_axes_are_exact,
@@ -301,11 +297,11 @@ def _flops(compiled: Any) -> float:
 def _partition_to_mesh(compiled: Any, mesh: Any) -> list[int] | None:
     """Flat mesh index of each partition, if the executable says otherwise than 0..n-1."""
     try:
-        devices = list(compiled.runtime_executable().local_devices())
+        local = list(compiled.runtime_executable().local_devices())
     except Exception:
         return None
     flat = [d.id for d in np.asarray(mesh.devices).flat]
-    ids = [d.id for d in devices]
+    ids = [d.id for d in local]
     if len(ids) != len(flat) or sorted(ids) != sorted(flat) or ids == flat:
         return None
     where = {device_id: i for i, device_id in enumerate(flat)}
@@ -317,7 +313,7 @@ def inspect_compiled(compiled: Any, mesh: Any) -> CompiledReport:
     hlo_text = compiled.as_text()
     if not hlo_text:
         raise ValueError("compiled.as_text() returned no HLO text")
-    mesh_shape = dict(zip(mesh.axis_names, np.asarray(mesh.devices).shape))
+    mesh_shape = devices.mesh_shape(mesh)
     collectives = parse_collectives(
         hlo_text, mesh_shape, partition_to_mesh=_partition_to_mesh(compiled, mesh)
     )

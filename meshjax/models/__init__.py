@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from difflib import get_close_matches
 from types import ModuleType
@@ -58,7 +59,7 @@ def get(name: str, **overrides: Any) -> tuple[ModuleType, Any]:
         raise UnknownModelError(f"unknown model {name!r}{hint}; known models: {', '.join(PRESETS)}") from None
     if overrides:
         # Typed by each field: "16" -> 16, "no" -> False; sizes > 0, dtypes from validate.DTYPES.
-        config = module.replace(config, **validate.config_overrides(name, config, overrides))
+        config = dataclasses.replace(config, **validate.config_overrides(name, config, overrides))
     return module, config
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 import meshjax as mj
 from meshjax.models import transformer
-from meshjax.models._common import host_init
-from meshjax.models.transformer import Config, replace  # noqa: F401  (part of the model interface)
+from meshjax.models.common import param_functions
+from meshjax.models.transformer import Config
 from meshjax.named import NamedArray
 
 PRESETS: dict[str, Config] = {
@@ -34,14 +32,7 @@ def decls(config: Config) -> dict[str, Any]:
     return transformer.block_decls(config)
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
-    values as ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    return mj.abstract_params(decls(config), sizes(config))
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 def forward(params: dict[str, Any], x: NamedArray) -> NamedArray:
@@ -50,5 +41,16 @@ def forward(params: dict[str, Any], x: NamedArray) -> NamedArray:
 
 
 loss = transformer.transformer_block_loss
+
+
+def make_loss(config: Config):
+    """The block's loss with ``config``'s attention form."""
+    form = transformer.check_form(config.attention)
+
+    def config_loss(params, x):
+        return loss(params, x, form=form)
+
+    return config_loss
+
 example_batch = transformer.block_example_batch
 abstract_batch = transformer.block_abstract_batch

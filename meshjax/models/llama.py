@@ -40,13 +40,12 @@ Example::
     >>> config = llama.PRESETS["llama-tiny"]
     >>> params = llama.init(config, 0)
     >>> tokens, targets = llama.example_batch(config, 1)
-    >>> llama.loss(params, tokens, targets).dims
+    >>> jax.jit(llama.loss)(params, tokens, targets).dims     # one compile, not op by op
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
-from meshjax.models.transformer import MASK_VALUE, block_keys
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, layer_decls, param_functions,
+)
+from meshjax.models.transformer import MASK_VALUE, block_keys, check_form, next_token_loss
 from meshjax.models.transformer import example_batch as _gpt_example_batch
 from meshjax.named import NamedArray
 
@@ -66,20 +67,11 @@ NORM_EPS = 1e-5  # RMSNorm epsilon
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a LLaMA-style decoder. ``heads`` must be a multiple of ``kv_heads``."""
 
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
     kv_heads: int = 2
-    head_dim: int = 8
     mlp: int = 64
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -87,6 +79,11 @@ PRESETS: dict[str, Config] = {
     # Paper sizes (Touvron et al. 2023), for abstract tracing and planning only.
     "llama-7b": Config(
         vocab=32000, seq=4096, embed=4096, heads=32, kv_heads=32, head_dim=128, mlp=11008, layers=32, batch=512
+    ),
+    # Llama 3 8B (Grattafiori et al. 2024): 8 key/value heads, a 128K vocabulary, rope theta
+    # 500000 in the paper (this model's rotary base is fixed; it does not change costs).
+    "llama3-8b": Config(
+        vocab=128256, seq=8192, embed=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32, batch=8
     ),
     "llama-70b": Config(
         vocab=32000, seq=4096, embed=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80, batch=512
@@ -105,19 +102,11 @@ def sizes(config: Config) -> dict[str, int]:
     """Dim name -> size."""
     _check(config)
     return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
+        **decoder_sizes(config),
         "kv_heads": config.kv_heads,
         "group": config.heads // config.kv_heads,
-        "head_dim": config.head_dim,
         "half": config.head_dim // 2,
         "pair": 2,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
     }
 
 
@@ -126,13 +115,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """One block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     return {
         "attn_norm": {"scale": p("embed", Constant(1.0))},
@@ -158,24 +143,9 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``)."""
-    return host_init(decls(config), sizes(config), key)
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    return count_params(abstract_params(config))
-
-
-# --- the model -------------------------------------------------------------------------------
-
-# out[pair=0] = -x[pair=1], out[pair=1] = x[pair=0]: the 90-degree turn of each rotary pair,
-# indexed [pair_in, pair].
 _QUARTER_TURN = np.array([[0.0, 1.0], [-1.0, 0.0]], np.float32)
 
 
@@ -215,8 +185,11 @@ def apply_rotary(x: NamedArray, cos: NamedArray, sin: NamedArray, *, name: str =
         return mj.merge_dims(rotated, "half pair", "head_dim", name="out")
 
 
-def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: NamedArray) -> NamedArray:
-    """Grouped-query causal self-attention with rotary embeddings, "batch seq embed" -> same."""
+def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Grouped-query causal self-attention with rotary embeddings, "batch seq embed" -> same.
+
+    ``form="flash"``: one :func:`meshjax.attention` op with ``kv_heads``; ``"einsum"``: the
+    grouped scores, mask, softmax and context ops described in the module docstring."""
     seq = x.size("seq")
     kv_heads = p["w_k"].size("kv_heads")
     head_dim = p["w_q"].size("head_dim")
@@ -225,6 +198,13 @@ def attention(p: dict[str, NamedArray], x: NamedArray, cos: NamedArray, sin: Nam
     v = mj.einsum("batch seq embed, embed kv_heads head_dim -> batch seq kv_heads head_dim", x, p["w_v"], name="v")
     q = apply_rotary(q, cos, sin, name="q_rope")
     k = apply_rotary(k, cos, sin, name="k_rope")
+    if check_form(form) == "flash":
+        keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
+        values = mj.rename(v, {"seq": "key_seq"}, name="values")
+        ctx = mj.attention(
+            q, keys, values, kv_heads="kv_heads", causal=True, scale=1.0 / math.sqrt(head_dim), name="context"
+        )
+        return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
     q = mj.split_dim(q, "heads", "kv_heads group", {"kv_heads": kv_heads}, name="q_groups")
     keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
     values = mj.rename(v, {"seq": "key_seq"}, name="values")
@@ -253,18 +233,22 @@ def swiglu(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     return mj.einsum("batch seq mlp, mlp embed -> batch seq embed", h, p["w_down"], name="out")
 
 
-def block(p: dict[str, Any], x: NamedArray, cos: NamedArray, sin: NamedArray, *, eps: float = NORM_EPS) -> NamedArray:
+def block(
+    p: dict[str, Any], x: NamedArray, cos: NamedArray, sin: NamedArray, *, eps: float = NORM_EPS, form: str = "flash"
+) -> NamedArray:
     """One pre-norm LLaMA block: ``x + attn(rms(x))``, then ``x + swiglu(rms(x))``."""
     with mj.scope("attn"):
         h = mj.rms_norm(x, "embed", p["attn_norm"]["scale"], eps=eps, name="norm")
-        x = mj.elementwise("add", x, attention(p["attn"], h, cos, sin), name="residual")
+        x = mj.elementwise("add", x, attention(p["attn"], h, cos, sin, form=form), name="residual")
     with mj.scope("mlp"):
         h = mj.rms_norm(x, "embed", p["mlp_norm"]["scale"], eps=eps, name="norm")
         x = mj.elementwise("add", x, swiglu(p["mlp"], h), name="residual")
     return x
 
 
-def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = ROPE_THETA, eps: float = NORM_EPS) -> NamedArray:
+def forward(
+    params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = ROPE_THETA, eps: float = NORM_EPS, form: str = "flash"
+) -> NamedArray:
     """Logits "batch seq vocab" for integer ``tokens`` "batch seq" (scanned or unrolled by the params)."""
     head_dim = (params["blocks"] if "blocks" in params else params[block_keys(params)[0]])["attn"]["w_q"].size("head_dim")
     with mj.scope("embed"):
@@ -274,24 +258,30 @@ def forward(params: dict[str, Any], tokens: NamedArray, *, rope_theta: float = R
     if "blocks" in params:
 
         def body(h, p):
-            return block(p, h, cos, sin, eps=eps), None
+            return block(p, h, cos, sin, eps=eps, form=form), None
 
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
-            with mj.scope(key):
-                x = block(params[key], x, cos, sin, eps=eps)
+            x = mj.repeated(key, lambda p, h: block(p, h, cos, sin, eps=eps, form=form), params[key], x)
     with mj.scope("head"):
         x = mj.rms_norm(x, "embed", params["norm_f"]["scale"], eps=eps, name="norm")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")
 
 
-def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
+def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, form: str = "flash") -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
-    with mj.scope("head"):
-        xent = mj.cross_entropy(logits, targets, name="xent")
-    return mj.mean(xent, "batch seq", name="loss")
+    return next_token_loss(forward(params, tokens, form=form), targets)
+
+
+def make_loss(config: Config):
+    """``loss(params, tokens, targets)`` with ``config``'s attention form."""
+    form = check_form(config.attention)
+
+    def config_loss(params, tokens, targets):
+        return loss(params, tokens, targets, form=form)
+
+    return config_loss
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:
@@ -299,18 +289,11 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return _gpt_example_batch(config, key)
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 __all__ = [
     "Config", "PRESETS", "sizes", "decls", "block_decls", "init", "abstract_params", "param_count",
-    "rotary_tables", "apply_rotary", "attention", "swiglu", "block", "forward", "loss",
+    "rotary_tables", "apply_rotary", "attention", "swiglu", "block", "forward", "loss", "make_loss",
     "example_batch", "abstract_batch",
 ]

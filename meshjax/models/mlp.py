@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Normal, host_init, host_rng
+from meshjax.models.common import Normal, host_rng, param_functions
 from meshjax.named import NamedArray
 
 
@@ -63,15 +62,7 @@ def decls(config: Config) -> dict[str, Any]:
     }
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
-    values as ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
-    return mj.abstract_params(decls(config), sizes(config))
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 def forward(params: dict[str, Any], x: NamedArray) -> NamedArray:
@@ -103,11 +94,6 @@ def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
     """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
     s = sizes(config)
     return mj.abstract("batch embed", s, config.dtype), mj.abstract("batch embed", s, config.dtype)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` (the registry uses it for overrides)."""
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [

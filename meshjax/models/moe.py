@@ -41,7 +41,6 @@ aux weight 0.01; every preset uses them); :func:`make_loss` builds the loss of a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from meshjax.context import compute, emit
 from meshjax.graph import LINEAR, OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls
+from meshjax.models.common import DecoderConfig, Normal, abstract_tokens, param_functions
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -65,23 +64,14 @@ AUX_WEIGHT = 0.01
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of the MoE GPT and its routing settings."""
 
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
     mlp: int = 64
-    layers: int = 2
-    batch: int = 8
     experts: int = 4
     top_k: int = TOP_K
     capacity_factor: float = CAPACITY_FACTOR
     aux_weight: float = AUX_WEIGHT
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -128,31 +118,11 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
 
 
 def decls(config: Config) -> dict[str, Any]:
-    dt = config.dtype
-    tree: dict[str, Any] = {
-        "token_embed": mj.param("vocab embed", Normal(0.02), dt),
-        "pos_embed": mj.param("seq embed", Normal(0.01), dt),
-    }
-    tree.update(layer_decls(config, block_decls))
-    tree["ln_f"] = {"scale": mj.param("embed", Constant(1.0), dt), "bias": mj.param("embed", Constant(0.0), dt)}
-    tree["unembed"] = mj.param("embed vocab", Normal(0.02), dt)
-    return tree
+    """The GPT decoder's declarations with this module's blocks."""
+    return transformer.decls(config, block_decls)
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``)."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    return count_params(abstract_params(config))
-
-
-# --- routing ---------------------------------------------------------------------------------
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 def route_values(probs: jax.Array, top_k: int, capacity: int, *, normalize: bool = True) -> jax.Array:
@@ -261,11 +231,14 @@ def moe_ffn(
 # --- the model -------------------------------------------------------------------------------
 
 
-def block(p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR, eps: float = 1e-5):
+def block(
+    p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR, eps: float = 1e-5,
+    form: str = "flash",
+):
     """One pre-norm block: ``x + attn(ln(x))``, then ``x + moe(ln(x))``; returns ``(x, aux)``."""
     with mj.scope("attn"):
         h = mj.layer_norm(x, "embed", p["ln_1"]["scale"], p["ln_1"]["bias"], eps=eps, name="ln")
-        x = mj.elementwise("add", x, transformer.attention(p["attn"], h), name="residual")
+        x = mj.elementwise("add", x, transformer.attention(p["attn"], h, form=form), name="residual")
     with mj.scope("moe"):
         h = mj.layer_norm(x, "embed", p["ln_2"]["scale"], p["ln_2"]["bias"], eps=eps, name="ln")
         h, aux = moe_ffn(p["moe"], h, top_k=top_k, capacity_factor=capacity_factor)
@@ -274,13 +247,14 @@ def block(p: dict[str, Any], x: NamedArray, *, top_k: int = TOP_K, capacity_fact
 
 
 def forward(
-    params: dict[str, Any], tokens: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR
+    params: dict[str, Any], tokens: NamedArray, *, top_k: int = TOP_K, capacity_factor: float = CAPACITY_FACTOR,
+    form: str = "flash",
 ) -> tuple[NamedArray, NamedArray]:
     """``(logits "batch seq vocab", aux)``: aux is the load-balancing loss summed over layers."""
     with mj.scope("embed"):
         x = mj.embed(tokens, params["token_embed"], name="tokens")
         x = mj.elementwise("add", x, params["pos_embed"], name="out")
-    kw = dict(top_k=top_k, capacity_factor=capacity_factor)
+    kw = dict(top_k=top_k, capacity_factor=capacity_factor, form=form)
     if "blocks" in params:
 
         def body(h, p):
@@ -291,8 +265,7 @@ def forward(
     else:
         aux = None
         for key in block_keys(params):
-            with mj.scope(key):
-                x, layer_aux = block(params[key], x, **kw)
+            x, layer_aux = mj.repeated(key, lambda p, h: block(p, h, **kw), params[key], x)
             aux = layer_aux if aux is None else mj.elementwise("add", aux, layer_aux, name="aux_total")
     with mj.scope("head"):
         x = mj.layer_norm(x, "embed", params["ln_f"]["scale"], params["ln_f"]["bias"], name="ln")
@@ -308,9 +281,10 @@ def loss(
     top_k: int = TOP_K,
     capacity_factor: float = CAPACITY_FACTOR,
     aux_weight: float = AUX_WEIGHT,
+    form: str = "flash",
 ) -> NamedArray:
     """Mean next-token cross-entropy plus ``aux_weight`` times the load-balancing loss."""
-    logits, aux = forward(params, tokens, top_k=top_k, capacity_factor=capacity_factor)
+    logits, aux = forward(params, tokens, top_k=top_k, capacity_factor=capacity_factor, form=form)
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
         lm = mj.mean(xent, "batch seq", name="lm_loss")
@@ -319,12 +293,13 @@ def loss(
 
 
 def make_loss(config: Config):
-    """``loss(params, tokens, targets)`` with ``config``'s routing settings."""
+    """``loss(params, tokens, targets)`` with ``config``'s routing settings and attention form."""
+    form = transformer.check_form(config.attention)
 
     def config_loss(params, tokens, targets):
         return loss(
             params, tokens, targets,
-            top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight,
+            top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight, form=form,
         )
 
     return config_loss
@@ -335,13 +310,7 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return transformer.example_batch(config, key)
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
-
-
-def replace(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 __all__ = [

@@ -29,13 +29,12 @@ Example::
     >>> config = gpt.PRESETS["gpt-tiny"]
     >>> params = gpt.init(config, jax.random.key(0))
     >>> tokens, targets = gpt.example_batch(config, jax.random.key(1))
-    >>> gpt.loss(params, tokens, targets).dims
+    >>> jax.jit(gpt.loss)(params, tokens, targets).dims
     ()
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -46,26 +45,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import meshjax as mj
-from meshjax.models._common import Constant, Normal, count_params, host_init, layer_decls, host_rng
+from meshjax.models.common import (
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, param_functions,
+)
 from meshjax.named import NamedArray
 
 MASK_VALUE = -1e9  # added to the scores of future keys
+ATTENTION_FORMS = ("flash", "einsum")
+"""``flash``: one :func:`meshjax.attention` op (no ``seq x key_seq`` tensor is kept); ``einsum``:
+scores, mask, softmax and context as separate ops (every intermediate visible to the solver)."""
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DecoderConfig):
     """Sizes of a GPT-style decoder. ``heads * head_dim`` need not equal ``embed``."""
-
-    vocab: int = 64
-    seq: int = 16
-    embed: int = 32
-    heads: int = 4
-    head_dim: int = 8
-    mlp: int = 128
-    layers: int = 2
-    batch: int = 8
-    scan_layers: bool = False
-    dtype: str = "float32"
 
 
 PRESETS: dict[str, Config] = {
@@ -86,19 +79,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def sizes(config: Config) -> dict[str, int]:
-    """Dim name -> size (``key_seq`` is ``seq``)."""
-    return {
-        "batch": config.batch,
-        "seq": config.seq,
-        "key_seq": config.seq,
-        "embed": config.embed,
-        "heads": config.heads,
-        "head_dim": config.head_dim,
-        "mlp": config.mlp,
-        "vocab": config.vocab,
-        "layers": config.layers,
-    }
+sizes = decoder_sizes  # dim name -> size (``key_seq`` is ``seq``)
 
 
 # --- declarations ----------------------------------------------------------------------------
@@ -106,13 +87,9 @@ def sizes(config: Config) -> dict[str, int]:
 
 def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     """Declarations of one block's params; with ``stacked``, each gets a leading ``layers`` dim."""
-    lead = "layers " if stacked else ""
-    dt = config.dtype
+    p = declarer(config, stacked)
     proj = Normal(0.02)
     out = Normal(0.02 / math.sqrt(2 * config.layers))  # GPT-2's scaled residual projections
-
-    def p(dims: str, init) -> mj.Param:
-        return mj.param(lead + dims, init, dt)
 
     def norm() -> dict[str, mj.Param]:
         return {"scale": p("embed", Constant(1.0)), "bias": p("embed", Constant(0.0))}
@@ -130,8 +107,9 @@ def block_decls(config: Config, *, stacked: bool = False) -> dict[str, Any]:
     }
 
 
-def decls(config: Config) -> dict[str, Any]:
-    """Declarations of the whole decoder (see the module docstring for the names)."""
+def decls(config: Config, block_decls=block_decls) -> dict[str, Any]:
+    """Declarations of the whole decoder (see the module docstring for the names), its blocks
+    declared by ``block_decls`` (the MoE decoder passes its own)."""
     dt = config.dtype
     tree: dict[str, Any] = {
         "token_embed": mj.param("vocab embed", Normal(0.02), dt),
@@ -146,27 +124,24 @@ def decls(config: Config) -> dict[str, Any]:
     return tree
 
 
-def init(config: Config, key: jax.Array | int) -> dict[str, Any]:
-    """Concrete params, drawn on the host with numpy (deterministic in ``key``; fast): the same
-    values as ``mj.init_params(decls(config), sizes(config), key)``."""
-    return host_init(decls(config), sizes(config), key)
-
-
-def abstract_params(config: Config) -> dict[str, Any]:
-    """Params as ``jax.ShapeDtypeStruct`` (nothing allocated): for paper-size presets."""
-    return mj.abstract_params(decls(config), sizes(config))
-
-
-def param_count(config: Config) -> int:
-    """Number of parameters (computed from the declarations, nothing allocated)."""
-    return count_params(abstract_params(config))
+init, abstract_params, param_count = param_functions(decls, sizes)
 
 
 # --- the model -------------------------------------------------------------------------------
 
 
-def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
-    """Multi-head causal self-attention, "batch seq embed" -> "batch seq embed" (no residual)."""
+def check_form(form: str) -> str:
+    """``form`` if it is one of :data:`ATTENTION_FORMS`; else a one-line error naming it."""
+    if form not in ATTENTION_FORMS:
+        raise mj.MeshjaxError(f"attention={form!r}: expected one of {', '.join(ATTENTION_FORMS)}")
+    return form
+
+
+def attention(p: dict[str, NamedArray], x: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Multi-head causal self-attention, "batch seq embed" -> "batch seq embed" (no residual).
+
+    ``form="flash"`` computes it as one :func:`meshjax.attention` op, ``"einsum"`` as scores,
+    mask, softmax and context ops."""
     seq = x.size("seq")
     head_dim = p["w_q"].size("head_dim")
     q = mj.einsum("batch seq embed, embed heads head_dim -> batch seq heads head_dim", x, p["w_q"], name="q")
@@ -174,6 +149,9 @@ def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     v = mj.einsum("batch seq embed, embed heads head_dim -> batch seq heads head_dim", x, p["w_v"], name="v")
     keys = mj.rename(k, {"seq": "key_seq"}, name="keys")
     values = mj.rename(v, {"seq": "key_seq"}, name="values")
+    if check_form(form) == "flash":
+        ctx = mj.attention(q, keys, values, causal=True, scale=1.0 / math.sqrt(head_dim), name="context")
+        return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
     scores = mj.einsum(
         "batch seq heads head_dim, batch key_seq heads head_dim -> batch heads seq key_seq", q, keys, name="scores"
     )
@@ -188,11 +166,11 @@ def attention(p: dict[str, NamedArray], x: NamedArray) -> NamedArray:
     return mj.einsum("batch seq heads head_dim, heads head_dim embed -> batch seq embed", ctx, p["w_o"], name="out")
 
 
-def block(p: dict[str, Any], x: NamedArray, *, eps: float = 1e-5) -> NamedArray:
+def block(p: dict[str, Any], x: NamedArray, *, eps: float = 1e-5, form: str = "flash") -> NamedArray:
     """One pre-norm decoder block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
     with mj.scope("attn"):
         h = mj.layer_norm(x, "embed", p["ln_1"]["scale"], p["ln_1"]["bias"], eps=eps, name="ln")
-        x = mj.elementwise("add", x, attention(p["attn"], h), name="residual")
+        x = mj.elementwise("add", x, attention(p["attn"], h, form=form), name="residual")
     with mj.scope("mlp"):
         h = mj.layer_norm(x, "embed", p["ln_2"]["scale"], p["ln_2"]["bias"], eps=eps, name="ln")
         h = mj.einsum("batch seq embed, embed mlp -> batch seq mlp", h, p["mlp"]["w_in"], name="hidden")
@@ -211,8 +189,8 @@ def block_keys(params: dict[str, Any]) -> list[str]:
     return sorted(keys, key=lambda k: int(_BLOCK_KEY.match(k).group(1)))
 
 
-def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
-    """Logits "batch seq vocab" for integer ``tokens`` "batch seq".
+def forward(params: dict[str, Any], tokens: NamedArray, *, form: str = "flash") -> NamedArray:
+    """Logits "batch seq vocab" for integer ``tokens`` "batch seq"; ``form`` is the attention's.
 
     Scanned (``params["blocks"]``) or unrolled (``params["block_i"]``) is read off the params.
     """
@@ -222,24 +200,38 @@ def forward(params: dict[str, Any], tokens: NamedArray) -> NamedArray:
     if "blocks" in params:
 
         def body(h, p):
-            return block(p, h), None
+            return block(p, h, form=form), None
 
         x, _ = mj.scan(body, x, params["blocks"], dim="layers", name="blocks")
     else:
         for key in block_keys(params):
-            with mj.scope(key):
-                x = block(params[key], x)
+            x = mj.repeated(key, lambda p, h: block(p, h, form=form), params[key], x)
     with mj.scope("head"):
         x = mj.layer_norm(x, "embed", params["ln_f"]["scale"], params["ln_f"]["bias"], name="ln")
         return mj.einsum("batch seq embed, embed vocab -> batch seq vocab", x, params["unembed"], name="logits")
 
 
-def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray) -> NamedArray:
+def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, form: str = "flash") -> NamedArray:
     """Mean next-token cross-entropy; ``targets`` "batch seq" are the tokens shifted by one."""
-    logits = forward(params, tokens)
+    return next_token_loss(forward(params, tokens, form=form), targets)
+
+
+def next_token_loss(logits: NamedArray, targets: NamedArray) -> NamedArray:
+    """Mean cross-entropy of ``logits`` "batch seq vocab" against ``targets`` "batch seq"
+    (tensors ``head/xent`` and ``loss``), the loss of every decoder here."""
     with mj.scope("head"):
         xent = mj.cross_entropy(logits, targets, name="xent")
     return mj.mean(xent, "batch seq", name="loss")
+
+
+def make_loss(config: Config):
+    """``loss(params, tokens, targets)`` with ``config``'s attention form."""
+    form = check_form(config.attention)
+
+    def config_loss(params, tokens, targets):
+        return loss(params, tokens, targets, form=form)
+
+    return config_loss
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:
@@ -249,21 +241,18 @@ def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, Nam
     return mj.named(jnp.asarray(stream[:, :-1]), "batch seq"), mj.named(jnp.asarray(stream[:, 1:]), "batch seq")
 
 
-def abstract_batch(config: Config) -> tuple[NamedArray, NamedArray]:
-    """:func:`example_batch` as ``jax.ShapeDtypeStruct`` values."""
-    s = sizes(config)
-    return mj.abstract("batch seq", s, jnp.int32), mj.abstract("batch seq", s, jnp.int32)
+abstract_batch = abstract_tokens  # example_batch as jax.ShapeDtypeStruct values
 
 
 # --- one block on its own --------------------------------------------------------------------
 
 
-def transformer_block_loss(params: dict[str, Any], x: NamedArray) -> NamedArray:
+def transformer_block_loss(params: dict[str, Any], x: NamedArray, *, form: str = "flash") -> NamedArray:
     """One decoder block on ``x`` "batch seq embed" under scope ``block``, then the mean square
     of its output: the smallest model with attention, norms and an MLP. Params: :func:`block_decls`.
     """
     with mj.scope("block"):
-        y = block(params, x)
+        y = block(params, x, form=form)
     return mj.mean(mj.square(y, name="sq"), "batch seq embed", name="loss")
 
 
@@ -277,13 +266,8 @@ def block_abstract_batch(config: Config) -> tuple[NamedArray]:
     return (mj.abstract("batch seq embed", sizes(config), config.dtype),)
 
 
-def replace(config: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` (the registry uses it for overrides)."""
-    return dataclasses.replace(config, **changes)
-
-
 __all__ = [
     "Config", "PRESETS", "sizes", "decls", "block_decls", "init", "abstract_params", "param_count",
-    "attention", "block", "forward", "loss", "example_batch", "abstract_batch",
+    "ATTENTION_FORMS", "check_form", "attention", "block", "forward", "loss", "make_loss", "example_batch", "abstract_batch",
     "transformer_block_loss", "block_example_batch", "block_abstract_batch",
 ]

@@ -8,13 +8,18 @@ plan's spec. Traced tensor names are the NNX state paths (``blocks/0/attn/w_q``)
 
 Example::
 
-    >>> from flax import nnx                                                # doctest: +SKIP
+    >>> from flax import nnx
+    >>> from meshjax.models import transformer as gpt
+    >>> from meshjax.solve import solve
     >>> model = Transformer.gpt(vocab=64, seq=16, embed=32, heads=4, head_dim=8, mlp=64, layers=2,
     ...                         rngs=nnx.Rngs(0))
+    >>> tokens, targets = gpt.example_batch(gpt.Config(vocab=64, seq=16, batch=8), 1)
     >>> traced = trace_module(model, tokens, targets, loss_fn=lm_loss)
-    >>> plan = meshjax.plan.solve(traced.graph, {"data": 4, "model": 2}, train=True,
-    ...                           rules="batch:data;heads:model;mlp:model;vocab:model")
-    >>> partition_specs(model, plan) == {k: v for k, v in plan.param_specs.items()}   # up to trailing Nones
+    >>> plan = solve(traced.graph, {"data": 4, "model": 2}, train=True,
+    ...              rules="batch:data;heads:model;mlp:model;vocab:model")
+    >>> specs = partition_specs(model, plan)       # Flax's own nnx.get_partition_spec
+    >>> all(normalize_spec(specs[name]) == spec for name, spec in plan.param_specs.items())
+    True
 """
 
 from meshjax.nn.functional import (

@@ -10,11 +10,23 @@ so :func:`meshjax.trace`, :meth:`meshjax.plan.Plan.program` and ``jax.jit`` all 
 
 Example::
 
-    >>> traced = trace_module(model, tokens, targets, loss_fn=lm_loss)      # doctest: +SKIP
-    >>> plan = meshjax.plan.solve(traced.graph, {"data": 4, "model": 2}, train=True, rules=...)
-    >>> loss, grads = plan.program(traced.fn, mesh).jit(grad=True)(traced.params, tokens, targets)
+    >>> import meshjax as mj
+    >>> from meshjax.devices import make_mesh
+    >>> from meshjax.nn import Dense
+    >>> from meshjax.solve import solve
+    >>> layer = Dense("embed", "mlp", {"embed": 4, "mlp": 8}, rngs=nnx.Rngs(0))
+    >>> x = mj.named(jnp.ones((8, 4)), "batch embed")
+    >>> traced = trace_module(layer, x)
+    >>> [(t.name, t.role) for t in traced.graph.tensors.values()]
+    [('kernel', 'param'), ('x', 'input'), ('out', 'output')]
+    >>> plan = solve(traced.graph, {"data": 4, "model": 2}, rules="batch:data;mlp:model")
+    >>> y = plan.program(traced.fn, make_mesh({"data": 4, "model": 2})).jit()(traced.params, x)
+    >>> y.dims, y.value.sharding.spec
+    (('batch', 'mlp'), P('data', 'model'))
     >>> with nnx.logical_axis_rules(plan.logical_axis_rules()):
-    ...     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))   # = plan.param_specs
+    ...     specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))   # = plan.param_specs
+    >>> specs["kernel"].get_value()
+    P(None, 'model')
 """
 
 from __future__ import annotations
@@ -33,9 +45,6 @@ from meshjax.named import NamedArray
 from meshjax.nn.layers import SHARDING_KEY, dims_of
 from meshjax.trace import trace
 
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, NamedArray)
 
 
 def param_name(path: tuple) -> str:

@@ -37,7 +37,7 @@ import meshjax as mj
 from meshjax.errors import ShapeError
 from meshjax.models import llama as _llama
 from meshjax.models import moe as _moe
-from meshjax.models._common import Normal, host_rng
+from meshjax.models.common import Normal, host_rng
 from meshjax.models.transformer import MASK_VALUE
 from meshjax.named import DimsLike, NamedArray, parse_dims, shape_of
 from meshjax.ops import parse_einsum

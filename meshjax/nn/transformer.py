@@ -9,7 +9,7 @@ Example::
     >>> from flax import nnx
     >>> model = Transformer.gpt(vocab=64, seq=16, embed=32, heads=4, head_dim=8, mlp=64, layers=2, rngs=nnx.Rngs(0))
     >>> tokens = mj.named(jnp.zeros((2, 16), jnp.int32), "batch seq")
-    >>> model(tokens).dims
+    >>> nnx.jit(lambda m, t: m(t))(model, tokens).dims
     ('batch', 'seq', 'vocab')
 """
 

@@ -11,8 +11,19 @@ reduced cost of the chosen layout pair less the edge's negative reduced costs.
 
 Example::
 
-    >>> lp = lp_bounds(model)                                    # doctest: +SKIP
-    >>> lp.lower + lp.node_penalty[k][s] > best_known * model.factor   # s is in no better choice
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver import build_problem, solve_ilp
+    >>> from meshjax.solver.model import build_model
+    >>> ex = models.example("gpt-tiny", abstract=True, batch=64)
+    >>> problem = build_problem(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 4, "model": 2}, PROFILES["h100-node"], train=True)
+    >>> model = build_model(problem)
+    >>> lp = lp_bounds(model)
+    >>> lp.lower <= solve_ilp(problem).objective * model.factor     # a lower bound
+    True
+
+A node's option ``s`` whose ``lp.lower + lp.node_penalty[k][s]`` exceeds a known solution's
+cost is in no better choice.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from meshjax.solver.problem import Problem
 
 MEMORY_KINDS = ("params", "gradients", "partial_gradients", "optimizer_state", "inputs", "activations", "backward_peak")
+# Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
+# micro-batching, and what a rematerialised block recomputes for one instance.
+LEVER_KINDS = ("grad_accumulator", "recompute")
 
 
 @dataclass(frozen=True)
@@ -72,32 +76,44 @@ class OpCost:
     collectives: tuple[Collective, ...]
 
 
+class StepTotals:
+    """A step's totals, summed over its :class:`OpCost` rows (``self.op_costs``); the one
+    definition :class:`Evaluation` and :class:`~meshjax.plan.Plan` share."""
+
+    op_costs: tuple[OpCost, ...]
+
+    @property
+    def collectives(self) -> list[Collective]:
+        return [c for row in self.op_costs for c in row.collectives]
+
+    @property
+    def comm_bytes(self) -> float:
+        """Predicted comm bytes per step, defined as in :mod:`meshjax.hlo`."""
+        return sum(c.comm_bytes for c in self.collectives)
+
+    @property
+    def comm_time_s(self) -> float:
+        return sum(r.comm_time for r in self.op_costs)
+
+    @property
+    def compute_time_s(self) -> float:
+        return sum(r.compute_time for r in self.op_costs)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.comm_time_s + self.compute_time_s
+
+
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(StepTotals):
     """What a choice costs: time rows, comm, and bytes per device by kind (``memory["total"]``)."""
 
     rows: tuple[OpCost, ...]
     memory: Mapping[str, float]
 
     @property
-    def collectives(self) -> list[Collective]:
-        return [c for row in self.rows for c in row.collectives]
-
-    @property
-    def comm_bytes(self) -> float:
-        return sum(c.comm_bytes for c in self.collectives)
-
-    @property
-    def comm_time_s(self) -> float:
-        return sum(r.comm_time for r in self.rows)
-
-    @property
-    def compute_time_s(self) -> float:
-        return sum(r.compute_time for r in self.rows)
-
-    @property
-    def step_time_s(self) -> float:
-        return self.comm_time_s + self.compute_time_s
+    def op_costs(self) -> tuple[OpCost, ...]:
+        return self.rows
 
 
 # --- pricing options (the ILP's coefficients) --------------------------------------------------
@@ -131,6 +147,24 @@ def price_source_options(
     return np.zeros(len(layouts)), {"params" if tensor.role == "param" else "constants": nbytes}
 
 
+def price_accumulation(
+    tensor: Tensor, layouts: Sequence[Layout], time: np.ndarray, parts: dict[str, np.ndarray],
+    mesh_shape: Mapping[str, int], k: int, instances: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A source's time and memory parts when the step runs ``k`` micro-batches: an input holds
+    and is fed the whole batch (its tensor is one micro-batch's), a param adds a float32
+    gradient accumulator in its layout (:func:`meshjax.microbatch.accumulator_bytes`)."""
+    from meshjax.microbatch import accumulator_bytes
+
+    parts = dict(parts)
+    if tensor.role == "input":
+        parts["inputs"] = parts["inputs"] * k
+        return time * k, parts
+    if tensor.role == "param":
+        parts["grad_accumulator"] = np.array([accumulator_bytes(tensor, l, mesh_shape) for l in layouts]) * instances
+    return time, parts
+
+
 # --- a choice ----------------------------------------------------------------------------------
 
 
@@ -144,6 +178,8 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
         )
+        if e.rerun:  # a rematerialised consumer's forward reshard runs again
+            colls += reshard(e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware)[1]
         colls = tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)
         incoming[e.dst].append((float(e.cost[a, b]), colls))
     rows = []
@@ -160,8 +196,11 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
                 rows.append(OpCost(node.key, node.tensor.role, label, float(node.time[c]), 0.0, ()))
             continue
         mult = node.multiplicity
-        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in option.collectives)
+        ran = option.collectives + (tuple(node.recompute_collectives[c]) if node.recompute_collectives is not None else ())
+        colls = tuple(Collective(x.kind, x.axes, x.nbytes, x.count * mult, x.latency_share) for x in ran)
         compute = option.compute_time * mult
+        if node.recompute_compute is not None:  # a rematerialised op computes its forward again
+            compute += float(node.recompute_compute[c])
         # The node's time holds its own collectives and any self-edge (tied instances feeding
         # their own twin) folded into it.
         comm = float(node.time[c]) - compute
@@ -171,10 +210,23 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "partial_gradients", "backward_peak")}
-    if memory.get("constants"):
-        out["constants"] = memory["constants"]
+    for kind in ("constants", *LEVER_KINDS):
+        if memory.get(kind):
+            out[kind] = memory[kind]
     out["total"] = sum(out.values())
     return Evaluation(tuple(rows), out)
+
+
+def recompute_flops(problem: Problem, choice: Sequence[int]) -> float:
+    """Floating-point work per device the backward pass spends recomputing (rematerialised
+    blocks' forward ops), per step."""
+    total = 0.0
+    for node, c in zip(problem.nodes, choice):
+        if node.op is None or node.recompute_compute is None:
+            continue
+        split = math.prod(problem.mesh_shape[a] for _, axes in node.options[c].assign for a in axes)
+        total += node.op.index.flops / split * node.multiplicity
+    return total
 
 
 def operand_layouts(problem: Problem, choice: Sequence[int]) -> dict[str, tuple[Layout, ...]]:

@@ -8,9 +8,16 @@ pair, so the edge cost is exact. A memory budget adds one row; peaks add one con
 
 Example::
 
-    >>> model = build_model(problem, memory_budget=80e9)      # doctest: +SKIP
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver.problem import build_problem
+    >>> ex = models.example("mlp-tiny", abstract=True, batch=1024)
+    >>> problem = build_problem(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 2, "model": 4}, PROFILES["h100-node"])
+    >>> model = build_model(problem, memory_budget=80e9)
     >>> res = run_milp(model)
-    >>> model.choice(res.x)
+    >>> choice = model.choice(res.x)       # an option per node
+    >>> len(choice) == len(problem.nodes)
+    True
 """
 
 from __future__ import annotations

@@ -3,7 +3,16 @@ against. It scores choices with the same :class:`~meshjax.solver.problem.Problem
 
 Example::
 
-    >>> best = solve_exhaustive(problem)          # doctest: +SKIP
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver import build_problem, solve_ilp
+    >>> sizes = {"batch": 256, "embed": 512, "mlp": 1024}
+    >>> def f(params, x):
+    ...     return mj.sum(mj.einsum("batch embed, embed mlp -> batch mlp", x, params["w"]), "batch mlp")
+    >>> graph = mj.trace(f, mj.abstract_params({"w": mj.param("embed mlp")}, sizes), mj.abstract("batch embed", sizes))
+    >>> problem = build_problem(graph, {"data": 2, "model": 4}, PROFILES["cpu-sim"], train=True)
+    >>> best = solve_exhaustive(problem)
+    >>> abs(best.objective - solve_ilp(problem).objective) <= 1e-9 * best.objective
+    True
 """
 
 from __future__ import annotations

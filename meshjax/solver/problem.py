@@ -15,8 +15,15 @@ carries the costs of every instance.
 
 Example::
 
-    >>> problem = build_problem(graph, {"data": 4, "model": 2}, PROFILES["h100-node"])   # doctest: +SKIP
-    >>> problem.total_time([0] * len(problem.nodes))
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> problem = build_problem(graph, {"data": 4, "model": 2}, PROFILES["h100-node"])
+    >>> [node.key for node in problem.nodes][:4]       # params and inputs, then one node per op
+    ['mlp/w_in', 'mlp/w_out', 'x', 'target']
+    >>> problem.total_time([0] * len(problem.nodes)) > 0    # every node's first option
+    True
 """
 
 from __future__ import annotations
@@ -28,17 +35,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, kept_copies, partial_gradients, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, partial_gradients, working_set
+from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
-from meshjax.layout import Layout, Rules, as_layout, check_rules, parse_rules
+from meshjax.layout import Layout, MeshShape, Rules, as_layout, axes_of, check_rules, parse_rules
 from meshjax.optimizer import Optimizer, get_optimizer
-from meshjax.solver.evaluate import price_param_options, price_source_options
-
-MeshShape = Mapping[str, int]
-
+from meshjax.solver.evaluate import price_accumulation, price_param_options, price_source_options
 
 @dataclass
 class Constraints:
@@ -56,8 +61,8 @@ class Constraints:
         pinned = {name: as_layout(graph.tensor(name), value) for name, value in (pins or {}).items()}
         cands = {}
         for dim, options in (candidates or {}).items():
-            check_rules({dim: tuple(a for o in options for a in ((o,) if isinstance(o, str) else tuple(o or ())))}, graph, mesh_shape)
-            cands[dim] = [tuple((o,) if isinstance(o, str) else tuple(o or ())) for o in options]
+            cands[dim] = [axes_of(o) for o in options]
+            check_rules({dim: tuple(a for axes in cands[dim] for a in axes)}, graph, mesh_shape)
         return cls(parsed, pinned, cands)
 
     def allows(self, layout: Layout) -> bool:
@@ -82,6 +87,8 @@ class Node:
     multiplicity: int
     members: list[str]  # every tensor name this node decides
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # memory by kind (meshjax.solver.evaluate)
+    recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
+    recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Edge:
     multiplicity: int
     needs_grad: bool = True
     recompute: bool = False  # the consumer's backward re-does the reshard (it reads the operand)
+    rerun: bool = False  # the consumer is rematerialised: its forward reshard runs again
 
 
 @dataclass
@@ -111,6 +119,8 @@ class Problem:
     node_of: dict[str, int]  # tensor name -> node index
     optimizer: Optimizer | None = None  # training: what each param's state costs
     zero: bool = False  # training: optimizer state may be sharded over more axes than its param
+    remat: dict[str, str] = field(default_factory=dict)  # training: repeated block -> policy
+    microbatches: int = 1  # training: ``graph`` is one of this many micro-batches of the step
 
     def total_time(self, choice: Sequence[int]) -> float:
         t = sum(float(n.time[c]) for n, c in zip(self.nodes, choice))
@@ -166,6 +176,10 @@ def build_problem(
     constraints: Constraints | None = None,
     optimizer: Optimizer | str | None = None,
     zero: bool = False,
+    remat: Mapping[str, str] | None = None,
+    microbatches: int = 1,
+    cache: dict | None = None,
+    edges: bool = True,
 ) -> Problem:
     """Nodes, options, costs and edges for ``graph`` on a mesh of ``mesh_shape``, each option
     priced by :mod:`meshjax.solver.evaluate`.
@@ -174,6 +188,12 @@ def build_problem(
     state each param keeps (default Adam, fp32 moments, fp32 master copy of low-precision params).
     ``zero``: in training, let optimizer state be sharded over more mesh axes than its param
     (ZeRO-1); sharding the param itself (FSDP / ZeRO-3) is always an option.
+    ``remat``: in training, repeated block -> policy (:mod:`meshjax.cost.remat`).
+    ``microbatches``: ``graph`` is one of that many micro-batches of the step
+    (:mod:`meshjax.microbatch`): ops and reshards run that many times, the optimizer once.
+    ``cache``: a dict shared by builds on the same mesh and hardware (other policies, other
+    micro-batch counts) to reuse the strategies and reshard times priced before.
+    ``edges=False`` prices the nodes only (enough for memory bounds; no reshard is priced).
     """
     mesh_shape = dict(mesh_shape)
     optimizer = get_optimizer(optimizer)
@@ -185,7 +205,11 @@ def build_problem(
 
     nodes: list[Node] = []
     node_of: dict[str, int] = {}
-    kept = kept_copies(graph) if train else {}
+    remat = {u: p for u, p in (remat or {}).items() if p != "none"} if train else {}
+    kept = kept_under(graph, remat) if train else {}
+    working = working_under(graph, remat)
+    units = unit_of(graph) if remat else {}
+    cache = {} if cache is None else cache
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
@@ -213,12 +237,16 @@ def build_problem(
             else:
                 options = result_layouts = layouts
                 time, parts = price_source_options(tensor, layouts, mesh_shape, hardware, per_instance)
+            if microbatches > 1 and train:
+                time, parts = price_accumulation(tensor, result_layouts, time, parts, mesh_shape, microbatches, per_instance)
             memory = sum(parts.values())
             nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts))
         else:
+            if ("strategies", op.name, op.index) not in cache:
+                cache[("strategies", op.name, op.index)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
             strategies = [
                 s
-                for s in op_strategies(op, graph, mesh_shape, hardware, train=train)
+                for s in cache[("strategies", op.name, op.index)]
                 if constraints.allows(s.result_layout) and all(constraints.allows(l) for l in s.operand_layouts)
                 and (pin is None or s.result_layout == pin)
             ]
@@ -231,9 +259,11 @@ def build_problem(
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
                 memory = act * mult * kept.get(key, 0)
+                # A recomputing block also holds what one instance recomputes (charged as resident).
+                recomputing = act * working.get(key, 0)
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             else:
-                memory = np.zeros(len(strategies))
+                memory = recomputing = np.zeros(len(strategies))
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             parts = {"activations": memory}
@@ -242,9 +272,23 @@ def build_problem(
                 if partial.any():
                     parts["partial_gradients"] = partial
                     memory = memory + partial
-            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory, peak, mult, names, parts))
+            if recomputing.any():
+                parts["recompute"] = recomputing
+            recompute, rerun_colls = None, None
+            if units.get(op.name) in remat and op.name in remat_effect(graph, units[op.name], remat[units[op.name]]).recomputed:
+                extra, recompute, rerun_colls = recompute_times(op, graph, strategies, mesh_shape, hardware, cache)
+                time = time + extra * mult
+                recompute = recompute * mult
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory + recomputing,
+                              peak, mult, names, parts, recompute, rerun_colls))
         for name in names:
             node_of[name] = len(nodes) - 1
+
+    if not edges:
+        problem = Problem(graph, mesh_shape, hardware, train, nodes, [], node_of, optimizer if train else None, zero,
+                          dict(remat), microbatches)
+        _repeat(problem, microbatches)
+        return problem
 
     edge_mult: dict[tuple[int, int, int, str], int] = defaultdict(int)
     for op in graph.ops:
@@ -252,13 +296,17 @@ def build_problem(
         for i, name in enumerate(op.inputs):
             edge_mult[(node_of[name], dst, i, canon[name])] += graph.trip_count(op.block)
 
-    cache: dict[tuple, float] = {}
-
-    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool) -> float:
-        key = (tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
+    def reshard_time(tensor: Tensor, a: Layout, b: Layout, needs_grad: bool, recompute: bool, rerun: bool = False) -> float:
+        key = ("reshard", tensor.dims, tensor.shape, tensor.dtype, a.axes, b.axes, needs_grad, recompute)  # q, k, v share
         if key not in cache:
             cache[key] = reshard(tensor, a, b, mesh_shape, hardware, train=train, needs_grad=needs_grad, recompute=recompute)[0]
-        return cache[key]
+        if not rerun:
+            return cache[key]
+        # A rematerialised consumer re-does its forward reshard.
+        fwd = ("forward reshard", *key[1:6])
+        if fwd not in cache:
+            cache[fwd] = reshard(tensor, a, b, mesh_shape, hardware)[0]
+        return cache[key] + cache[fwd]
 
     edges: list[Edge] = []
     for (src, dst, i, tname), mult in edge_mult.items():
@@ -269,12 +317,14 @@ def build_problem(
         src_layouts = [Layout(tensor.dims, l.axes) for l in src_layouts]
         consumer = nodes[dst].op
         recompute = train and backward_reads(consumer, i, graph)
+        unit = units.get(consumer.name)
+        rerun = unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
         cost = np.array(
             [
                 [
                     np.inf
                     if _gathers_before_reducing(consumer, i, a, b)
-                    else reshard_time(tensor, a, b, needs_grad, recompute) * mult
+                    else reshard_time(tensor, a, b, needs_grad, recompute, rerun) * mult
                     for b in dst_layouts
                 ]
                 for a in src_layouts
@@ -284,8 +334,27 @@ def build_problem(
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute))
-    return Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero)
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun))
+    problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero,
+                      dict(remat), microbatches)
+    _repeat(problem, microbatches)
+    return problem
+
+
+def _repeat(problem: Problem, k: int) -> None:
+    """Run every op and reshard of one micro-batch ``k`` times (sources are priced for the
+    whole step by :func:`~meshjax.solver.evaluate.price_accumulation`)."""
+    if k == 1:
+        return
+    for node in problem.nodes:
+        if node.op is not None:
+            node.time = node.time * k
+            node.multiplicity *= k
+            if node.recompute_compute is not None:
+                node.recompute_compute = node.recompute_compute * k
+    for e in problem.edges:
+        e.cost = e.cost * k
+        e.multiplicity *= k
 
 
 def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:

@@ -23,10 +23,18 @@ lets more options be compared, so pruning runs to a fixpoint.
 
 Example::
 
-    >>> reduced = reduce_problem(problem, memory_budget=80e9)       # doctest: +SKIP
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver import build_problem, solve_ilp
+    >>> ex = models.example("gpt-tiny", abstract=True, batch=32)
+    >>> problem = build_problem(mj.trace(ex.loss, ex.params, *ex.batch), {"model": 8}, PROFILES["tpu-v5p"], train=True)
+    >>> reduced = reduce_problem(problem, memory_budget=80e9)
     >>> len(reduced.problem.nodes) < len(problem.nodes)
     True
-    >>> reduced.expand(choice)        # a choice of reduced.problem's options -> problem's
+    >>> best = solve_ilp(reduced.problem, memory_budget=80e9)
+    >>> choice = reduced.expand(best.choice)      # back to problem's options, at the same cost
+    >>> abs(problem.total_time(choice) - best.objective) <= 1e-9 * best.objective
+    True
 """
 
 from __future__ import annotations
@@ -81,7 +89,14 @@ class Reduction:
 def restrict(problem: Problem, kept: Sequence[np.ndarray]) -> Reduction:
     """``problem`` with node ``k`` limited to its options ``kept[k]``.
 
-    >>> restrict(problem, [np.array([0, 2]), np.array([1])]).problem.nodes[1].time   # doctest: +SKIP
+    >>> from meshjax import models
+    >>> from meshjax.cost.hardware import PROFILES
+    >>> from meshjax.solver import build_problem
+    >>> ex = models.example("mlp-tiny", abstract=True)
+    >>> problem = build_problem(mj.trace(ex.loss, ex.params, *ex.batch), {"data": 8}, PROFILES["h100-node"])
+    >>> first = restrict(problem, [np.array([0]) for _ in problem.nodes]).problem
+    >>> {len(node.options) for node in first.nodes}
+    {1}
     """
     kept = [np.asarray(k, dtype=np.int64) for k in kept]
     nodes = [

@@ -1,0 +1,201 @@
+"""What a pipeline adds to one stage's plan: the bubble, the point-to-point sends between
+stages, the activations every stage holds, and the memory the solver must see.
+
+One stage's layouts are solved on :func:`meshjax.pipeline.stage_graph.stage_graph`, whose scan
+already runs ``(L/p)(m + p - 1)`` times: the time slots of the bubble are paid there, as the SPMD
+program pays them (every stage computes in every slot). This module prices the rest, for the
+program :mod:`meshjax.pipeline.lower` builds:
+
+- per time slot, one collective-permute over the stage axis of one micro-batch's carry forward,
+  and one of its gradient backward: ``2 (m + p - 1)`` sends at the stage axis's link speed;
+- the scan's output leaves the last stage by one all-reduce over the stage axis, and its
+  gradient reaches every stage's embedding by another;
+- with ``remat`` each stage keeps only its input per slot and recomputes its forward in the
+  backward pass (GPipe's re-materialisation): activations of one micro-batch instead of all of
+  them, for one more forward of the stage's ops (a third of their compute);
+- the bubble fraction ``(p - 1)/(m + p - 1)`` and, for the schedules, the micro-batches whose
+  activations the first stage holds (GPipe ``m``, 1F1B ``p``).
+
+Example::
+
+    >>> from meshjax.pipeline import Pipeline
+    >>> p2p_sends(Pipeline(stages=8, microbatches=32))       # forward + backward, per step
+    78
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshjax.cost.collectives import Collective, collective_time
+from meshjax.cost.hardware import Hardware
+from meshjax.cost.strategies import per_device_bytes
+from meshjax.graph import Graph
+from meshjax.layout import Layout
+from meshjax.pipeline.schedule import Pipeline
+from meshjax.solver.problem import Problem
+
+RECOMPUTE_SHARE = 1.0 / 3.0  # a training op's forward is a third of its forward + backward flops
+
+
+def p2p_sends(pipe: Pipeline) -> int:
+    """Collective-permutes over the stage axis per step: one per time slot each way."""
+    return 2 * pipe.iterations if pipe.stages > 1 else 0
+
+
+def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
+    """``(inputs, outputs)`` of the scan ``block``: the tensors entering its carry and the final
+    carries leaving it (the loop's ``loop_carry`` and ``scan_carry`` ops)."""
+    inputs = [op.inputs[0] for op in graph.ops if op.kind == "loop_carry" and op.block == block]
+    outputs = [op.output for op in graph.ops if op.kind == "scan_carry" and graph.producer[op.inputs[0]].block == block]
+    return inputs, outputs
+
+
+def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:
+    """A lower bound on the step time of ``pipe`` from the stage graph ``graph``: its flops (with
+    remat, the stage's forward once more) split perfectly over the stage's devices at peak, with
+    no communication. The micro-batch search skips counts whose bound exceeds a plan it has."""
+    devices = 1
+    for n in mesh_shape.values():
+        devices *= n
+    total = 0.0
+    for op in graph.ops:
+        dtype = graph.tensors[op.output].dtype
+        flops = op.index.flops * graph.trip_count(op.block) * (3 if train else 1)
+        if op.block == block and pipe.remat and train:
+            flops *= 1 + RECOMPUTE_SHARE
+        total += flops / hardware.peak_flops(dtype if dtype != "bool" else "float32")
+    return total / devices
+
+
+def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
+    """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
+    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` a stage keeps one
+    micro-batch's activations and, per slot, its input carry. A 1F1B schedule (priced, not
+    lowered) holds ``min(p, m)`` micro-batches instead of all slots. The micro-batched input and
+    output buffers (a whole-batch carry each) are charged to the scan's final carry."""
+    if not problem.train:
+        return
+    held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
+    for node in problem.nodes:
+        if node.op is None:
+            continue
+        act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
+        if node.op.block == block and (pipe.remat or held != pipe.iterations):
+            factor = (1 if pipe.remat else held) / pipe.iterations
+            node.memory = node.memory * factor
+            node.parts = {kind: values * factor for kind, values in node.parts.items()}
+            if pipe.remat and node.op.kind == "loop_carry":
+                _add(node, held * act)
+        elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
+            _add(node, BUFFERS * act)
+
+
+def _add(node, values) -> None:
+    """Further activation memory of a node (its options' bytes per device)."""
+    node.memory = node.memory + values
+    node.parts = {**node.parts, "activations": node.parts.get("activations", 0.0) + values}
+
+
+BUFFERS = 2  # the micro-batched input and output of the pipelined scan, a whole-batch carry each
+
+
+def _reads_block(graph: Graph, op, block: str) -> bool:
+    producer = graph.producer.get(op.inputs[0])
+    return producer is not None and producer.block == block
+
+
+def _array(values):
+    import numpy as np
+
+    return np.asarray(values, dtype=float)
+
+
+@dataclass(frozen=True)
+class PipelineCost:
+    """A pipeline's predicted step: the stage plan's time plus what the pipeline adds."""
+
+    pipeline: Pipeline
+    stage_time_s: float  # the stage plan's step (all m + p - 1 slots, and the parts outside)
+    recompute_time_s: float  # remat: the stage's forward once more
+    p2p_time_s: float
+    boundary_time_s: float
+    collectives: tuple[Collective, ...]  # over the stage axis
+    memory_bytes: float  # per device: the solver's memory row (the pipeline's buffers included)
+    buffer_bytes: float
+    outside_time_s: float  # embedding, head and loss: every stage runs them on the whole batch
+
+    @property
+    def step_time_s(self) -> float:
+        return self.stage_time_s + self.recompute_time_s + self.p2p_time_s + self.boundary_time_s
+
+    @property
+    def comm_bytes(self) -> float:
+        return sum(c.comm_bytes for c in self.collectives)
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.pipeline.bubble_fraction
+
+    def to_json(self) -> dict:
+        return {
+            **self.pipeline.to_json(),
+            "bubble_fraction": self.bubble_fraction,
+            "step_time_s": self.step_time_s,
+            "stage_time_s": self.stage_time_s,
+            "recompute_time_s": self.recompute_time_s,
+            "p2p_time_s": self.p2p_time_s,
+            "boundary_time_s": self.boundary_time_s,
+            "outside_time_s": self.outside_time_s,
+            "p2p_sends": p2p_sends(self.pipeline),
+            "stage_axis_comm_bytes": self.comm_bytes,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+def pipeline_cost(
+    stage_plan,
+    block: str,
+    pipe: Pipeline,
+    mesh_shape: Mapping[str, int],
+    hardware: Hardware,
+    memory_bytes: float,
+) -> PipelineCost:
+    """Price ``pipe`` around ``stage_plan`` (solved on the stage graph; ``mesh_shape`` is the
+    whole mesh, stage axis included; ``memory_bytes`` the solver's memory row of the choice)."""
+    graph = stage_plan.graph
+    stage_mesh = stage_plan.mesh_shape
+    layouts: Mapping[str, Layout] = stage_plan.layouts
+    inputs, outputs = carry_names(graph, block)
+    # The carry leaves every slot in its final layout; whole-batch bytes per device / m.
+    full_out = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in outputs)
+    full_in = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in inputs)
+    micro = full_out / pipe.microbatches
+    axis = (pipe.axis,)
+    colls: list[Collective] = []
+    p2p = boundary = 0.0
+    if pipe.stages > 1:
+        colls.append(Collective("collective-permute", axis, micro, p2p_sends(pipe)))
+        colls.append(Collective("all-reduce", axis, full_out, 1))
+        colls.append(Collective("all-reduce", axis, full_in, 1))
+        p2p = p2p_sends(pipe) * collective_time("collective-permute", micro, axis, mesh_shape, hardware)
+        boundary = sum(collective_time("all-reduce", b, axis, mesh_shape, hardware) for b in (full_out, full_in))
+    inside = {op.name for op in graph.ops if op.block == block}
+    recompute = sum(c.compute_time for c in stage_plan.op_costs if c.op in inside) * RECOMPUTE_SHARE if pipe.remat else 0.0
+    outside = sum(c.comm_time + c.compute_time for c in stage_plan.op_costs if c.op not in inside)
+    buffers = BUFFERS * full_out if pipe.stages > 1 else 0.0  # already in the solver's row
+    return PipelineCost(
+        pipeline=pipe,
+        stage_time_s=stage_plan.step_time_s,
+        recompute_time_s=recompute,
+        p2p_time_s=p2p,
+        boundary_time_s=boundary,
+        collectives=tuple(colls),
+        memory_bytes=memory_bytes,
+        buffer_bytes=buffers,
+        outside_time_s=outside,
+    )
+
+
+__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]

@@ -1,0 +1,154 @@
+"""Memory levers: rematerialisation per repeated block and gradient accumulation.
+
+What each policy keeps and recomputes, that training under them matches one device, that the
+compiled memory and recompute flops match the prediction, and the CLI's flags and JSON keys."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import meshjax as mj
+from meshjax import cli, data, models
+from meshjax.cost.remat import remat_effect, remat_units
+from meshjax.devices import make_mesh
+from meshjax.errors import MeshjaxError
+from meshjax.hlo import inspect_compiled
+from meshjax.microbatch import split_batch
+from meshjax.solve import solve
+from meshjax.cost.hardware import get_hardware
+from meshjax.solver.evaluate import recompute_flops
+from meshjax.solver.ilp import solve_ilp
+from meshjax.solver.problem import build_problem
+from meshjax.train import make_train_step
+from meshjax.verify import compile_plan
+
+
+def _graph(name="gpt-tiny", **overrides):
+    ex = models.example(name, key=0, vocab=256, **overrides)
+    return ex, mj.trace(ex.loss, ex.params, *ex.batch)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_policies_keep_what_they_say(scan):
+    _, g = _graph(scan_layers=scan)
+    (unit,) = remat_units(g)
+    prefix = remat_units(g)[unit].prefix
+    selective = remat_effect(g, unit, "selective")
+    full = remat_effect(g, unit, "full")
+    weight_matmuls = {prefix + n for n in ("attn/q", "attn/k", "attn/v", "attn/out", "mlp/hidden")}
+    assert set(selective.kept) - {prefix + "carry"} == weight_matmuls
+    assert set(full.kept) <= {prefix + "carry"}
+    # The attention core is recomputed under selective; everything under full.
+    assert {prefix + "attn/scores", prefix + "attn/probs", prefix + "attn/context"} <= selective.recomputed
+    assert prefix + "attn/q" not in selective.recomputed and prefix + "attn/q" in full.recomputed
+
+
+def test_split_batch_scales_shapes_and_flops():
+    _, g = _graph()
+    micro = split_batch(g, 4)
+    assert micro.tensors["tokens"].shape == (2, 16) and g.tensors["tokens"].shape == (8, 16)
+    q = "block_0/attn/q"
+    assert micro.producer[q].index.flops * 4 == pytest.approx(g.producer[q].index.flops)
+    with pytest.raises(MeshjaxError, match="must divide the global batch 8"):
+        split_batch(g, 3)
+
+
+def test_levers_cost_time_and_save_memory():
+    _, g = _graph()
+    base = solve(g, {"data": 4, "model": 2}, train=True)
+    for remat in ("selective", "full"):
+        plan = solve(g, {"data": 4, "model": 2}, train=True, remat=remat)
+        assert plan.remat == {"block_": remat}
+        assert recompute_flops(plan.problem, plan.solution.choice) > 0
+    full = solve(g, {"data": 4, "model": 2}, train=True, remat="full", microbatches=2)
+    assert full.microbatches == 2 and full.memory_breakdown()["activations"] < base.memory_breakdown()["activations"]
+    # No budget: the levers only cost time, so auto picks none of them.
+    auto = solve(g, {"data": 4, "model": 2}, train=True, remat="auto", microbatches="auto")
+    assert auto.remat == {} and auto.microbatches == 1 and auto.step_time_s == pytest.approx(base.step_time_s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan,remat,k", [(True, "full", 2), (False, "selective", 4)])
+def test_training_under_levers_matches_one_device(scan, remat, k):
+    ex, g = _graph(scan_layers=scan)
+
+    def losses(mesh_shape, **kw):
+        plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, **kw)
+        trainer = make_train_step(plan, ex.loss, make_mesh(mesh_shape), optax.adam(1e-3))
+        state, out = trainer.init(ex.params), []
+        for batch in data.batches(8, 16, seed=0, steps=4):
+            state, loss = trainer.step(state, *batch)
+            out.append(float(loss))
+        return np.array(out)
+
+    one = losses({"data": 1})
+    levers = losses({"data": 4, "model": 2}, remat=remat, microbatches=k)
+    np.testing.assert_allclose(levers, one, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat,k", [("selective", 1), ("full", 1), ("full", 2)])
+def test_compiled_memory_matches_prediction(remat, k):
+    ex, g = _graph("gpt-small", scan_layers=True)
+    mesh_shape = {"data": 4, "model": 2}
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat=remat, microbatches=k)
+    mesh = make_mesh(mesh_shape)
+    report = inspect_compiled(compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch), mesh)
+    assert 0.9 <= report.memory["peak_bytes"] / plan.peak_memory_bytes <= 1.1
+
+
+@pytest.mark.slow
+def test_full_remat_compiled_flops_match_predicted_recompute():
+    # Unrolled, one micro-batch: XLA's cost analysis counts a while loop's body once.
+    ex, g = _graph("gpt-small")
+    mesh_shape = {"data": 4, "model": 2}
+    mesh = make_mesh(mesh_shape)
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat="full")
+
+    def flops(p):
+        return compile_plan(p, ex.loss, mesh, ex.params, *ex.batch).cost_analysis()["flops"]
+
+    extra = flops(plan) - flops(dataclasses.replace(plan, remat={}))
+    assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
+
+
+@pytest.mark.slow
+def test_half_the_least_memory_compiles_within_budget():
+    ex, g = _graph("gpt-small", scan_layers=True)
+    mesh_shape = {"data": 4, "model": 2}
+    least = solve_ilp(build_problem(g, mesh_shape, get_hardware("cpu-sim"), train=True), objective="memory").memory
+    budget = least / 2
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, memory_budget=budget, remat="auto", microbatches="auto")
+    assert plan.peak_memory_bytes <= budget and (plan.remat != {"blocks": "none"} or plan.microbatches > 1)
+    mesh = make_mesh(mesh_shape)
+    compiled = inspect_compiled(compile_plan(plan, ex.loss, mesh, ex.params, *ex.batch), mesh).memory["peak_bytes"]
+    assert 0.9 <= compiled / plan.peak_memory_bytes <= 1.1
+    assert compiled <= budget
+
+
+def test_cli_plan_reports_levers(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = cli.main(["plan", "gpt-tiny", "--mesh", "4x2", "--no-verify", "--remat", "full", "--microbatches", "2",
+                     "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["remat"] == {"block_": "full"} and doc["microbatches"] == 2
+    assert cli.main(["plan", "gpt-tiny", "--no-verify", "--microbatches", "0"]) != 0
+    assert "--microbatches '0'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_under_half_the_memory_matches_one_device(tmp_path):
+    _, g = _graph("gpt-small", scan_layers=True)
+    least = solve_ilp(build_problem(g, {"data": 4, "model": 2}, get_hardware("cpu-sim"), train=True), objective="memory").memory
+    common = ["gpt-small", "--steps", "10", "--set", "scan_layers=true"]
+    levers, one = tmp_path / "levers.json", tmp_path / "one.json"
+    assert cli.main(["train", *common, "--mesh", "4x2", "--memory-limit", f"{least / 2:.0f}B",
+                     "--losses-json", str(levers)]) == 0
+    assert cli.main(["train", *common, "--mesh", "1", "--axes", "data", "--remat", "none", "--microbatches", "1",
+                     "--losses-json", str(one)]) == 0
+    np.testing.assert_allclose(json.loads(levers.read_text())["losses"], json.loads(one.read_text())["losses"], rtol=1e-4)
