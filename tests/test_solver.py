@@ -135,7 +135,10 @@ def test_pure_data_parallel_for_large_batch_small_model():
             assert set(plan.layouts[op.output].of("batch")) == {"data", "model"}, op.name
 
 
-BUDGET_GPT = dict(batch=16, seq=128, embed=1024, heads=16, head_dim=64, mlp=4096, vocab=1024, layers=2)
+# The einsum attention form: with the attention op at seq 128, XLA:CPU's step holds ~2.9 MB more
+# than the op's declared memory (its compiled saving over the einsum form is 0.5 MB, its
+# declared one 4.2 MB), and a budgeted plan fills its budget to within 0.5%.
+BUDGET_GPT = dict(attention="einsum", batch=16, seq=128, embed=1024, heads=16, head_dim=64, mlp=4096, vocab=1024, layers=2)
 
 
 @pytest.mark.slow
