@@ -17,12 +17,20 @@ For a fixed micro-batch count ``k`` and policy per block, the layouts are the la
 
 Without a budget the levers only cost time: ``auto`` is no recompute and one micro-batch.
 
-Example::
+Example: the levers forced (``"auto"`` chooses them under a budget)::
 
-    >>> plan = solve(graph, {"data": 8, "model": 8}, train=True, memory_budget=80e9,   # doctest: +SKIP
-    ...              remat="auto", microbatches="auto")
-    >>> plan.remat, plan.microbatches                                      # doctest: +SKIP
-    ({'blocks': 'full'}, 12)
+    >>> import meshjax as mj
+    >>> from meshjax import models
+    >>> from meshjax.solve import solve
+    >>> ex = models.example("gpt-tiny", abstract=True, scan_layers=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> plan = solve(graph, {"data": 4, "model": 2}, train=True, remat="full", microbatches=2)
+    >>> plan.remat, plan.microbatches
+    ({'blocks': 'full'}, 2)
+
+Under a budget that binds, ``"auto"`` trades time for memory; for GPT-3 175B at global batch
+1536 on 8x8 H100s under 80 GB it chooses full recompute and 12 micro-batches (``meshjax plan
+gpt3-175b ... --json``: ``"remat": {"blocks": "full"}, "microbatches": 12``).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ when the plan being lowered rematerialises the block, under ``jax.checkpoint`` w
 the plan chose (:mod:`meshjax.cost.remat`), so the backward pass recomputes what the policy
 does not keep. Scanned blocks need nothing: :func:`meshjax.scan` checkpoints its body.
 
-Example::
+Example (a decoder's unrolled layers; the model zoo's decoders are written this way)::
 
-    >>> for key in ("block_0", "block_1"):                  # doctest: +SKIP
-    ...     x = repeated(key, block, params[key], x)
+    for key in ("block_0", "block_1"):
+        x = repeated(key, block, params[key], x)
 """
 
 from __future__ import annotations

@@ -35,6 +35,17 @@ def _leaves(tree: Any, what: str) -> tuple[list[NamedArray], Any]:
     return leaves, treedef
 
 
+def scan_leaves(carry: Any, xs: Any, dim: str) -> tuple[list[NamedArray], Any, list[NamedArray], Any, int]:
+    """The leaves and tree definitions of a scan's ``carry`` and ``xs``, and the length of
+    ``dim``, which every leaf of ``xs`` must share."""
+    carry_leaves, carry_def = _leaves(carry, "the carry")
+    x_leaves, x_def = _leaves(xs, "xs")
+    lengths = {leaf.size(dim) for leaf in x_leaves}
+    if len(lengths) != 1:
+        raise ShapeError(f"scan: the leaves of xs disagree on the size of {dim!r}: {sorted(lengths)}")
+    return carry_leaves, carry_def, x_leaves, x_def, lengths.pop()
+
+
 def _identity_index(dims: tuple[str, ...], sizes: dict[str, int], n_operands: int = 1) -> IndexForm:
     return IndexForm(loop=tuple((d, sizes[d]) for d in dims), operands=(dims,) * n_operands, result=dims)
 
@@ -62,21 +73,9 @@ def scan(
     return scan_unpipelined(body, carry, xs, dim=dim, name=name)
 
 
-def scan_unpipelined(
-    body: Callable[[Any, Any], tuple[Any, Any]],
-    carry: Any,
-    xs: Any,
-    *,
-    dim: str = "layers",
-    name: str = "layers",
-) -> tuple[Any, Any]:
+def scan_unpipelined(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *, dim: str, name: str) -> tuple[Any, Any]:
     """:func:`scan` as one ``jax.lax.scan`` (a pipeline stage runs its layers this way)."""
-    carry_leaves, carry_def = _leaves(carry, "the carry")
-    x_leaves, x_def = _leaves(xs, "xs")
-    lengths = {leaf.size(dim) for leaf in x_leaves}
-    if len(lengths) != 1:
-        raise ShapeError(f"scan: the leaves of xs disagree on the size of {dim!r}: {sorted(lengths)}")
-    length = lengths.pop()
+    carry_leaves, carry_def, x_leaves, x_def, length = scan_leaves(carry, xs, dim)
     ctx = context.current()
     block = Block(name="/".join([*(ctx.scopes if ctx else []), name]), kind="scan", trip_count=length)
     inner_carry_out: list[NamedArray] = []

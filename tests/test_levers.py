@@ -32,9 +32,13 @@ def _graph(name="gpt-tiny", **overrides):
     return ex, mj.trace(ex.loss, ex.params, *ex.batch)
 
 
+ATTENTION_CORE = {"flash": ("attn/context",), "einsum": ("attn/scores", "attn/probs", "attn/context")}
+
+
 @pytest.mark.parametrize("scan", [True, False])
-def test_policies_keep_what_they_say(scan):
-    _, g = _graph(scan_layers=scan)
+@pytest.mark.parametrize("form", ["flash", "einsum"])
+def test_policies_keep_what_they_say(scan, form):
+    _, g = _graph(scan_layers=scan, attention=form)
     (unit,) = remat_units(g)
     prefix = remat_units(g)[unit].prefix
     selective = remat_effect(g, unit, "selective")
@@ -43,7 +47,7 @@ def test_policies_keep_what_they_say(scan):
     assert set(selective.kept) - {prefix + "carry"} == weight_matmuls
     assert set(full.kept) <= {prefix + "carry"}
     # The attention core is recomputed under selective; everything under full.
-    assert {prefix + "attn/scores", prefix + "attn/probs", prefix + "attn/context"} <= selective.recomputed
+    assert {prefix + name for name in ATTENTION_CORE[form]} <= selective.recomputed
     assert prefix + "attn/q" not in selective.recomputed and prefix + "attn/q" in full.recomputed
 
 

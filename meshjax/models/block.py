@@ -12,7 +12,7 @@ from typing import Any
 
 import meshjax as mj
 from meshjax.models import transformer
-from meshjax.models.common import param_functions
+from meshjax.models.common import loss_with_form, param_functions
 from meshjax.models.transformer import Config
 from meshjax.named import NamedArray
 
@@ -45,12 +45,7 @@ loss = transformer.transformer_block_loss
 
 def make_loss(config: Config):
     """The block's loss with ``config``'s attention form."""
-    form = transformer.check_form(config.attention)
-
-    def config_loss(params, x):
-        return loss(params, x, form=form)
-
-    return config_loss
+    return loss_with_form(loss, transformer.check_form(config.attention))
 
 example_batch = transformer.block_example_batch
 abstract_batch = transformer.block_abstract_batch

@@ -9,6 +9,7 @@ numpy is instant (:func:`meshjax.init_params` does so for them).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,3 +117,14 @@ def abstract_tokens(config: Any) -> tuple[NamedArray, NamedArray]:
     """``(tokens, targets)`` of a decoder as ``jax.ShapeDtypeStruct`` values (int32 "batch seq")."""
     sizes = {"batch": config.batch, "seq": config.seq}
     return abstract("batch seq", sizes, jnp.int32), abstract("batch seq", sizes, jnp.int32)
+
+
+def loss_with_form(loss: Callable, form: str, **settings: Any) -> Callable:
+    """``loss`` with the attention ``form`` (and any other keyword ``settings``) bound, taking
+    the model's batch leaves positionally: ``loss_with_form(gpt.loss, "flash")(params, tokens, targets)``."""
+
+    @functools.wraps(loss)  # its signature names the batch leaves (tokens, targets) when traced
+    def config_loss(params: Any, *batch: Any) -> Any:
+        return loss(params, *batch, form=form, **settings)
+
+    return config_loss

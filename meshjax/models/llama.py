@@ -56,7 +56,8 @@ import numpy as np
 
 import meshjax as mj
 from meshjax.models.common import (
-    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, layer_decls, param_functions,
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, layer_decls, loss_with_form,
+    param_functions,
 )
 from meshjax.models.transformer import MASK_VALUE, block_keys, check_form, next_token_loss
 from meshjax.models.transformer import example_batch as _gpt_example_batch
@@ -276,12 +277,7 @@ def loss(params: dict[str, Any], tokens: NamedArray, targets: NamedArray, *, for
 
 def make_loss(config: Config):
     """``loss(params, tokens, targets)`` with ``config``'s attention form."""
-    form = check_form(config.attention)
-
-    def config_loss(params, tokens, targets):
-        return loss(params, tokens, targets, form=form)
-
-    return config_loss
+    return loss_with_form(loss, check_form(config.attention))
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:

@@ -54,7 +54,7 @@ from meshjax.context import compute, emit
 from meshjax.graph import LINEAR, OpFacts
 from meshjax.graph import IndexForm
 from meshjax.models import transformer
-from meshjax.models.common import DecoderConfig, Normal, abstract_tokens, param_functions
+from meshjax.models.common import DecoderConfig, Normal, abstract_tokens, loss_with_form, param_functions
 from meshjax.models.transformer import block_keys
 from meshjax.named import NamedArray
 
@@ -294,15 +294,10 @@ def loss(
 
 def make_loss(config: Config):
     """``loss(params, tokens, targets)`` with ``config``'s routing settings and attention form."""
-    form = transformer.check_form(config.attention)
-
-    def config_loss(params, tokens, targets):
-        return loss(
-            params, tokens, targets,
-            top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight, form=form,
-        )
-
-    return config_loss
+    return loss_with_form(
+        loss, transformer.check_form(config.attention),
+        top_k=config.top_k, capacity_factor=config.capacity_factor, aux_weight=config.aux_weight,
+    )
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:

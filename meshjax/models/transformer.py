@@ -46,7 +46,8 @@ import numpy as np
 
 import meshjax as mj
 from meshjax.models.common import (
-    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, param_functions,
+    Constant, DecoderConfig, Normal, abstract_tokens, declarer, decoder_sizes, host_rng, layer_decls, loss_with_form,
+    param_functions,
 )
 from meshjax.named import NamedArray
 
@@ -226,12 +227,7 @@ def next_token_loss(logits: NamedArray, targets: NamedArray) -> NamedArray:
 
 def make_loss(config: Config):
     """``loss(params, tokens, targets)`` with ``config``'s attention form."""
-    form = check_form(config.attention)
-
-    def config_loss(params, tokens, targets):
-        return loss(params, tokens, targets, form=form)
-
-    return config_loss
+    return loss_with_form(loss, check_form(config.attention))
 
 
 def example_batch(config: Config, key: jax.Array | int) -> tuple[NamedArray, NamedArray]:

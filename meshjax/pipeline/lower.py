@@ -38,7 +38,7 @@ from meshjax.errors import LayoutError, ShapeError
 from meshjax.graph import LINEAR, Graph, IndexForm
 from meshjax.layout import Layout, validate
 from meshjax.lower import Program
-from meshjax.named import NamedArray
+from meshjax.named import NamedArray, is_named
 from meshjax.pipeline.schedule import Pipeline
 
 _FREE = PartitionSpec.UNCONSTRAINED
@@ -50,14 +50,6 @@ class PipelinePinner(context.Pinner):
     def __init__(self, mesh, specs, operand_specs=None, recomputed=None, computed_specs=None, *, pipeline: Pipeline):
         super().__init__(mesh, specs, operand_specs, recomputed, computed_specs)
         self.pipeline = pipeline
-
-
-def _leaves(tree: Any, what: str) -> tuple[list[NamedArray], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, NamedArray))
-    for leaf in leaves:
-        if not isinstance(leaf, NamedArray):
-            raise ShapeError(f"pipelined scan: every leaf of {what} must be a NamedArray, got {type(leaf).__name__}")
-    return leaves, treedef
 
 
 def _stage_major(ctx: PipelinePinner, value: jax.Array) -> jax.Array:
@@ -90,17 +82,12 @@ _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) -> tuple[Any, Any]:
     """:func:`meshjax.scan.scan` run as the active context's pipeline (see the module doc)."""
-    from meshjax.scan import scan_unpipelined
+    from meshjax.scan import scan_leaves, scan_unpipelined
 
     ctx = context.current()
     pipe: Pipeline = ctx.pipeline
     p, m = pipe.stages, pipe.microbatches
-    carry_leaves, carry_def = _leaves(carry, "the carry")
-    x_leaves, x_def = _leaves(xs, "xs")
-    lengths = {leaf.size(dim) for leaf in x_leaves}
-    if len(lengths) != 1:
-        raise ShapeError(f"scan: the leaves of xs disagree on the size of {dim!r}: {sorted(lengths)}")
-    length = lengths.pop()
+    carry_leaves, carry_def, x_leaves, x_def, length = scan_leaves(carry, xs, dim)
     for leaf in carry_leaves:
         if pipe.batch_dim not in leaf.dims:
             raise ShapeError(
@@ -130,7 +117,7 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
         out, ys = scan_unpipelined(body, c_in, xs_stage, dim=dim, name=name)
         if ys is not None and jax.tree_util.tree_leaves(ys):
             raise ShapeError(f"pipelined scan {name!r}: the body may not return stacked values (y)")
-        return [leaf.align_to(d) for leaf, d in zip(_leaves(out, "the new carry")[0], c_dims)]
+        return [leaf.align_to(d) for leaf, d in zip(jax.tree_util.tree_leaves(out, is_leaf=is_named), c_dims)]
 
     if pipe.remat:  # keep each slot's input only; the backward pass recomputes the stage
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)

@@ -37,6 +37,10 @@ from meshjax.solver.problem import Constraints, build_problem
 from meshjax.units import format_bytes
 
 
+def _specs(layouts: Mapping[str, Layout]) -> dict[str, PartitionSpec]:
+    return {name: layout.spec() for name, layout in layouts.items()}
+
+
 @dataclass
 class PipelinedPlan:
     """``stage_plan`` lays out one stage (its ``mesh_shape`` lacks the stage axis); ``graph`` is
@@ -84,7 +88,7 @@ class PipelinedPlan:
 
     @property
     def specs(self) -> dict[str, PartitionSpec]:
-        return {name: layout.spec() for name, layout in self.layouts.items()}
+        return _specs(self.layouts)
 
     @property
     def param_specs(self) -> dict[str, PartitionSpec]:
@@ -97,7 +101,7 @@ class PipelinedPlan:
 
     @property
     def state_specs(self) -> dict[str, PartitionSpec]:
-        return {name: layout.spec() for name, layout in self.state_layouts.items()}
+        return _specs(self.state_layouts)
 
     def program(self, fn: Callable, mesh: Mesh) -> PipelinedProgram:
         shape = dict(zip(mesh.axis_names, mesh.devices.shape))
