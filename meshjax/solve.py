@@ -133,7 +133,7 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     per_node.sort(reverse=True)
     top = ", ".join(f"{n} {format_bytes(b)}" for b, n in per_node[:3])
     mem = priced.memory
-    state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("partial_gradients", 0) + mem.get("optimizer_state", 0)
+    state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("optimizer_state", 0)
     activations = mem.get("activations", 0) + mem.get("backward_peak", 0) + mem.get("inputs", 0)
     fixes = []
     # ZeRO-1 helps only where the leanest layout leaves some param's state unsharded on an axis.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from meshjax.cost.strategies import Strategy, per_device_bytes
+from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
@@ -127,25 +127,6 @@ def working_set(
     for name, layout in zip(op.inputs, operands):
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
-    return total
-
-
-def partial_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> float:
-    """Bytes per device of the partial weight gradients ``op``'s backward pass makes and keeps
-    until they are summed: a param (or a scanned layer's slice of one) whose gradient sums over a
-    loop dim the strategy splits (data parallelism, a split sequence) gets it in the layout the
-    op computes on it in, whole partial sums. XLA's all-reduce combiner merges a step's gradient
-    syncs into a few collectives at the end of the backward pass, so these are all alive at once,
-    next to the summed gradients (the param's own ``gradients`` term).
-    """
-    assign = dict(strategy.assign)
-    total = 0.0
-    for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts):
-        tensor = graph.tensors[name]
-        if tensor.role != "param" and name not in graph.sliced_from:
-            continue
-        if graph.needs_grad(name) and any(assign.get(d) for d in op.index.loop_sizes if d not in dims):
-            total += per_device_bytes(tensor, layout, mesh_shape)
     return total
 
 

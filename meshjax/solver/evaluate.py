@@ -11,9 +11,7 @@ time is the ILP's objective and its memory the ILP's memory row, to rounding:
     evaluate(problem, choice).memory["total"] == problem.memory(choice)
 
 Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` (moments and the
-fp32 master copy), ``partial_gradients`` (training: a weight gradient's whole partial sums
-where the batch is split over an axis the weight is not, held until XLA's combined all-reduce),
-``inputs``, ``activations`` (training: kept for the backward pass;
+fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
 transient at its largest op); ``constants`` when the function closes over arrays.
 
@@ -57,7 +55,7 @@ from meshjax.optimizer import Optimizer
 if TYPE_CHECKING:
     from meshjax.solver.problem import Problem
 
-MEMORY_KINDS = ("params", "gradients", "partial_gradients", "optimizer_state", "inputs", "activations", "backward_peak")
+MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations", "backward_peak")
 # Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
 # micro-batching, and what a rematerialised block recomputes for one instance.
 LEVER_KINDS = ("grad_accumulator", "recompute")
@@ -209,7 +207,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
             colls += extra
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
     memory["backward_peak" if problem.train else "activations"] += peak
-    out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "partial_gradients", "backward_peak")}
+    out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
     for kind in ("constants", *LEVER_KINDS):
         if memory.get(kind):
             out[kind] = memory[kind]

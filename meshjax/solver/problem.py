@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, partial_gradients, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, working_set
 from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -267,11 +267,6 @@ def build_problem(
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             parts = {"activations": memory}
-            if train:
-                partial = np.array([partial_gradients(op, graph, s, mesh_shape) for s in strategies]) * mult
-                if partial.any():
-                    parts["partial_gradients"] = partial
-                    memory = memory + partial
             if recomputing.any():
                 parts["recompute"] = recomputing
             recompute, rerun_colls = None, None
