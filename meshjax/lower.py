@@ -38,6 +38,13 @@ def named_sharding(mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
     return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
 
 
+def _slices_in_place(piece: Layout, stacked: Layout) -> bool:
+    """Whether slicing ``stacked`` along its one dim ``piece`` lacks (kept whole) gives ``piece``'s
+    layout."""
+    scanned = [d for d in stacked.dims if d not in piece.dims]
+    return len(scanned) == 1 and not stacked.of(scanned[0]) and all(piece.of(d) == stacked.of(d) for d in piece.dims)
+
+
 def sharding_tree(signature: Any, mesh: Mesh, specs: Mapping[str, PartitionSpec]) -> Any:
     """``(params, args)`` shaped like the traced arguments of ``signature``, with the
     ``NamedSharding`` of each leaf's spec in ``specs`` (by tensor name) in place of its array."""
@@ -116,6 +123,20 @@ class Program:
             for name, operand in (operand_layouts or {}).items()
             if name in ops
         }
+        # A scan's slice of a stacked param or input, used in the layout it comes in, is left
+        # unpinned: JAX's scan then reads the backward pass's copy back from the stacked array;
+        # a pinned slice is a new value, which the loop stacks as a second copy of every layer's
+        # weights (what the cost model does not count: meshjax.cost.memory.saved_for_backward).
+        self.free_slices = frozenset(
+            name for name, src in graph.sliced_from.items()
+            if name in self.layouts and src in self.layouts and _slices_in_place(self.layouts[name], self.layouts[src])
+        )
+        for op in graph.ops:
+            specs = self.operand_specs.get(op.name)
+            if specs is not None and any(i in self.free_slices for i in op.inputs):
+                self.operand_specs[op.name] = tuple(
+                    None if i in self.free_slices and spec == self.spec(i) else spec for i, spec in zip(op.inputs, specs)
+                )
         # Scope prefix of each rematerialised block (instance) -> the names its checkpoint saves.
         self.remat = {}
         for unit, policy in (remat or {}).items():
@@ -181,7 +202,8 @@ class Program:
         sig = self.graph.signature
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = context.Pinner(self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, self.remat)
+            specs = {name: spec for name, spec in self.specs.items() if name not in self.free_slices}
+            pinner = context.Pinner(self.mesh, specs, self.operand_specs, self.recomputed, self.computed_specs, self.remat)
             pinner.reserve(sig.names)
             with context.active(pinner):
                 return self.fn(params, *args)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from meshjax.cost.strategies import per_device_bytes
+from meshjax.cost.strategies import Strategy, per_device_bytes
 from meshjax.graph import Graph, Op
 from meshjax.layout import Layout
 
@@ -128,6 +128,34 @@ def working_set(
         if graph.tensors[name].role in ("activation", "output"):
             total += _nbytes(graph, name, layout, mesh_shape)
     return total
+
+
+def gradient_sync(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[float, float]:
+    """Bytes per device (one instance, one trip) of the weight gradients ``op``'s backward makes,
+    while they are summed: ``(in the loop, at the end of the step)``.
+
+    A weight (a param, or a scan's slice of one) whose gradient sums over a loop dim the
+    strategy splits (data parallelism, a split sequence) gets it as whole partial sums in the
+    layout the op computes on it (an FSDP weight's gathered one). XLA's all-reduce combiner
+    merges the syncs of a scan body into one all-reduce per trip, and every other weight's
+    into one at the end of the backward pass; each holds its operands (the partial sums) and
+    its results (XLA:CPU all-reduces whole, then slices: the results are as large) at once. A
+    weight not summed is counted in the end-of-step sync too (its gradient as computed),
+    where it is alive beside the others.
+    """
+    assign = dict(strategy.assign)
+    in_loop = at_end = 0.0
+    for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts):
+        tensor = graph.tensors[name]
+        if not graph.needs_grad(name) or (tensor.role != "param" and name not in graph.sliced_from):
+            continue
+        nbytes = per_device_bytes(tensor, layout, mesh_shape)
+        summed = any(assign.get(d) for d in op.index.loop_sizes if d not in dims)
+        if tensor.role == "param":
+            at_end += 2 * nbytes if summed else nbytes
+        elif summed:
+            in_loop += 2 * nbytes
+    return in_loop, at_end
 
 
 def backward_working_set(

@@ -13,7 +13,8 @@ time is the ILP's objective and its memory the ILP's memory row, to rounding:
 Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` (moments and the
 fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
-transient at its largest op); ``constants`` when the function closes over arrays.
+transient at its largest op); ``constants`` when the function closes over arrays; in training,
+when non-zero, ``partial_gradients`` and ``gradient_sync`` (:data:`SYNC_KINDS`).
 
 A later decision (a rematerialisation policy, micro-batching) adds its terms the same way: a
 function here that prices each option of a node (time, a ``parts`` entry per memory kind, a
@@ -59,6 +60,11 @@ MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations
 # Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
 # micro-batching, and what a rematerialised block recomputes for one instance.
 LEVER_KINDS = ("grad_accumulator", "recompute")
+# Kinds reported when non-zero, in training: one trip's weight gradients being summed in a scan
+# (``partial_gradients``), and how much more than the backward pass's peak the end-of-step
+# gradient all-reduce holds (``gradient_sync``: the step's memory is the larger of the two
+# phases, :meth:`~meshjax.solver.problem.Problem.memory`).
+SYNC_KINDS = ("partial_gradients", "gradient_sync")
 
 
 @dataclass(frozen=True)
@@ -182,10 +188,12 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         incoming[e.dst].append((float(e.cost[a, b]), colls))
     rows = []
     memory: dict[str, float] = defaultdict(float)
-    peak = 0.0
+    peak = sync = 0.0
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         for kind, values in node.parts.items():
             memory[kind] += float(values[c])
+        if node.sync is not None:
+            sync += float(node.sync[c])
         peak = max(peak, float(node.peak[c]))
         option = node.options[c]
         if node.op is None:
@@ -208,9 +216,12 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
-    for kind in ("constants", *LEVER_KINDS):
+    for kind in ("constants", *LEVER_KINDS, "partial_gradients"):
         if memory.get(kind):
             out[kind] = memory[kind]
+    backward = sum(out.values())
+    if sync > backward:
+        out["gradient_sync"] = sync - backward
     out["total"] = sum(out.values())
     return Evaluation(tuple(rows), out)
 

@@ -186,6 +186,7 @@ class _Search:
         if len(nodes) == 1:
             choices = [np.arange(len(nodes[0].options))]
             step_time, memory, peak = nodes[0].time, nodes[0].memory, nodes[0].peak
+            sync = _sync(nodes[0])
         else:
             choices = list(np.divmod(np.arange(len(nodes[0].options) * len(nodes[1].options)), len(nodes[1].options)))
             step_time = nodes[0].time[choices[0]] + nodes[1].time[choices[1]]
@@ -193,7 +194,8 @@ class _Search:
                 step_time = step_time + e.cost[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
             memory = nodes[0].memory[choices[0]] + nodes[1].memory[choices[1]]
             peak = np.maximum(nodes[0].peak[choices[0]], nodes[1].peak[choices[1]])
-        total = memory + peak
+            sync = _sync(nodes[0])[choices[0]] + _sync(nodes[1])[choices[1]]
+        total = np.maximum(memory + peak, sync)
         fits = np.isfinite(step_time)
         if self.budget is not None:
             fits &= total <= self.budget * (1 + BUDGET_TOLERANCE)
@@ -246,3 +248,8 @@ def _enumerable(problem: Problem) -> bool:
     """One node left, or two with few enough option pairs to try them all."""
     sizes = [len(n.options) for n in problem.nodes]
     return len(sizes) == 1 or (len(sizes) == 2 and sizes[0] * sizes[1] <= LAST_PAIRS)
+
+
+def _sync(node) -> np.ndarray:
+    """A node's end-of-step sync memory per option (zeros where it has none)."""
+    return node.sync if node.sync is not None else np.zeros(len(node.options))

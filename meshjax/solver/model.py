@@ -3,8 +3,10 @@
 Variables: a binary ``x[n, s]`` per node option; per edge a continuous ``y[a, b]`` per pair of
 (producer layout, consumer layout) whose row sums equal the producer's chosen layout and whose
 column sums equal the consumer's. With the ``x`` binary, the only feasible ``y`` is the chosen
-pair, so the edge cost is exact. A memory budget adds one row; peaks add one continuous
-``z >= peak`` of every chosen option.
+pair, so the edge cost is exact. A memory budget adds one row per memory phase (the backward
+pass's, and in training the end-of-step gradient sync's); peaks add one continuous
+``z >= peak`` of every chosen option; minimising memory over both phases minimises one more,
+``m`` above both.
 
 Example::
 
@@ -73,15 +75,22 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
     n_x = int(offsets[-1])
     edge_offsets = n_x + np.concatenate([[0], np.cumsum([e.cost.size for e in edges], dtype=np.int64)])
     has_peak = any(n.peak.any() for n in nodes)
+    has_sync = any(n.sync is not None and n.sync.any() for n in nodes)
     z = int(edge_offsets[-1])
     n_vars = z + int(has_peak)
+    # objective="memory" with a sync row minimises one more variable, m >= either memory row.
+    m = n_vars if has_sync and objective == "memory" else None
+    n_vars += m is not None
 
     c = np.zeros(n_vars)
     mem = np.zeros(n_vars)
     upper = np.ones(n_vars)
+    sync = np.zeros(n_vars)
     if nodes:
         c[:n_x] = np.concatenate([n.time for n in nodes])
         mem[:n_x] = np.concatenate([n.memory for n in nodes])
+        if has_sync:
+            sync[:n_x] = np.concatenate([n.sync if n.sync is not None else np.zeros(len(n.options)) for n in nodes])
     for e, start in zip(edges, edge_offsets):
         cost = e.cost.ravel()
         forbidden = ~np.isfinite(cost)
@@ -90,14 +99,21 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
     # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
     # coefficients that large break HiGHS's tolerances.
     peak_max = max((float(n.peak.max()) for n in nodes), default=0.0)
-    unit = float(memory_budget) if memory_budget else max(float(mem.max(initial=0.0)), peak_max, 1.0)
+    unit = float(memory_budget) if memory_budget else max(float(mem.max(initial=0.0)), float(sync.max(initial=0.0)), peak_max, 1.0)
     mem /= unit
+    sync /= unit
     if has_peak:
         mem[z] = 1.0
         upper[z] = peak_max / unit  # no choice needs z above its largest peak
     factor = 1.0 / unit if objective == "memory" else 1.0
     if objective == "memory":
         c = mem.copy()
+        if m is not None:
+            c = np.zeros(n_vars)
+            c[m] = 1.0
+            # No choice needs more than the larger row at every node's largest option.
+            most = lambda row: sum(float(row[a:b].max(initial=0.0)) for a, b in pairwise(offsets))  # noqa: E731
+            upper[m] = max(most(mem) + (mem[z] * upper[z] if has_peak else 0.0), most(sync))
 
     # One option per node: rows 0 .. len(nodes) - 1.
     rows, cols, vals = [np.repeat(np.arange(len(nodes)), sizes)], [np.arange(n_x)], [np.ones(n_x)]
@@ -125,13 +141,23 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
                 upper_rows.append(np.full(1, np.inf))
                 r += 1
     if memory_budget is not None and objective != "memory":
-        nz = np.flatnonzero(mem)
-        rows.append(np.full(len(nz), r))
-        cols.append(nz)
-        vals.append(mem[nz])
-        lower.append(np.full(1, -np.inf))
-        upper_rows.append(np.ones(1))
-        r += 1
+        for row in (mem, sync) if has_sync else (mem,):
+            nz = np.flatnonzero(row)
+            rows.append(np.full(len(nz), r))
+            cols.append(nz)
+            vals.append(row[nz])
+            lower.append(np.full(1, -np.inf))
+            upper_rows.append(np.ones(1))
+            r += 1
+    if m is not None:  # m - mem @ w >= 0 and m - sync @ w >= 0
+        for row in (mem, sync):
+            nz = np.flatnonzero(row)
+            rows += [np.array([r]), np.full(len(nz), r)]
+            cols += [np.array([m]), nz]
+            vals += [np.ones(1), -row[nz]]
+            lower.append(np.zeros(1))
+            upper_rows.append(np.full(1, np.inf))
+            r += 1
     A = sp.csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n_vars))
     # HiGHS's absolute tolerances (1e-6 on the MIP gap, 1e-7 on reduced costs) once made it
     # stop 4e-5 short of the optimum on GPT-3 175B: scale them to nothing.

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, working_set
 from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -89,6 +89,9 @@ class Node:
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # memory by kind (meshjax.solver.evaluate)
     recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
     recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
+    # Training, per option: what this node holds while the end-of-step gradient all-reduce runs
+    # (the second memory row; meshjax.cost.memory.gradient_sync). None: nothing.
+    sync: np.ndarray | None = None
 
 
 @dataclass
@@ -129,9 +132,17 @@ class Problem:
         return t
 
     def memory(self, choice: Sequence[int]) -> float:
+        """Bytes per device: the larger of the backward pass's (resident plus the largest
+        transient) and the end-of-step gradient sync's (:meth:`sync_memory`)."""
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
-        return resident + peak
+        return max(resident + peak, self.sync_memory(choice))
+
+    def sync_memory(self, choice: Sequence[int]) -> float:
+        """Bytes per device while the end-of-step gradient all-reduce runs: params, optimizer
+        state and inputs, the weight gradients being summed (partial sums and results) and the
+        stacked gradients of scanned weights; the activations are freed by then."""
+        return sum(float(n.sync[c]) for n, c in zip(self.nodes, choice) if n.sync is not None)
 
     def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
         """The layout of every tensor of the graph under ``choice``."""
@@ -213,6 +224,7 @@ def build_problem(
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
+    read_directly = {canon[name] for op in graph.ops if not op.facts.slices for name in op.inputs}
 
     for key, names in members.items():
         tensor = graph.tensors[key]
@@ -240,7 +252,13 @@ def build_problem(
             if microbatches > 1 and train:
                 time, parts = price_accumulation(tensor, result_layouts, time, parts, mesh_shape, microbatches, per_instance)
             memory = sum(parts.values())
-            nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts))
+            sync = None
+            if train:
+                # At the end-of-step sync everything a source holds is alive, except the
+                # gradients of params that ops read directly (those ops count them as summed).
+                sync = sum(v for kind, v in parts.items() if kind != "gradients" or key not in read_directly)
+            nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts,
+                              sync=sync))
         else:
             if ("strategies", op.name, op.index) not in cache:
                 cache[("strategies", op.name, op.index)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
@@ -252,6 +270,14 @@ def build_problem(
             ]
             if not strategies:
                 raise InfeasibleError(f"op {op.name!r} ({op.kind}): no strategy meets the rules/pins ({_describe(constraints, tensor)})")
+            if op.facts.slices and graph.tensors[op.inputs[0]].role in ("param", "input"):
+                # A scan's slice of a stacked param or input is made in place, in the stacked
+                # array's layout (the edge into it allows no reshard): ops that want it in
+                # another layout reshard it themselves. A slice resharded in the loop, or a
+                # stack resharded before it, is a new value that JAX keeps whole for the
+                # backward pass (a second copy of every layer's weights); a slice in place is
+                # read back from the stacked array (meshjax.lower leaves it unpinned).
+                strategies = [s for s in strategies if s.computed_layout is None or s.computed_layout == s.result_layout] or strategies
             strategies = _cheapest_per_layouts(strategies)
             mult = op_count[key]
             act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
@@ -267,6 +293,14 @@ def build_problem(
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             parts = {"activations": memory}
+            sync = None
+            if train:
+                in_loop, at_end = np.array([gradient_sync(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
+                instances = mult // graph.trip_count(op.block)
+                if in_loop.any():  # one trip's sync, alive beside the loop's stacked activations
+                    parts["partial_gradients"] = in_loop * instances
+                    memory = memory + in_loop * instances
+                sync = at_end * instances
             if recomputing.any():
                 parts["recompute"] = recomputing
             recompute, rerun_colls = None, None
@@ -275,7 +309,7 @@ def build_problem(
                 time = time + extra * mult
                 recompute = recompute * mult
             nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory + recomputing,
-                              peak, mult, names, parts, recompute, rerun_colls))
+                              peak, mult, names, parts, recompute, rerun_colls, sync))
         for name in names:
             node_of[name] = len(nodes) - 1
 
@@ -314,11 +348,12 @@ def build_problem(
         recompute = train and backward_reads(consumer, i, graph)
         unit = units.get(consumer.name)
         rerun = unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
+        in_place = consumer.facts.slices and tensor.role in ("param", "input")  # see the slice's strategies
         cost = np.array(
             [
                 [
                     np.inf
-                    if _gathers_before_reducing(consumer, i, a, b)
+                    if _gathers_before_reducing(consumer, i, a, b) or (in_place and a != b)
                     else reshard_time(tensor, a, b, needs_grad, recompute, rerun) * mult
                     for b in dst_layouts
                 ]

@@ -108,6 +108,7 @@ def restrict(problem: Problem, kept: Sequence[np.ndarray]) -> Reduction:
             memory=n.memory[keep],
             peak=n.peak[keep],
             parts={kind: values[keep] for kind, values in n.parts.items()},
+            sync=None if n.sync is None else n.sync[keep],
         )
         for n, keep in zip(problem.nodes, kept)
     ]
@@ -162,14 +163,15 @@ class _Node:
     time: np.ndarray
     memory: np.ndarray
     peak: np.ndarray
+    sync: np.ndarray  # the end-of-step gradient sync's memory (Problem.sync_memory)
     penalty: np.ndarray  # see Known
     origin: dict[int, np.ndarray]  # node of the input problem -> its option, per option here
     template: int  # the input node whose other fields the output node copies
 
     @property
-    def floor(self) -> tuple[float, float]:
-        """The least memory and the least peak any option of this node has."""
-        return float(self.memory.min()), float(self.peak.min())
+    def floor(self) -> tuple[float, float, float]:
+        """The least memory, the least peak and the least sync memory any option of this node has."""
+        return float(self.memory.min()), float(self.peak.min()), float(self.sync.min())
 
 
 @dataclass
@@ -217,6 +219,7 @@ class _Graph:
         self.nodes = {
             k: _Node(
                 np.asarray(n.time, dtype=float), np.asarray(n.memory, dtype=float), np.asarray(n.peak, dtype=float),
+                np.zeros(len(n.options)) if n.sync is None else np.asarray(n.sync, dtype=float),
                 np.zeros(len(n.options)) if known is None else np.asarray(known.node_penalty[k], dtype=float),
                 {k: np.arange(len(n.options))}, k,
             )
@@ -267,9 +270,10 @@ class _Graph:
         ok = np.isfinite(time) & (penalty <= self.slack)
         if self.budget is not None:
             others = [f for j, f in self.floors.items() if j != k]
-            resident = sum(m for m, _ in others)
-            peak = max((p for _, p in others), default=0.0)
+            resident = sum(m for m, _, _ in others)
+            peak = max((p for _, p, _ in others), default=0.0)
             ok &= node.memory + resident + np.maximum(node.peak, peak) <= self.budget
+            ok &= node.sync + sum(s for _, _, s in others) <= self.budget
         return np.flatnonzero(ok)
 
     def _features(self, k: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,7 +282,7 @@ class _Graph:
         node = self.nodes[k]
         own = [node.time[keep]]
         if self.compare_memory:
-            own += [node.memory[keep], node.peak[keep]]
+            own += [node.memory[keep], node.peak[keep], node.sync[keep]]
         key = np.zeros(len(keep), dtype=np.int64)
         groups, rows = [], []
         for i in sorted(self.incident[k]):
@@ -297,6 +301,7 @@ class _Graph:
     def _restrict(self, k: int, keep: np.ndarray) -> set[int]:
         node = self.nodes[k]
         node.time, node.memory, node.peak, node.penalty = node.time[keep], node.memory[keep], node.peak[keep], node.penalty[keep]
+        node.sync = node.sync[keep]
         node.origin = {o: options[keep] for o, options in node.origin.items()}
         self.floors[k] = node.floor
         changed = set()
@@ -362,7 +367,8 @@ class _Graph:
         i, j = i[ok], j[ok]
         origin = {o: options[i] for o, options in U.origin.items()}
         origin.update({o: options[j] for o, options in V.origin.items()})
-        self.nodes[u] = _Node(time[ok], U.memory[i] + V.memory[j], np.maximum(U.peak[i], V.peak[j]), penalty[ok], origin, U.template)
+        self.nodes[u] = _Node(time[ok], U.memory[i] + V.memory[j], np.maximum(U.peak[i], V.peak[j]), U.sync[i] + V.sync[j], penalty[ok],
+                              origin, U.template)
         self.floors[u] = self.nodes[u].floor
         del self.nodes[v], self.floors[v]
         self.incident[u] -= between
@@ -398,7 +404,8 @@ class _Graph:
                 options, layouts = [template.options[s] for s in kept], [template.result_layouts[s] for s in kept]
             else:
                 options, layouts = list(range(size)), [None] * size
-            nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={}))
+            nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={},
+                                 sync=w.sync if problem.train else None))
         edges = [
             replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost)
             for e in self.edges.values()
