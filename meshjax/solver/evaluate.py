@@ -60,8 +60,8 @@ MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations
 # Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
 # micro-batching, and what a rematerialised block recomputes for one instance.
 LEVER_KINDS = ("grad_accumulator", "recompute")
-# Kinds reported when non-zero, in training: one trip's weight gradients being summed in a scan
-# (``partial_gradients``), and how much more than the backward pass's peak the end-of-step
+# Kinds reported when non-zero, in training: weight gradients made larger than the param's own
+# (in a gathered layout, or one trip's being summed in a scan: ``partial_gradients``), and how much more than the backward pass's peak the end-of-step
 # gradient all-reduce holds (``gradient_sync``: the step's memory is the larger of the two
 # phases, :meth:`~meshjax.solver.problem.Problem.memory`).
 SYNC_KINDS = ("partial_gradients", "gradient_sync")
@@ -175,9 +175,12 @@ def price_accumulation(
 def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
     """The time rows and memory breakdown of ``choice`` (one option per node of ``problem``)."""
     incoming: dict[int, list[tuple[float, tuple[Collective, ...]]]] = defaultdict(list)
+    memory: dict[str, float] = defaultdict(float)
     for e in problem.edges:
         a = e.src_group[choice[e.src]]
         b = e.dst_group[choice[e.dst]]
+        if e.memory is not None:
+            memory["partial_gradients"] += float(e.memory[a, b])
         _, colls = reshard(
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
@@ -187,7 +190,6 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         colls = tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)
         incoming[e.dst].append((float(e.cost[a, b]), colls))
     rows = []
-    memory: dict[str, float] = defaultdict(float)
     peak = sync = 0.0
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         for kind, values in node.parts.items():

@@ -190,9 +190,11 @@ class _Search:
         else:
             choices = list(np.divmod(np.arange(len(nodes[0].options) * len(nodes[1].options)), len(nodes[1].options)))
             step_time = nodes[0].time[choices[0]] + nodes[1].time[choices[1]]
+            memory = nodes[0].memory[choices[0]] + nodes[1].memory[choices[1]]
             for e in reduction.problem.edges:
                 step_time = step_time + e.cost[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
-            memory = nodes[0].memory[choices[0]] + nodes[1].memory[choices[1]]
+                if e.memory is not None:
+                    memory = memory + e.memory[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
             peak = np.maximum(nodes[0].peak[choices[0]], nodes[1].peak[choices[1]])
             sync = _sync(nodes[0])[choices[0]] + _sync(nodes[1])[choices[1]]
         total = np.maximum(memory + peak, sync)

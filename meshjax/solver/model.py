@@ -96,6 +96,8 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
         forbidden = ~np.isfinite(cost)
         c[start:start + cost.size] = np.where(forbidden, 0.0, cost)
         upper[start:start + cost.size][forbidden] = 0.0
+        if e.memory is not None:
+            mem[start:start + cost.size] = np.where(forbidden, 0.0, e.memory.ravel())
     # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
     # coefficients that large break HiGHS's tolerances.
     peak_max = max((float(n.peak.max()) for n in nodes), default=0.0)
@@ -112,7 +114,7 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
             c = np.zeros(n_vars)
             c[m] = 1.0
             # No choice needs more than the larger row at every node's largest option.
-            most = lambda row: sum(float(row[a:b].max(initial=0.0)) for a, b in pairwise(offsets))  # noqa: E731
+            most = lambda row: sum(float(row[a:b].max(initial=0.0)) for a, b in pairwise([*offsets, *edge_offsets[1:]]))  # noqa: E731
             upper[m] = max(most(mem) + (mem[z] * upper[z] if has_peak else 0.0), most(sync))
 
     # One option per node: rows 0 .. len(nodes) - 1.

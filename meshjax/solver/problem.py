@@ -109,6 +109,9 @@ class Edge:
     needs_grad: bool = True
     recompute: bool = False  # the consumer's backward re-does the reshard (it reads the operand)
     rerun: bool = False  # the consumer is rematerialised: its forward reshard runs again
+    # Training, rows x columns: bytes per device the pair keeps resident besides its nodes (a
+    # weight's gradient made in the layout its consumer computes it in; None: nothing).
+    memory: np.ndarray | None = None
 
 
 @dataclass
@@ -135,6 +138,7 @@ class Problem:
         """Bytes per device: the larger of the backward pass's (resident plus the largest
         transient) and the end-of-step gradient sync's (:meth:`sync_memory`)."""
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
+        resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         return max(resident + peak, self.sync_memory(choice))
 
@@ -364,7 +368,11 @@ def build_problem(
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
             continue
-        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun))
+        memory = None
+        if train and tensor.role == "param" and needs_grad and not consumer.facts.slices:
+            memory = _gradient_held(tensor, src_layouts, dst_layouts, mesh_shape) * (mult // graph.trip_count(consumer.block))
+        edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun,
+                          memory if memory is not None and memory.any() else None))
     problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero,
                       dict(remat), microbatches)
     _repeat(problem, microbatches)
@@ -396,6 +404,16 @@ def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
         if key not in best or s.time < best[key].time:
             best[key] = s
     return list(best.values())
+
+
+def _gradient_held(tensor: Tensor, src: Sequence[Layout], dst: Sequence[Layout], mesh_shape: Mapping[str, int]) -> np.ndarray:
+    """Per (param layout, operand layout): what a weight's gradient holds during the backward
+    pass beyond the param's own ``gradients``. An op that reads the weight in another layout (an
+    FSDP weight gathered) makes its gradient in that layout, whole partial sums that XLA keeps
+    until the step's combined all-reduce, and only then slices down to the param's layout."""
+    a = np.array([per_device_bytes(tensor, l, mesh_shape) for l in src])
+    b = np.array([per_device_bytes(tensor, l, mesh_shape) for l in dst])
+    return np.maximum(b[None, :] - a[:, None], 0.0)
 
 
 def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:

@@ -183,6 +183,7 @@ class _Edge:
     cost: np.ndarray
     penalty: np.ndarray  # like cost; see Known
     template: int  # the input edge whose other fields the output edge copies
+    memory: np.ndarray  # like cost: bytes per device the pair keeps resident (Edge.memory)
 
     def side(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(k's groups, the cost and the penalty with k's groups as rows, the other end)."""
@@ -195,9 +196,9 @@ class _Edge:
         self.ga, rows = _used(self.ga, self.cost.shape[0])
         self.gb, cols = _used(self.gb, self.cost.shape[1])
         if rows is not None:
-            self.cost, self.penalty = self.cost[rows], self.penalty[rows]
+            self.cost, self.penalty, self.memory = self.cost[rows], self.penalty[rows], self.memory[rows]
         if cols is not None:
-            self.cost, self.penalty = self.cost[:, cols], self.penalty[:, cols]
+            self.cost, self.penalty, self.memory = self.cost[:, cols], self.penalty[:, cols], self.memory[:, cols]
 
 
 def _used(groups: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -230,6 +231,7 @@ class _Graph:
             i: _Edge(
                 e.src, e.dst, np.asarray(e.src_group), np.asarray(e.dst_group), np.asarray(e.cost, dtype=float),
                 np.zeros(e.cost.shape) if known is None else np.asarray(known.edge_penalty[i], dtype=float), i,
+                np.zeros(e.cost.shape) if e.memory is None else np.asarray(e.memory, dtype=float),
             )
             for i, e in enumerate(problem.edges)
         }
@@ -288,7 +290,8 @@ class _Graph:
         for i in sorted(self.incident[k]):
             g, cost, _, _ = self.edges[i].side(k)
             groups.append(g[keep])
-            rows.append(cost)
+            edge_memory = self.edges[i].memory if self.edges[i].a == k else self.edges[i].memory.T
+            rows.append(np.hstack([cost, edge_memory]) if self.compare_memory and edge_memory.any() else cost)
             if key.max(initial=0) >= 2**62 // len(cost):
                 key = np.unique(key, return_inverse=True)[1].ravel()  # renumber before it overflows
             key = key * len(cost) + groups[-1]
@@ -326,10 +329,12 @@ class _Graph:
         if e.cost.shape[0] == 1:
             node = self.nodes[e.b]
             node.time, node.penalty = node.time + e.cost[0, e.gb], node.penalty + e.penalty[0, e.gb]
+            node.memory = node.memory + e.memory[0, e.gb]
             changed.add(e.b)
         else:
             node = self.nodes[e.a]
             node.time, node.penalty = node.time + e.cost[e.ga, 0], node.penalty + e.penalty[e.ga, 0]
+            node.memory = node.memory + e.memory[e.ga, 0]
             changed.add(e.a)
         del self.edges[i]
         self.incident[e.a].discard(i)
@@ -355,19 +360,21 @@ class _Graph:
         i, j = np.divmod(np.arange(len(U.time) * len(V.time)), len(V.time))
         time = U.time[i] + V.time[j]
         penalty = U.penalty[i] + V.penalty[j]
+        memory = U.memory[i] + V.memory[j]
         between = self.incident[u] & self.incident[v]
         for k in between:
             e = self.edges.pop(k)
             a, b = (i, j) if e.a == u else (j, i)
             time += e.cost[e.ga[a], e.gb[b]]
             penalty += e.penalty[e.ga[a], e.gb[b]]
+            memory += e.memory[e.ga[a], e.gb[b]]
         ok = np.flatnonzero(np.isfinite(time) & (penalty <= self.slack))
         if len(ok) == 0:
             raise InfeasibleError(_NOTHING_LEFT)
         i, j = i[ok], j[ok]
         origin = {o: options[i] for o, options in U.origin.items()}
         origin.update({o: options[j] for o, options in V.origin.items()})
-        self.nodes[u] = _Node(time[ok], U.memory[i] + V.memory[j], np.maximum(U.peak[i], V.peak[j]), U.sync[i] + V.sync[j], penalty[ok],
+        self.nodes[u] = _Node(time[ok], memory[ok], np.maximum(U.peak[i], V.peak[j]), U.sync[i] + V.sync[j], penalty[ok],
                               origin, U.template)
         self.floors[u] = self.nodes[u].floor
         del self.nodes[v], self.floors[v]
@@ -407,7 +414,8 @@ class _Graph:
             nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={},
                                  sync=w.sync if problem.train else None))
         edges = [
-            replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost)
+            replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost,
+                    memory=e.memory if e.memory.any() else None)
             for e in self.edges.values()
         ]
         return Reduction(replace(problem, nodes=nodes, edges=edges), tuple(self.nodes[k].origin for k in keys))
