@@ -61,10 +61,13 @@ MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations
 # micro-batching, and what a rematerialised block recomputes for one instance.
 LEVER_KINDS = ("grad_accumulator", "recompute")
 # Kinds reported when non-zero, in training: weight gradients made larger than the param's own
-# (in a gathered layout, or one trip's being summed in a scan: ``partial_gradients``), and how much more than the backward pass's peak the end-of-step
-# gradient all-reduce holds (``gradient_sync``: the step's memory is the larger of the two
-# phases, :meth:`~meshjax.solver.problem.Problem.memory`).
+# (in a gathered layout: ``partial_gradients``), and how much more than the backward pass's
+# peak a gradient all-reduce holds (``gradient_sync``: a scan trip's, or the end-of-step one's;
+# the step's memory is the largest of the phases, :meth:`~meshjax.solver.problem.Problem.memory`).
 SYNC_KINDS = ("partial_gradients", "gradient_sync")
+# The memory rows besides the backward pass's (``Node.sync`` columns): while a scan trip's
+# combined gradient all-reduce runs, and while the end-of-step one runs.
+SYNC_PHASES = ("loop_sync", "end_sync")
 
 
 @dataclass(frozen=True)
@@ -190,12 +193,13 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         colls = tuple(Collective(c.kind, c.axes, c.nbytes, c.count * e.multiplicity, c.latency_share) for c in colls)
         incoming[e.dst].append((float(e.cost[a, b]), colls))
     rows = []
-    peak = sync = 0.0
+    peak = 0.0
+    sync = np.zeros(len(SYNC_PHASES))
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         for kind, values in node.parts.items():
             memory[kind] += float(values[c])
         if node.sync is not None:
-            sync += float(node.sync[c])
+            sync += node.sync[c]
         peak = max(peak, float(node.peak[c]))
         option = node.options[c]
         if node.op is None:
@@ -222,8 +226,8 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         if memory.get(kind):
             out[kind] = memory[kind]
     backward = sum(out.values())
-    if sync > backward:
-        out["gradient_sync"] = sync - backward
+    if sync.max() > backward:
+        out["gradient_sync"] = float(sync.max()) - backward
     out["total"] = sum(out.values())
     return Evaluation(tuple(rows), out)
 

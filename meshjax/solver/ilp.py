@@ -40,6 +40,7 @@ import numpy as np
 from meshjax.errors import InfeasibleError
 from meshjax.solver.bound import lp_bounds
 from meshjax.solver.model import build_model, run_milp
+from meshjax.solver.evaluate import SYNC_PHASES
 from meshjax.solver.problem import Problem
 from meshjax.solver.reduce import (
     BUDGET_TOLERANCE,
@@ -197,7 +198,7 @@ class _Search:
                     memory = memory + e.memory[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
             peak = np.maximum(nodes[0].peak[choices[0]], nodes[1].peak[choices[1]])
             sync = _sync(nodes[0])[choices[0]] + _sync(nodes[1])[choices[1]]
-        total = np.maximum(memory + peak, sync)
+        total = np.maximum(memory + peak, sync.max(axis=1))
         fits = np.isfinite(step_time)
         if self.budget is not None:
             fits &= total <= self.budget * (1 + BUDGET_TOLERANCE)
@@ -253,5 +254,5 @@ def _enumerable(problem: Problem) -> bool:
 
 
 def _sync(node) -> np.ndarray:
-    """A node's end-of-step sync memory per option (zeros where it has none)."""
-    return node.sync if node.sync is not None else np.zeros(len(node.options))
+    """A node's sync memory, options x phases (zeros where it has none)."""
+    return node.sync if node.sync is not None else np.zeros((len(node.options), len(SYNC_PHASES)))

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, OptimizeResult, milp
 
+from meshjax.solver.evaluate import SYNC_PHASES
 from meshjax.solver.problem import Problem
 
 # The objective is scaled so the least a choice could cost is OBJECTIVE_SCALE (HiGHS's absolute
@@ -85,12 +86,12 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
     c = np.zeros(n_vars)
     mem = np.zeros(n_vars)
     upper = np.ones(n_vars)
-    sync = np.zeros(n_vars)
+    sync = np.zeros((len(SYNC_PHASES), n_vars))  # a row per phase
     if nodes:
         c[:n_x] = np.concatenate([n.time for n in nodes])
         mem[:n_x] = np.concatenate([n.memory for n in nodes])
         if has_sync:
-            sync[:n_x] = np.concatenate([n.sync if n.sync is not None else np.zeros(len(n.options)) for n in nodes])
+            sync[:, :n_x] = np.concatenate([n.sync if n.sync is not None else np.zeros((len(n.options), len(SYNC_PHASES))) for n in nodes]).T
     for e, start in zip(edges, edge_offsets):
         cost = e.cost.ravel()
         forbidden = ~np.isfinite(cost)
@@ -115,7 +116,7 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
             c[m] = 1.0
             # No choice needs more than the larger row at every node's largest option.
             most = lambda row: sum(float(row[a:b].max(initial=0.0)) for a, b in pairwise([*offsets, *edge_offsets[1:]]))  # noqa: E731
-            upper[m] = max(most(mem) + (mem[z] * upper[z] if has_peak else 0.0), most(sync))
+            upper[m] = max(most(mem) + (mem[z] * upper[z] if has_peak else 0.0), *map(most, sync))
 
     # One option per node: rows 0 .. len(nodes) - 1.
     rows, cols, vals = [np.repeat(np.arange(len(nodes)), sizes)], [np.arange(n_x)], [np.ones(n_x)]
@@ -143,7 +144,7 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
                 upper_rows.append(np.full(1, np.inf))
                 r += 1
     if memory_budget is not None and objective != "memory":
-        for row in (mem, sync) if has_sync else (mem,):
+        for row in (mem, *sync) if has_sync else (mem,):
             nz = np.flatnonzero(row)
             rows.append(np.full(len(nz), r))
             cols.append(nz)
@@ -151,8 +152,8 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
             lower.append(np.full(1, -np.inf))
             upper_rows.append(np.ones(1))
             r += 1
-    if m is not None:  # m - mem @ w >= 0 and m - sync @ w >= 0
-        for row in (mem, sync):
+    if m is not None:  # m - mem @ w >= 0 and m - sync @ w >= 0 (every phase)
+        for row in (mem, *sync):
             nz = np.flatnonzero(row)
             rows += [np.array([r]), np.full(len(nz), r)]
             cols += [np.array([m]), nz]

@@ -43,7 +43,7 @@ from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
 from meshjax.layout import Layout, MeshShape, Rules, as_layout, axes_of, check_rules, parse_rules
 from meshjax.optimizer import Optimizer, get_optimizer
-from meshjax.solver.evaluate import price_accumulation, price_param_options, price_source_options
+from meshjax.solver.evaluate import SYNC_PHASES, price_accumulation, price_param_options, price_source_options
 
 @dataclass
 class Constraints:
@@ -89,8 +89,9 @@ class Node:
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # memory by kind (meshjax.solver.evaluate)
     recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
     recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
-    # Training, per option: what this node holds while the end-of-step gradient all-reduce runs
-    # (the second memory row; meshjax.cost.memory.gradient_sync). None: nothing.
+    # Training, options x SYNC_PHASES: what this node holds while a scan trip's gradient
+    # all-reduce runs, and while the end-of-step one does (the other memory rows;
+    # meshjax.cost.memory.gradient_sync). None: nothing.
     sync: np.ndarray | None = None
 
 
@@ -135,18 +136,25 @@ class Problem:
         return t
 
     def memory(self, choice: Sequence[int]) -> float:
-        """Bytes per device: the larger of the backward pass's (resident plus the largest
-        transient) and the end-of-step gradient sync's (:meth:`sync_memory`)."""
+        """Bytes per device: the largest of the backward pass's (resident plus the largest
+        transient) and the gradient syncs' (:meth:`sync_memory`)."""
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
         resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
-        return max(resident + peak, self.sync_memory(choice))
+        return max(resident + peak, *self.sync_memory(choice))
 
-    def sync_memory(self, choice: Sequence[int]) -> float:
-        """Bytes per device while the end-of-step gradient all-reduce runs: params, optimizer
-        state and inputs, the weight gradients being summed (partial sums and results) and the
-        stacked gradients of scanned weights; the activations are freed by then."""
-        return sum(float(n.sync[c]) for n, c in zip(self.nodes, choice) if n.sync is not None)
+    def sync_memory(self, choice: Sequence[int]) -> np.ndarray:
+        """Bytes per device in each of :data:`SYNC_PHASES`: while a scan trip's gradient
+        all-reduce runs (what stays resident, less the backward's transients and what a
+        rematerialised block recomputes, plus the trip's weight gradients being summed), and
+        while the end-of-step one runs (params, optimizer state and inputs, the weight
+        gradients being summed, partial sums and results, and the stacked gradients of
+        scanned weights; the activations are freed by then)."""
+        out = np.zeros(len(SYNC_PHASES))
+        for n, c in zip(self.nodes, choice):
+            if n.sync is not None:
+                out += n.sync[c]
+        return out
 
     def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
         """The layout of every tensor of the graph under ``choice``."""
@@ -260,7 +268,8 @@ def build_problem(
             if train:
                 # At the end-of-step sync everything a source holds is alive, except the
                 # gradients of params that ops read directly (those ops count them as summed).
-                sync = sum(v for kind, v in parts.items() if kind != "gradients" or key not in read_directly)
+                end = sum(v for kind, v in parts.items() if kind != "gradients" or key not in read_directly)
+                sync = np.stack([memory, end], axis=1)
             nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts,
                               sync=sync))
         else:
@@ -301,10 +310,11 @@ def build_problem(
             if train:
                 in_loop, at_end = np.array([gradient_sync(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
                 instances = mult // graph.trip_count(op.block)
-                if in_loop.any():  # one trip's sync, alive beside the loop's stacked activations
-                    parts["partial_gradients"] = in_loop * instances
-                    memory = memory + in_loop * instances
-                sync = at_end * instances
+                # One trip's sync holds the trip's summed gradients beside the loop's stacked
+                # activations and the carry's cotangent (the backward loop's state); the
+                # end-of-step one, the other weights' (and no activations).
+                carried = act * instances if op.kind == "loop_carry" and graph.needs_grad(op.output) else 0.0
+                sync = np.stack([memory + in_loop * instances + carried, at_end * instances], axis=1)
             if recomputing.any():
                 parts["recompute"] = recomputing
             recompute, rerun_colls = None, None

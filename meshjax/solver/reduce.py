@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from meshjax.errors import InfeasibleError
+from meshjax.solver.evaluate import SYNC_PHASES
 from meshjax.solver.problem import Problem
 
 # The exhaustive oracle accepts memory up to budget * (1 + 1e-9); so do the bounds here.
@@ -163,15 +164,16 @@ class _Node:
     time: np.ndarray
     memory: np.ndarray
     peak: np.ndarray
-    sync: np.ndarray  # the end-of-step gradient sync's memory (Problem.sync_memory)
+    sync: np.ndarray  # options x phases: the gradient syncs' memory (Problem.sync_memory)
     penalty: np.ndarray  # see Known
     origin: dict[int, np.ndarray]  # node of the input problem -> its option, per option here
     template: int  # the input node whose other fields the output node copies
 
     @property
-    def floor(self) -> tuple[float, float, float]:
-        """The least memory, the least peak and the least sync memory any option of this node has."""
-        return float(self.memory.min()), float(self.peak.min()), float(self.sync.min())
+    def floor(self) -> tuple[float, float, np.ndarray]:
+        """The least memory, the least peak and the least sync memory (per phase) any option of
+        this node has."""
+        return float(self.memory.min()), float(self.peak.min()), self.sync.min(axis=0)
 
 
 @dataclass
@@ -220,7 +222,7 @@ class _Graph:
         self.nodes = {
             k: _Node(
                 np.asarray(n.time, dtype=float), np.asarray(n.memory, dtype=float), np.asarray(n.peak, dtype=float),
-                np.zeros(len(n.options)) if n.sync is None else np.asarray(n.sync, dtype=float),
+                np.zeros((len(n.options), len(SYNC_PHASES))) if n.sync is None else np.asarray(n.sync, dtype=float),
                 np.zeros(len(n.options)) if known is None else np.asarray(known.node_penalty[k], dtype=float),
                 {k: np.arange(len(n.options))}, k,
             )
@@ -275,7 +277,7 @@ class _Graph:
             resident = sum(m for m, _, _ in others)
             peak = max((p for _, p, _ in others), default=0.0)
             ok &= node.memory + resident + np.maximum(node.peak, peak) <= self.budget
-            ok &= node.sync + sum(s for _, _, s in others) <= self.budget
+            ok &= (node.sync + sum(s for _, _, s in others) <= self.budget).all(axis=1)
         return np.flatnonzero(ok)
 
     def _features(self, k: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -284,7 +286,7 @@ class _Graph:
         node = self.nodes[k]
         own = [node.time[keep]]
         if self.compare_memory:
-            own += [node.memory[keep], node.peak[keep], node.sync[keep]]
+            own += [node.memory[keep], node.peak[keep], *node.sync[keep].T]
         key = np.zeros(len(keep), dtype=np.int64)
         groups, rows = [], []
         for i in sorted(self.incident[k]):
