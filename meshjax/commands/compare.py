@@ -47,7 +47,7 @@ def add_parser(commands) -> None:
                      help="comma-separated subset of solver," + ",".join(_baseline_names()) + " (default: all)")
     cmp.add_argument("--roles", default=None, metavar="ROLE=DIM,...",
                      help="which of the model's dims play the baselines' roles (batch, mlp, heads, vocab, experts, "
-                          "embed; default: the dims of those names), e.g. batch=img,mlp=ffn")
+                          "embed, seq; default: the dims of those names), e.g. batch=img,mlp=ffn")
     cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
                      help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
     cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
