@@ -243,5 +243,5 @@ def test_bfloat16_compiled_memory_under_levers(remat, k):
     stacked = [t for t in g.params if "layers" in t.dims]
     assert stacked and {t.dtype for t in stacked} == {"bfloat16"}
     f32_copy = sum(2 * per_device_bytes(t, plan.layouts[t.name], mesh_shape) for t in stacked)
-    assert compiled > MEMORY_BAND[1] * plan.peak_memory_bytes or remat == "full"  # the copy is visible
+    assert compiled > MEMORY_BAND[1] * plan.peak_memory_bytes  # the copy is visible
     assert MEMORY_BAND[0] <= compiled / (plan.peak_memory_bytes + f32_copy) <= MEMORY_BAND[1]
