@@ -322,8 +322,22 @@ def baseline(name: str, graph: Graph, mesh_shape: MeshShape, roles: Roles | None
     return fn(graph, dict(mesh_shape), roles)
 
 
+SEQUENCE_ROLES = ("seq", "embed")
+"""The roles ``megatron-sp`` needs besides Megatron's."""
+
+
+def applies(name: str, graph: Graph, roles: Roles | None = None) -> bool:
+    """Whether the model has the dims strategy ``name`` needs beyond ``batch`` and a
+    model-parallel role: ``megatron-sp`` needs a ``seq`` and an ``embed`` dim (an MLP has none,
+    so a table of every baseline leaves it out; asking for it by name is an error)."""
+    if name != "megatron-sp":
+        return True
+    return all((roles or {}).get(r, r) in graph.dim_names for r in SEQUENCE_ROLES)
+
+
 def all_baselines(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> list[Baseline]:
-    return [fn(graph, dict(mesh_shape), roles) for fn in BASELINES.values()]
+    """Every baseline that :func:`applies` to the model."""
+    return [fn(graph, dict(mesh_shape), roles) for name, fn in BASELINES.items() if applies(name, graph, roles)]
 
 
 # --- pricing an assignment -------------------------------------------------------------------
@@ -393,7 +407,9 @@ __all__ = [
     "ROLES",
     "parse_roles",
     "resolve_roles",
+    "SEQUENCE_ROLES",
     "all_baselines",
+    "applies",
     "baseline",
     "data_parallel",
     "fsdp",

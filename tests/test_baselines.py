@@ -233,3 +233,15 @@ def test_solver_beats_megatron_sp_on_a_long_sequence():
     gathered = math.prod(ln.shape) * np.dtype(ln.dtype).itemsize  # one forward gather of it, whole
     shared = 2 * gathered * ex.config.layers  # q, k, v: two gathers saved per block
     assert sp_check.predicted_by_kind["all-gather"] - sp_check.compiled_by_kind["all-gather"] == shared
+
+
+def test_megatron_sp_is_left_out_of_tables_for_models_without_a_sequence(gpt):
+    from meshjax.baselines import all_baselines, applies
+
+    ex = models.example("mlp-tiny", abstract=True)
+    mlp = mj.trace(ex.loss, ex.params, *ex.batch)
+    assert not applies("megatron-sp", mlp) and applies("megatron-sp", gpt)
+    assert "megatron-sp" not in {b.name for b in all_baselines(mlp, MESH)}
+    assert "megatron-sp" in {b.name for b in all_baselines(gpt, MESH)}
+    with pytest.raises(MeshjaxError, match="no dim plays the seq role"):
+        baseline("megatron-sp", mlp, MESH)

@@ -145,11 +145,11 @@ def evaluate(
 ) -> list[Entry]:
     """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware`` as a
     plan (``roles``: role -> the model's dim, see :mod:`meshjax.baselines`)."""
-    from meshjax.baselines import BASELINES, predict
+    from meshjax.baselines import BASELINES, applies, predict
     from meshjax.errors import InfeasibleError
     from meshjax.solve import solve
 
-    wanted = strategies or ["solver", *BASELINES]
+    wanted = strategies or ["solver", *(b for b in BASELINES if applies(b, graph, roles))]
     out = []
     for name in wanted:
         if name == "solver":
