@@ -91,7 +91,7 @@ def microbatch_counts(graph: Graph, microbatches: int | str, train: bool) -> lis
 def least_memory(problem: Problem) -> float:
     """No choice of ``problem`` needs less memory than this."""
     resident = sum(float(n.memory.min()) for n in problem.nodes)
-    return resident + max((float(n.peak.min()) for n in problem.nodes), default=0.0)
+    return resident + problem.least_peak()
 
 
 def least_time(problem: Problem) -> float:
@@ -115,6 +115,8 @@ def _scaled_memory(problem: Problem, dim: str) -> Callable[[int], float]:
             fixed += float(n.memory.min())
         peak = max(peak, float(n.peak.min()) if not batchy else 0.0)
     batch_peak = max((float(n.peak.min()) for n in problem.nodes if n.op is not None and dim in n.tensor.dims), default=0.0)
+    # A rematerialised block's shared peak rows are counted as if all batch-sized (a lower bound).
+    batch_peak = max(batch_peak, problem.least_peak())
     return lambda k: fixed + scaled / k + max(peak, batch_peak / k)
 
 

@@ -246,6 +246,31 @@ def working_under(graph: Graph, remat: Mapping[str, str] | None) -> dict[str, in
     return out
 
 
+def recompute_order(graph: Graph, remat: Mapping[str, str] | None) -> list[tuple[str, ...]]:
+    """Per rematerialised unit, the tensors its template's ops make, in forward order.
+
+    The backward pass of a recomputed block runs its ops in reverse forward order: while op
+    ``i``'s backward runs, the recomputed tensors of the ops up to ``i`` are live and those of
+    the ops after it are freed already. So the block's peak is the largest, over ``i``, of
+    what :func:`working_under` holds among the first ``i`` tensors plus op ``i``'s backward
+    working set, not all of it plus the largest working set.
+
+    >>> import meshjax as mj
+    >>> from meshjax import models
+    >>> ex = models.example("gpt-tiny", abstract=True, scan_layers=True)
+    >>> graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    >>> (order,) = recompute_order(graph, {"blocks": "full"})
+    >>> order.index("blocks/attn/q") < order.index("blocks/mlp/hidden")
+    True
+    """
+    out = []
+    units = remat_units(graph)
+    for unit_name, policy in (remat or {}).items():
+        if policy != "none":
+            out.append(tuple(graph.producer[name].output for name in units[unit_name].ops))
+    return out
+
+
 def _instances(graph: Graph, unit_name: str) -> list[tuple[str, str]]:
     """(tensor name, its template's name) for every tensor any instance of the unit makes."""
     unit = remat_units(graph)[unit_name]

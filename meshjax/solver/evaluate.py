@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 
 MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations", "backward_peak")
 # Kinds only the memory levers add (reported when non-zero): the float32 gradient accumulator of
-# micro-batching, and what a rematerialised block recomputes for one instance.
+# micro-batching, and what a rematerialised block has recomputed and still holds when its
+# backward pass peaks (:func:`~meshjax.solver.problem.peak_rows`).
 LEVER_KINDS = ("grad_accumulator", "recompute")
 # Kinds reported when non-zero, in training: weight gradients made larger than the param's own
 # (in a gathered layout: ``partial_gradients``), and how much more than the backward pass's
@@ -220,6 +221,14 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
             comm += t
             colls += extra
         rows.append(OpCost(node.key, node.op.kind, option.label, comm, compute, colls))
+    # A rematerialised block's backward transient is a shared row: the recomputed tensors live
+    # at its owner's backward (``recompute``) and the owner's own peak.
+    for row, value in problem.shared_peaks(choice).items():
+        if value > peak:
+            peak = value
+            memory["recompute"] = value - float(problem.nodes[row].peak[choice[row]])
+    if memory.get("recompute"):
+        peak -= memory["recompute"]
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
     for kind in ("constants", *LEVER_KINDS, "partial_gradients"):

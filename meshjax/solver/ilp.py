@@ -187,6 +187,8 @@ class _Search:
         if len(nodes) == 1:
             choices = [np.arange(len(nodes[0].options))]
             step_time, memory, peak = nodes[0].time, nodes[0].memory, nodes[0].peak
+            for values in (nodes[0].shares or {}).values():
+                peak = np.maximum(peak, values)
             sync = _sync(nodes[0])
         else:
             choices = list(np.divmod(np.arange(len(nodes[0].options) * len(nodes[1].options)), len(nodes[1].options)))
@@ -197,6 +199,12 @@ class _Search:
                 if e.memory is not None:
                     memory = memory + e.memory[e.src_group[choices[e.src]], e.dst_group[choices[e.dst]]]
             peak = np.maximum(nodes[0].peak[choices[0]], nodes[1].peak[choices[1]])
+            shared: dict[int, np.ndarray] = {}
+            for node, c in zip(nodes, choices):
+                for row, values in (node.shares or {}).items():
+                    shared[row] = shared.get(row, 0.0) + values[c]
+            for values in shared.values():
+                peak = np.maximum(peak, values)
             sync = _sync(nodes[0])[choices[0]] + _sync(nodes[1])[choices[1]]
         total = np.maximum(memory + peak, sync.max(axis=1))
         fits = np.isfinite(step_time)

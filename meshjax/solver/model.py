@@ -5,7 +5,8 @@ Variables: a binary ``x[n, s]`` per node option; per edge a continuous ``y[a, b]
 column sums equal the consumer's. With the ``x`` binary, the only feasible ``y`` is the chosen
 pair, so the edge cost is exact. A memory budget adds one row per memory phase (the backward
 pass's, and in training the end-of-step gradient sync's); peaks add one continuous
-``z >= peak`` of every chosen option; minimising memory over both phases minimises one more,
+``z >= peak`` of every chosen option, and ``z >=`` each shared peak row of a rematerialised
+block (a sum over its nodes' options, :func:`~meshjax.solver.problem.peak_rows`); minimising memory over both phases minimises one more,
 ``m`` above both.
 
 Example::
@@ -75,7 +76,8 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n_x = int(offsets[-1])
     edge_offsets = n_x + np.concatenate([[0], np.cumsum([e.cost.size for e in edges], dtype=np.int64)])
-    has_peak = any(n.peak.any() for n in nodes)
+    shared = _shared_rows(problem)
+    has_peak = any(n.peak.any() for n in nodes) or bool(shared)
     has_sync = any(n.sync is not None and n.sync.any() for n in nodes)
     z = int(edge_offsets[-1])
     n_vars = z + int(has_peak)
@@ -101,7 +103,7 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
             mem[start:start + cost.size] = np.where(forbidden, 0.0, e.memory.ravel())
     # Memory in units of the budget (or of the largest footprint): bytes run to 1e11, and
     # coefficients that large break HiGHS's tolerances.
-    peak_max = max((float(n.peak.max()) for n in nodes), default=0.0)
+    peak_max = max([float(n.peak.max()) for n in nodes] + [sum(float(v.max()) for _, v in row) for row in shared.values()], default=0.0)
     unit = float(memory_budget) if memory_budget else max(float(mem.max(initial=0.0)), float(sync.max(initial=0.0)), peak_max, 1.0)
     mem /= unit
     sync /= unit
@@ -143,6 +145,18 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
                 lower.append(np.zeros(1))
                 upper_rows.append(np.full(1, np.inf))
                 r += 1
+        for row in shared.values():  # z >= a rematerialised block's shared peak row
+            rows.append(np.array([r]))
+            cols.append(np.array([z]))
+            vals.append(np.ones(1))
+            for k, values in row:
+                nz = np.flatnonzero(values)
+                rows.append(np.full(len(nz), r))
+                cols.append(offsets[k] + nz)
+                vals.append(-values[nz] / unit)
+            lower.append(np.zeros(1))
+            upper_rows.append(np.full(1, np.inf))
+            r += 1
     if memory_budget is not None and objective != "memory":
         for row in (mem, *sync) if has_sync else (mem,):
             nz = np.flatnonzero(row)
@@ -172,6 +186,15 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
         c * scale, A, np.concatenate(lower), np.concatenate(upper_rows), upper, offsets, edge_offsets,
         tuple(e.cost.shape for e in edges), factor * scale,
     )
+
+
+def _shared_rows(problem: Problem) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Each shared peak row (:attr:`~meshjax.solver.problem.Node.shares`): its (node, values)."""
+    out: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for k, n in enumerate(problem.nodes):
+        for row, values in (n.shares or {}).items():
+            out.setdefault(row, []).append((k, values))
+    return out
 
 
 def run_milp(model: Model, time_limit: float | None = None) -> OptimizeResult:

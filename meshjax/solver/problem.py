@@ -36,7 +36,7 @@ import numpy as np
 
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, working_set
-from meshjax.cost.remat import kept_under, recompute_times, remat_effect, unit_of, working_under
+from meshjax.cost.remat import kept_under, recompute_order, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
 from meshjax.errors import InfeasibleError
@@ -93,6 +93,10 @@ class Node:
     # all-reduce runs, and while the end-of-step one does (the other memory rows;
     # meshjax.cost.memory.gradient_sync). None: nothing.
     sync: np.ndarray | None = None
+    # Training, in a rematerialised block: peak row -> per option, what this node adds to that
+    # row (the backward pass's transient is also the largest row's sum over the nodes that
+    # share it; see :func:`peak_rows`). None: nothing.
+    shares: dict[int, np.ndarray] | None = None
 
 
 @dataclass
@@ -141,7 +145,24 @@ class Problem:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
         resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
+        peak = max(peak, *self.shared_peaks(choice).values(), 0.0)
         return max(resident + peak, *self.sync_memory(choice))
+
+    def shared_peaks(self, choice: Sequence[int]) -> dict[int, float]:
+        """Each shared peak row's bytes under ``choice`` (:attr:`Node.shares`)."""
+        out: dict[int, float] = defaultdict(float)
+        for n, c in zip(self.nodes, choice):
+            for row, values in (n.shares or {}).items():
+                out[row] += float(values[c])
+        return dict(out)
+
+    def least_peak(self) -> float:
+        """No choice has a backward transient (largest node peak or shared row) below this."""
+        rows: dict[int, float] = defaultdict(float)
+        for n in self.nodes:
+            for row, values in (n.shares or {}).items():
+                rows[row] += float(values.min())
+        return max([float(n.peak.min()) for n in self.nodes] + list(rows.values()), default=0.0)
 
     def sync_memory(self, choice: Sequence[int]) -> np.ndarray:
         """Bytes per device in each of :data:`SYNC_PHASES`: while a scan trip's gradient
@@ -233,6 +254,7 @@ def build_problem(
     working = working_under(graph, remat)
     units = unit_of(graph) if remat else {}
     cache = {} if cache is None else cache
+    recomputed: dict[str, np.ndarray] = {}  # node key -> per option, what one instance recomputes
     op_count: dict[str, int] = defaultdict(int)
     for op in graph.ops:
         op_count[canon[op.output]] += graph.trip_count(op.block)
@@ -298,7 +320,7 @@ def build_problem(
                 # Saved activations stay resident; the backward pass also holds, at its peak,
                 # the largest activation's cotangent and one temporary of its size.
                 memory = act * mult * kept.get(key, 0)
-                # A recomputing block also holds what one instance recomputes (charged as resident).
+                # What one instance recomputes lives during part of its backward pass (peak_rows).
                 recomputing = act * working.get(key, 0)
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             else:
@@ -316,16 +338,19 @@ def build_problem(
                 carried = act * instances if op.kind == "loop_carry" and graph.needs_grad(op.output) else 0.0
                 sync = np.stack([memory + in_loop * instances + carried, at_end * instances], axis=1)
             if recomputing.any():
-                parts["recompute"] = recomputing
+                recomputed[key] = recomputing
             recompute, rerun_colls = None, None
             if units.get(op.name) in remat and op.name in remat_effect(graph, units[op.name], remat[units[op.name]]).recomputed:
                 extra, recompute, rerun_colls = recompute_times(op, graph, strategies, mesh_shape, hardware, cache)
                 time = time + extra * mult
                 recompute = recompute * mult
-            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory + recomputing,
+            nodes.append(Node(key, tensor, op, strategies, [s.result_layout for s in strategies], time, memory,
                               peak, mult, names, parts, recompute, rerun_colls, sync))
         for name in names:
             node_of[name] = len(nodes) - 1
+    if recomputed:
+        peak_rows(nodes, [[node_of[t] for t in order if t in node_of] for order in recompute_order(graph, remat)],
+                  {node_of[key]: values for key, values in recomputed.items()})
 
     if not edges:
         problem = Problem(graph, mesh_shape, hardware, train, nodes, [], node_of, optimizer if train else None, zero,
@@ -387,6 +412,40 @@ def build_problem(
                       dict(remat), microbatches)
     _repeat(problem, microbatches)
     return problem
+
+
+def peak_rows(nodes: list[Node], orders: Sequence[Sequence[int]], recomputed: Mapping[int, np.ndarray]) -> None:
+    """Give the nodes of each rematerialised block the shared peak rows of its backward pass.
+
+    ``orders``: per block, its nodes in forward order; ``recomputed``: node -> per option, what
+    it recomputes for one instance. The backward pass runs the block's ops in reverse: while
+    node ``i``'s backward runs, what the nodes up to ``i`` recomputed is live and what the nodes
+    after it recomputed is freed. Row ``i`` (numbered by node ``i``'s index) sums that prefix
+    and node ``i``'s own peak; the backward transient is the largest row or node peak. A node
+    with no peak of its own needs no row, except the block's last (the whole block recomputed,
+    live as its backward starts).
+
+    >>> a = Node("a", None, None, [0], [None], np.zeros(1), np.zeros(1), np.array([5.0]), 1, ["a"])
+    >>> b = Node("b", None, None, [0], [None], np.zeros(1), np.zeros(1), np.array([1.0]), 1, ["b"])
+    >>> peak_rows([a, b], [[0, 1]], {0: np.array([10.0]), 1: np.array([2.0])})
+    >>> a.shares, b.shares  # row 0: a's 10 + a's peak 5; row 1: a's 10 + b's 2 + b's peak 1
+    ({0: array([15.]), 1: array([10.])}, {1: array([3.])})
+    """
+    for order in orders:
+        order = list(dict.fromkeys(order))
+        for position, k in enumerate(order):
+            prefix = order[:position + 1]
+            if not any(j in recomputed for j in prefix) or not (nodes[k].peak.any() or k == order[-1]):
+                continue
+            for j in prefix:
+                if j == k:
+                    values = recomputed.get(k, 0.0) + nodes[k].peak
+                elif j in recomputed:
+                    values = recomputed[j]
+                else:
+                    continue
+                nodes[j].shares = nodes[j].shares or {}
+                nodes[j].shares[k] = np.asarray(values, dtype=float)
 
 
 def _repeat(problem: Problem, k: int) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -110,6 +110,7 @@ def restrict(problem: Problem, kept: Sequence[np.ndarray]) -> Reduction:
             peak=n.peak[keep],
             parts={kind: values[keep] for kind, values in n.parts.items()},
             sync=None if n.sync is None else n.sync[keep],
+            shares=None if n.shares is None else {row: values[keep] for row, values in n.shares.items()},
         )
         for n, keep in zip(problem.nodes, kept)
     ]
@@ -168,6 +169,9 @@ class _Node:
     penalty: np.ndarray  # see Known
     origin: dict[int, np.ndarray]  # node of the input problem -> its option, per option here
     template: int  # the input node whose other fields the output node copies
+    # Shared peak row -> per option, this node's part of it (Node.shares); a row left to one
+    # node is folded into its peak.
+    shares: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def floor(self) -> tuple[float, float, np.ndarray]:
@@ -225,9 +229,17 @@ class _Graph:
                 np.zeros((len(n.options), len(SYNC_PHASES))) if n.sync is None else np.asarray(n.sync, dtype=float),
                 np.zeros(len(n.options)) if known is None else np.asarray(known.node_penalty[k], dtype=float),
                 {k: np.arange(len(n.options))}, k,
+                {row: np.asarray(values, dtype=float) for row, values in (n.shares or {}).items()},
             )
             for k, n in enumerate(problem.nodes)
         }
+        # Shared peak row -> node -> the least that node adds to it.
+        self.row_floors: dict[int, dict[int, float]] = {}
+        for k, n in self.nodes.items():
+            for row, values in n.shares.items():
+                self.row_floors.setdefault(row, {})[k] = float(values.min())
+        for k in self.nodes:
+            self._fold(k)
         self.floors = {k: n.floor for k, n in self.nodes.items()}
         self.edges = {
             i: _Edge(
@@ -276,7 +288,14 @@ class _Graph:
             others = [f for j, f in self.floors.items() if j != k]
             resident = sum(m for m, _, _ in others)
             peak = max((p for _, p, _ in others), default=0.0)
-            ok &= node.memory + resident + np.maximum(node.peak, peak) <= self.budget
+            own = node.peak
+            for row, floors in self.row_floors.items():
+                rest = sum(v for j, v in floors.items() if j != k)
+                if row in node.shares:
+                    own = np.maximum(own, node.shares[row] + rest)
+                else:
+                    peak = max(peak, rest)
+            ok &= node.memory + resident + np.maximum(own, peak) <= self.budget
             ok &= (node.sync + sum(s for _, _, s in others) <= self.budget).all(axis=1)
         return np.flatnonzero(ok)
 
@@ -287,6 +306,7 @@ class _Graph:
         own = [node.time[keep]]
         if self.compare_memory:
             own += [node.memory[keep], node.peak[keep], *node.sync[keep].T]
+            own += [node.shares[row][keep] for row in sorted(node.shares)]
         key = np.zeros(len(keep), dtype=np.int64)
         groups, rows = [], []
         for i in sorted(self.incident[k]):
@@ -308,6 +328,9 @@ class _Graph:
         node.time, node.memory, node.peak, node.penalty = node.time[keep], node.memory[keep], node.peak[keep], node.penalty[keep]
         node.sync = node.sync[keep]
         node.origin = {o: options[keep] for o, options in node.origin.items()}
+        node.shares = {row: values[keep] for row, values in node.shares.items()}
+        for row, values in node.shares.items():
+            self.row_floors[row][k] = float(values.min())
         self.floors[k] = node.floor
         changed = set()
         for i in list(self.incident[k]):
@@ -376,8 +399,15 @@ class _Graph:
         i, j = i[ok], j[ok]
         origin = {o: options[i] for o, options in U.origin.items()}
         origin.update({o: options[j] for o, options in V.origin.items()})
+        shares = {row: values[i] for row, values in U.shares.items()}
+        for row, values in V.shares.items():
+            shares[row] = shares[row] + values[j] if row in shares else values[j]
+            del self.row_floors[row][v]
         self.nodes[u] = _Node(time[ok], memory[ok], np.maximum(U.peak[i], V.peak[j]), U.sync[i] + V.sync[j], penalty[ok],
-                              origin, U.template)
+                              origin, U.template, shares)
+        for row, values in shares.items():
+            self.row_floors[row][u] = float(values.min())
+        self._fold(u)
         self.floors[u] = self.nodes[u].floor
         del self.nodes[v], self.floors[v]
         self.incident[u] -= between
@@ -399,6 +429,13 @@ class _Graph:
             todo |= self._tidy(k)  # pairs with a forbidden reshard are gone
         self.settle(todo)
 
+    def _fold(self, k: int) -> None:
+        """Fold the shared peak rows only ``k`` still adds to into its own peak."""
+        node = self.nodes[k]
+        for row in [row for row in node.shares if self.row_floors[row].keys() == {k}]:
+            node.peak = np.maximum(node.peak, node.shares.pop(row))
+            del self.row_floors[row]
+
     # --- output --------------------------------------------------------------------------------
     def to_reduction(self, problem: Problem) -> Reduction:
         keys = sorted(self.nodes)
@@ -414,7 +451,7 @@ class _Graph:
             else:
                 options, layouts = list(range(size)), [None] * size
             nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={},
-                                 sync=w.sync if problem.train else None))
+                                 sync=w.sync if problem.train else None, shares=w.shares or None))
         edges = [
             replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost,
                     memory=e.memory if e.memory.any() else None)
