@@ -136,6 +136,30 @@ def test_ilp_equals_exhaustive_optimum_under_remat(policy, f, budget_fraction):
         assert memory["total"] == pytest.approx(problem.memory(choice), rel=1e-12)
 
 
+def test_shared_peak_rows_are_compared_option_by_option():
+    """An option faster than another but adding more to a shared peak row does not dominate it.
+    Two nodes, two rows, budget 10: the fast option of ``a`` overflows one row with either
+    option of ``b``, so the optimum takes ``a``'s slow one."""
+    from meshjax.solver.model import build_model, run_milp
+    from meshjax.solver.problem import Node, Problem
+    from meshjax.solver.reduce import reduce_problem
+
+    def node(key, time, shares):
+        n = len(time)
+        return Node(key, None, None, list(range(n)), [None] * n, np.array(time, dtype=float), np.zeros(n), np.zeros(n), 1,
+                    [key], shares={row: np.array(v, dtype=float) for row, v in shares.items()})
+
+    a = node("a", [1, 2], {0: [10, 0], 1: [10, 0]})
+    b = node("b", [1, 1], {0: [0, 10], 1: [10, 0]})
+    problem = Problem(None, {}, None, True, [a, b], [], {"a": 0, "b": 1})
+    assert [problem.memory(c) for c in itertools.product(range(2), range(2))] == [20, 20, 10, 10]
+    assert solve_exhaustive(problem, memory_budget=10).objective == 3
+    assert solve_ilp(problem, memory_budget=10).objective == 3
+    reduction = reduce_problem(problem, memory_budget=10, max_pairs=0)
+    model = build_model(reduction.problem, memory_budget=10)
+    assert problem.total_time(reduction.expand(model.choice(run_milp(model).x))) == 3
+
+
 def solve_exhaustive_memory(problem) -> float:
     """The least memory of any choice, by brute force."""
     sizes = [len(n.options) for n in problem.nodes]

@@ -12,7 +12,8 @@ A *unit* is a repeated block of the graph: a scan body, or a group of identical 
 
 A recomputed op is re-run from the nearest kept values (or the unit's inputs) during the
 backward pass; its forward compute and forward collectives run again, and the tensors it
-recomputes live while one instance's backward runs (the *recompute working set*). The lowering
+recomputes live during one instance's backward pass (the *recompute working set*), each until
+its op's backward has run (:func:`recompute_order`). The lowering
 applies the same sets with ``jax.checkpoint`` and ``save_only_these_names``: the names it saves
 are :func:`saved_names`, so what runs is what is priced.
 

@@ -141,7 +141,8 @@ class Problem:
 
     def memory(self, choice: Sequence[int]) -> float:
         """Bytes per device: the largest of the backward pass's (resident plus the largest
-        transient) and the gradient syncs' (:meth:`sync_memory`)."""
+        transient: a node's peak, or a rematerialised block's shared row, :func:`peak_rows`)
+        and the gradient syncs' (:meth:`sync_memory`)."""
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
         resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
