@@ -71,6 +71,18 @@ SYNC_KINDS = ("partial_gradients", "gradient_sync")
 SYNC_PHASES = ("loop_sync", "end_sync")
 
 
+def sync_rows(node) -> np.ndarray:
+    """A node's bytes per device in each of :data:`SYNC_PHASES`, options x phases. ``Node.sync``
+    holds the loop sync's figure as a difference from the node's resident ``memory`` (what a
+    trip's sync adds; a rematerialised block's recomputation is in no resident figure, it is
+    freed by then), so that a later rescaling of
+    ``memory`` (a pipeline's stage, :mod:`meshjax.cost.pipeline`) carries over, and the
+    end-of-step sync's as it is."""
+    if node.sync is None:
+        return np.zeros((len(node.memory), len(SYNC_PHASES)))
+    return np.column_stack([node.memory + node.sync[:, 0], node.sync[:, 1]])
+
+
 @dataclass(frozen=True)
 class OpCost:
     """Predicted cost of one row of the step: an op (all its instances and loop trips, with the
@@ -199,8 +211,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
     for k, (node, c) in enumerate(zip(problem.nodes, choice)):
         for kind, values in node.parts.items():
             memory[kind] += float(values[c])
-        if node.sync is not None:
-            sync += node.sync[c]
+        sync += sync_rows(node)[c]
         peak = max(peak, float(node.peak[c]))
         option = node.options[c]
         if node.op is None:

@@ -40,7 +40,7 @@ import numpy as np
 from meshjax.errors import InfeasibleError
 from meshjax.solver.bound import lp_bounds
 from meshjax.solver.model import build_model, run_milp
-from meshjax.solver.evaluate import SYNC_PHASES
+from meshjax.solver.evaluate import sync_rows
 from meshjax.solver.problem import Problem
 from meshjax.solver.reduce import (
     BUDGET_TOLERANCE,
@@ -263,4 +263,4 @@ def _enumerable(problem: Problem) -> bool:
 
 def _sync(node) -> np.ndarray:
     """A node's sync memory, options x phases (zeros where it has none)."""
-    return node.sync if node.sync is not None else np.zeros((len(node.options), len(SYNC_PHASES)))
+    return sync_rows(node)

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, OptimizeResult, milp
 
-from meshjax.solver.evaluate import SYNC_PHASES
+from meshjax.solver.evaluate import SYNC_PHASES, sync_rows
 from meshjax.solver.problem import Problem
 
 # The objective is scaled so the least a choice could cost is OBJECTIVE_SCALE (HiGHS's absolute
@@ -93,7 +93,7 @@ def build_model(problem: Problem, *, memory_budget: float | None = None, objecti
         c[:n_x] = np.concatenate([n.time for n in nodes])
         mem[:n_x] = np.concatenate([n.memory for n in nodes])
         if has_sync:
-            sync[:, :n_x] = np.concatenate([n.sync if n.sync is not None else np.zeros((len(n.options), len(SYNC_PHASES))) for n in nodes]).T
+            sync[:, :n_x] = np.concatenate([sync_rows(n) for n in nodes]).T
     for e, start in zip(edges, edge_offsets):
         cost = e.cost.ravel()
         forbidden = ~np.isfinite(cost)

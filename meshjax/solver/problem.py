@@ -43,7 +43,7 @@ from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph, Op, Tensor
 from meshjax.layout import Layout, MeshShape, Rules, as_layout, axes_of, check_rules, parse_rules
 from meshjax.optimizer import Optimizer, get_optimizer
-from meshjax.solver.evaluate import SYNC_PHASES, price_accumulation, price_param_options, price_source_options
+from meshjax.solver.evaluate import SYNC_PHASES, sync_rows, price_accumulation, price_param_options, price_source_options
 
 @dataclass
 class Constraints:
@@ -90,8 +90,9 @@ class Node:
     recompute_compute: np.ndarray | None = None  # per option: compute time of the recomputation (in ``time``)
     recompute_collectives: list | None = None  # per option: forward collectives the recomputation re-runs (once)
     # Training, options x SYNC_PHASES: what this node holds while a scan trip's gradient
-    # all-reduce runs, and while the end-of-step one does (the other memory rows;
-    # meshjax.cost.memory.gradient_sync). None: nothing.
+    # all-reduce runs (as a difference from ``memory``) and while the end-of-step one does (the
+    # other memory rows, meshjax.solver.evaluate.sync_rows; meshjax.cost.memory.gradient_sync).
+    # None: nothing.
     sync: np.ndarray | None = None
     # Training, in a rematerialised block: peak row -> per option, what this node adds to that
     # row (the backward pass's transient is also the largest row's sum over the nodes that
@@ -174,8 +175,7 @@ class Problem:
         scanned weights; the activations are freed by then)."""
         out = np.zeros(len(SYNC_PHASES))
         for n, c in zip(self.nodes, choice):
-            if n.sync is not None:
-                out += n.sync[c]
+            out += sync_rows(n)[c]
         return out
 
     def layouts(self, choice: Sequence[int]) -> dict[str, Layout]:
@@ -292,7 +292,7 @@ def build_problem(
                 # At the end-of-step sync everything a source holds is alive, except the
                 # gradients of params that ops read directly (those ops count them as summed).
                 end = sum(v for kind, v in parts.items() if kind != "gradients" or key not in read_directly)
-                sync = np.stack([memory, end], axis=1)
+                sync = np.stack([np.zeros(len(options)), end], axis=1)
             nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts,
                               sync=sync))
         else:
@@ -337,7 +337,7 @@ def build_problem(
                 # activations and the carry's cotangent (the backward loop's state); the
                 # end-of-step one, the other weights' (and no activations).
                 carried = act * instances if op.kind == "loop_carry" and graph.needs_grad(op.output) else 0.0
-                sync = np.stack([memory + in_loop * instances + carried, at_end * instances], axis=1)
+                sync = np.stack([in_loop * instances + carried, at_end * instances], axis=1)
             if recomputing.any():
                 recomputed[key] = recomputing
             recompute, rerun_colls = None, None

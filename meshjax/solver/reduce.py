@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from meshjax.errors import InfeasibleError
-from meshjax.solver.evaluate import SYNC_PHASES
+from meshjax.solver.evaluate import sync_rows
 from meshjax.solver.problem import Problem
 
 # The exhaustive oracle accepts memory up to budget * (1 + 1e-9); so do the bounds here.
@@ -226,7 +226,7 @@ class _Graph:
         self.nodes = {
             k: _Node(
                 np.asarray(n.time, dtype=float), np.asarray(n.memory, dtype=float), np.asarray(n.peak, dtype=float),
-                np.zeros((len(n.options), len(SYNC_PHASES))) if n.sync is None else np.asarray(n.sync, dtype=float),
+                sync_rows(n).astype(float),
                 np.zeros(len(n.options)) if known is None else np.asarray(known.node_penalty[k], dtype=float),
                 {k: np.arange(len(n.options))}, k,
                 {row: np.asarray(values, dtype=float) for row, values in (n.shares or {}).items()},
@@ -451,7 +451,8 @@ class _Graph:
             else:
                 options, layouts = list(range(size)), [None] * size
             nodes.append(replace(problem.nodes[w.template], options=options, result_layouts=layouts, time=w.time, memory=w.memory, peak=w.peak, parts={},
-                                 sync=w.sync if problem.train else None, shares=w.shares or None))
+                                 sync=np.column_stack([w.sync[:, 0] - w.memory, w.sync[:, 1]]) if problem.train else None,
+                                 shares=w.shares or None))
         edges = [
             replace(problem.edges[e.template], src=index[e.a], dst=index[e.b], src_group=e.ga, dst_group=e.gb, cost=e.cost,
                     memory=e.memory if e.memory.any() else None)
