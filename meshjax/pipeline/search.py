@@ -36,10 +36,12 @@ def mesh_candidates(
     axes: tuple[str, str, str] = ("data", "stage", "model"),
     max_model: int | None = None,
     stage_counts: list[int] | None = None,
+    model_sizes: list[int] | None = None,
 ) -> list[dict[str, int]]:
     """Meshes of ``n_devices`` over ``axes`` (data, stage, model): unpipelined ``data x model``
-    first, then pipelined ones with ``stage > 1`` dividing ``layers`` (or in ``stage_counts``);
-    ``model`` at most ``max_model`` (default: no limit)."""
+    first, then pipelined ones with ``stage > 1`` dividing ``layers`` (and in ``stage_counts``
+    if given); ``model`` at most ``max_model`` (default: no limit) and in ``model_sizes`` if
+    given."""
     from meshjax.solve import factorisations
 
     data, stage, model = axes
@@ -47,7 +49,7 @@ def mesh_candidates(
         raise LayoutError(f"mesh search: axes {axes} must be three distinct names (data, stage, model)")
     out: list[dict[str, int]] = []
     for d, s, t in (f for f in factorisations(n_devices, 3) if len(f) == 3):
-        if max_model is not None and t > max_model:
+        if (max_model is not None and t > max_model) or (model_sizes is not None and t not in model_sizes):
             continue
         if s > 1 and (layers % s or (stage_counts is not None and s not in stage_counts)):
             continue
@@ -62,6 +64,7 @@ def search_stages(
     axes: tuple[str, str, str] = ("data", "stage", "model"),
     max_model: int | None = None,
     stage_counts: list[int] | None = None,
+    model_sizes: list[int] | None = None,
     schedule: str = "gpipe",
     **solve_kwargs: Any,
 ) -> list[tuple[dict[str, int], Any]]:
@@ -70,7 +73,8 @@ def search_stages(
     :class:`~meshjax.errors.InfeasibleError` saying why none fits), best predicted step first.
 
     ``trace_for(sizes)`` traces the model (:func:`~meshjax.pipeline.stage_graph.preset_tracer`);
-    ``max_model`` defaults to the hardware's devices per node. ``remat`` and ``microbatches``
+    ``max_model`` defaults to the hardware's devices per node; ``stage_counts`` and
+    ``model_sizes`` narrow the meshes further (:func:`mesh_candidates`). ``remat`` and ``microbatches``
     in ``solve_kwargs`` go to the unpipelined meshes only; pipelined ones choose their own."""
     from meshjax.cost.hardware import get_hardware
     from meshjax.pipeline.plan import solve_pipelined
@@ -83,7 +87,8 @@ def search_stages(
         max_model = get_hardware(solve_kwargs.get("hardware", "h100-node")).devices_per_node
     staged_kwargs = {k: v for k, v in solve_kwargs.items() if k not in _PLAIN_ONLY}
     results: list[tuple[dict[str, int], Any]] = []
-    for mesh in mesh_candidates(n_devices, layers, axes=axes, max_model=max_model, stage_counts=stage_counts):
+    meshes = mesh_candidates(n_devices, layers, axes=axes, max_model=max_model, stage_counts=stage_counts, model_sizes=model_sizes)
+    for mesh in meshes:
         try:
             if axes[1] in mesh:
                 plan = solve_pipelined(trace_for, mesh, axis=axes[1], schedule=schedule, **staged_kwargs)
