@@ -86,7 +86,7 @@ def test_replica_axes_are_the_batch_axes_the_stage_weights_do_not_use():
 @pytest.mark.parametrize("remat", [False, True])
 def test_weight_gradients_are_summed_over_data_once_per_step(remat):
     """2x2x2 data, model, stage: no collective over the data axis runs inside the pipeline's
-    loop; the compiled comm over it (and, without remat, all of it) equals the prediction."""
+    loop; the compiled comm over it equals the prediction, and so does all of it without remat."""
     shape = {"data": 2, "model": 2, "stage": 2}
     ex = models.example("gpt-tiny", key=0, layers=4, scan_layers=True, vocab=data.VOCAB)
     plan = solve_pipelined(tracer(), shape, microbatches=4, remat=remat, train=True, hardware="cpu-sim",
@@ -98,7 +98,12 @@ def test_weight_gradients_are_summed_over_data_once_per_step(remat):
     assert over_data and all(c.count == 1 for c in over_data)  # not once per time slot
     in_loop = [c for c in report.collectives if c.count > 1]
     assert in_loop and all("data" not in c.axes for c in in_loop)  # the model axis's sums stay per slot
-    if not remat:  # (stage remat re-runs the model axis's forward sums, which the plan does not count)
+    if remat:
+        # Stage remat re-runs the forward's collectives; the prediction also re-runs one small
+        # all-gather over the model axis that XLA does not (a known over-count, < 10% here).
+        assert plan.comm_bytes >= report.comm_bytes
+        assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=0.1)
+    else:
         assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=1e-6)
     predicted_data = sum(c.comm_bytes for c in plan.collectives if "data" in c.axes)
     assert sum(c.comm_bytes for c in over_data) == pytest.approx(predicted_data, rel=1e-6)

@@ -102,6 +102,8 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     if not problem.train:
         return
     _reduce_weight_gradients_once(problem, block, pipe)
+    if pipe.remat:
+        _rerun_forward_collectives(problem, block)
     held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
     for node in problem.nodes:
         if node.op is None:
@@ -139,6 +141,21 @@ def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) 
             if saved:
                 node.options[c] = dataclasses.replace(strategy, collectives=tuple(colls), comm_time=strategy.comm_time - saved)
                 node.time[c] -= saved * node.multiplicity
+
+
+def _rerun_forward_collectives(problem: Problem, block: str) -> None:
+    """Stage remat recomputes the stage's forward in the backward pass, its collectives (a
+    tensor-parallel layer's sums) included: charge each of the scan's ops its forward
+    collectives once more per trip (the recomputed flops are :func:`pipeline_cost`'s)."""
+    from meshjax.cost.remat import recompute_times
+
+    cache: dict = {}
+    for node in problem.nodes:
+        if node.op is None or node.op.block != block or node.recompute_collectives is not None:
+            continue
+        total, compute, colls = recompute_times(node.op, problem.graph, list(node.options), problem.mesh_shape, problem.hardware, cache)
+        node.time = node.time + (total - compute) * node.multiplicity
+        node.recompute_collectives = colls
 
 
 def _is_weight_gradient(coll: Collective) -> bool:
