@@ -134,3 +134,29 @@ def test_gpt3_175b_search_over_1024_devices_pipelines_when_that_is_cheaper(slow_
     if slow_network:
         assert mesh == {"data": 16, "stage": 8, "model": 8} and plan.pipeline.stages == 8
         assert plan.peak_memory_bytes <= 80e9
+
+
+def test_cli_mesh_search_needs_devices(capsys):
+    from meshjax import cli
+
+    assert cli.main(["plan", "gpt-tiny", "--mesh", "search", "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "meshjax: error: --mesh search needs --devices N (the device count to factorise)"
+
+
+@pytest.mark.slow
+def test_cli_mesh_search_plans_the_fastest_mesh(tmp_path):
+    import json
+
+    from meshjax import cli
+
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "gpt-tiny", "--mesh", "search", "--devices", "4", "--set", "layers=4,batch=16",
+                   "--hardware", "h100-2node", "--memory-limit", "none", "--no-verify", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    results = search_stages(preset_tracer("gpt-tiny", layers=4, batch=16, scan_layers=True), 4, train=True, hardware="h100-2node", memory_budget=None,
+                            remat="auto", microbatches="auto")
+    mesh, plan = best_of(results)
+    assert {k: v for k, v in doc["mesh"].items()} == mesh
+    assert doc["predicted"]["step_time_s"] == pytest.approx(plan.step_time_s, rel=1e-9)

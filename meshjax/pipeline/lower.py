@@ -16,6 +16,16 @@ stage's result is written into its slot of an output buffer. Stage ``s`` works o
 ``jax.grad`` of the loop is the backward pipeline in reverse (GPipe: all forwards, then all
 backwards; every stage keeps its activations for all ``m`` micro-batches until then).
 
+Data parallelism inside a stage (:func:`replicated_stages`): a stage shared by the data
+replicas would have its weight gradients summed over the data axes in every time slot (the
+partitioner reduces each slot's partial gradient where it is made). Instead the stages are also
+vmapped over the replicas, ``spmd_axis_name`` the data axes
+(:func:`meshjax.cost.pipeline.replica_axes`), each replica of each stage working on its rows of
+every micro-batch with its own copy of the stage's weights, broadcast before the loop (no
+communication: they are replicated over those axes). Each replica's weight gradients then
+accumulate locally over the slots, and the broadcast's transpose sums them over the data axes
+once, after the loop: one all-reduce per step, as Megatron does.
+
 What stays outside the pipeline: everything before and after the scan (a decoder's embedding
 and head) runs on every stage group with its planned layout over the other mesh axes, i.e.
 replicated over the stage axis. The scan's input reaches stage 0 without communication (every
