@@ -25,10 +25,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from meshjax.cost.collectives import Collective, collective_time
+from meshjax.cost.collectives import Collective, collective_time, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph
@@ -50,6 +51,29 @@ def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
     inputs = [op.inputs[0] for op in graph.ops if op.kind == "loop_carry" and op.block == block]
     outputs = [op.output for op in graph.ops if op.kind == "scan_carry" and graph.producer[op.inputs[0]].block == block]
     return inputs, outputs
+
+
+def replica_axes(graph: Graph, layouts: Mapping[str, Layout], block: str, pipe: Pipeline) -> tuple[str, ...]:
+    """The data-parallel axes of every stage: the leading axes of the scan carry's
+    ``pipe.batch_dim`` that no stacked layer param is split over. The lowering runs one replica
+    of each stage per shard of them (:func:`meshjax.pipeline.lower.pipelined_scan`), so each
+    accumulates its own weight gradients over the time slots and they are summed over these
+    axes once per step, after the loop."""
+    carries = [op.output for op in graph.ops if op.kind == "loop_carry" and op.block == block]
+    used = {a for t in graph.params if pipe.dim in t.dims and t.name in layouts for ax in layouts[t.name].axes for a in ax}
+    out: tuple[str, ...] | None = None
+    for name in carries:
+        layout = layouts[name]
+        axes = layout.axes[layout.dims.index(pipe.batch_dim)] if pipe.batch_dim in layout.dims else ()
+        prefix = []
+        for a in axes:
+            if a in used or a == pipe.axis:
+                break
+            prefix.append(a)
+        if out is not None:  # the common leading run of every carry's axes
+            prefix = [a for i, a in enumerate(prefix) if i < len(out) and out[: i + 1] == tuple(prefix[: i + 1])]
+        out = tuple(prefix)
+    return out or ()
 
 
 def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:
@@ -77,6 +101,9 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     output buffers (a whole-batch carry each) are charged to the scan's final carry."""
     if not problem.train:
         return
+    _reduce_weight_gradients_once(problem, block, pipe)
+    if pipe.remat:
+        _rerun_forward_collectives(problem, block)
     held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
     for node in problem.nodes:
         if node.op is None:
@@ -90,6 +117,51 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
                 _add(node, held * act)
         elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
             _add(node, BUFFERS * act)
+
+
+def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) -> None:
+    """The lowering's data-parallel replicas (:func:`replica_axes`) each accumulate their stage's
+    weight gradients over the ``m + p - 1`` slots and sum them once after the loop: a layer's
+    weight-gradient all-reduce over the axes of the micro-batch's batch dim runs once per step,
+    not once per slot. Each such collective of the scan's ops is charged ``1/(m + p - 1)`` of
+    its bytes per trip (the same bytes in total as one sum per layer), in time and in the
+    collectives the plan reports."""
+    for node in problem.nodes:
+        if node.op is None or node.op.block != block:
+            continue
+        for c, strategy in enumerate(node.options):
+            batch_axes = set(dict(strategy.assign).get(pipe.batch_dim, ()))
+            colls, saved = [], 0.0
+            for coll in strategy.collectives:
+                if _is_weight_gradient(coll) and batch_axes and set(coll.axes) <= batch_axes:
+                    once = dataclasses.replace(coll, nbytes=coll.nbytes / pipe.iterations)
+                    saved += time_of(coll, problem.mesh_shape, problem.hardware) - time_of(once, problem.mesh_shape, problem.hardware)
+                    coll = once
+                colls.append(coll)
+            if saved:
+                node.options[c] = dataclasses.replace(strategy, collectives=tuple(colls), comm_time=strategy.comm_time - saved)
+                node.time[c] -= saved * node.multiplicity
+
+
+def _rerun_forward_collectives(problem: Problem, block: str) -> None:
+    """Stage remat recomputes the stage's forward in the backward pass, its collectives (a
+    tensor-parallel layer's sums) included: charge each of the scan's ops its forward
+    collectives once more per trip (the recomputed flops are :func:`pipeline_cost`'s)."""
+    from meshjax.cost.remat import recompute_times
+
+    cache: dict = {}
+    for node in problem.nodes:
+        if node.op is None or node.op.block != block or node.recompute_collectives is not None:
+            continue
+        total, compute, colls = recompute_times(node.op, problem.graph, list(node.options), problem.mesh_shape, problem.hardware, cache)
+        node.time = node.time + (total - compute) * node.multiplicity
+        node.recompute_collectives = colls
+
+
+def _is_weight_gradient(coll: Collective) -> bool:
+    """A scanned layer's weight-gradient all-reduce (:func:`meshjax.cost.strategies.op_strategies`
+    gives those, and only those, a share of the latency)."""
+    return coll.kind == "all-reduce" and coll.latency_share < 1.0
 
 
 def _add(node, values) -> None:
@@ -198,4 +270,4 @@ def pipeline_cost(
     )
 
 
-__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]
+__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "replica_axes", "p2p_sends", "pipeline_cost", "prepare_problem"]
