@@ -142,7 +142,7 @@ class Problem:
         resident = sum(float(n.memory[c]) for n, c in zip(self.nodes, choice))
         resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
-        return max(resident + peak, *self.sync_memory(choice))
+        return float(max(resident + peak, *self.sync_memory(choice)))
 
     def sync_memory(self, choice: Sequence[int]) -> np.ndarray:
         """Bytes per device in each of :data:`SYNC_PHASES`: while a scan trip's gradient
