@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from meshjax import context
 from meshjax.errors import ShapeError
@@ -135,14 +136,22 @@ def one_f_one_b(program) -> Callable:
         c_micro = [v.reshape(v.shape[0] // m, m, *v.shape[1:]) for v in carry]
 
         arg_leaves, arg_def = jax.tree_util.tree_flatten(args, is_leaf=is_named)
+        sig = program.graph.signature
+        input_names = [n for n, r in zip(sig.names, sig.roles) if r == "input"]
         split_args = []  # (value with its batch dim split as (B/m, m), dims, axis of m) or the leaf
-        for leaf in arg_leaves:
+        for leaf, input_name in zip(arg_leaves, input_names):
             if not is_named(leaf) or pipe.batch_dim not in leaf.dims:
                 split_args.append(leaf)
                 continue
             axis = leaf.dims.index(pipe.batch_dim)
             v = leaf.value
-            split_args.append((v.reshape(*v.shape[:axis], v.shape[axis] // m, m, *v.shape[axis + 1:]), leaf.dims, axis + 1))
+            v = v.reshape(*v.shape[:axis], v.shape[axis] // m, m, *v.shape[axis + 1:])
+            spec = tuple(program.specs.get(input_name) or ())
+            spec = (*spec, *([None] * (leaf.value.ndim - len(spec))))
+            # The batch's own layout on the rows of a micro-batch; the micro-batch index whole.
+            split = PartitionSpec(*spec[: axis + 1], None, *spec[axis + 1:])
+            v = jax.lax.with_sharding_constraint(v, NamedSharding(program.mesh, split))
+            split_args.append((v, leaf.dims, axis + 1))
 
         def micro_args(i):
             """The function's arguments cut to micro-batch ``i``'s rows."""
@@ -184,7 +193,9 @@ def one_f_one_b(program) -> Callable:
         stage_ids = _stage_major(stage_pinner, jnp.arange(p))
         pin = lambda v: _stage_major(stage_pinner, v)  # noqa: E731
 
-        def slot(loop, t, *, forward: bool, backward: bool):
+        def slot(loop, t, *, forward: bool, backward: bool, send_forward: bool = True, send_backward: bool = True):
+            """Time slot ``t``; a result not sent stays put (the last slot that makes it: no
+            later slot reads it)."""
             received, cotangents, kept, grads, d_inputs, after_grads, total = loop
             steady = forward and backward
             d_out = None
@@ -208,7 +219,7 @@ def one_f_one_b(program) -> Callable:
                     d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / m))
                     after_grads = [a + g.astype(jnp.float32) for a, g in zip(after_grads, d_after)]
                     total = total + loss.astype(jnp.float32)
-                received = [pin(_rotate(pin(o))) for o in out]  # stage s -> s + 1
+                received = [pin(_rotate(pin(o))) if send_forward else pin(o) for o in out]  # stage s -> s + 1
             if backward:
                 b = t - (2 * p - 2 - stage_ids)
                 valid = (b >= 0) & (b < m)
@@ -233,7 +244,7 @@ def one_f_one_b(program) -> Callable:
                         buf, jnp.where(first >= 0, d, jax.lax.dynamic_index_in_dim(buf, at, 2, False)), at, axis=2))
                     for buf, d in zip(d_inputs, d_state)
                 ]
-                cotangents = [pin(_rotate_back(pin(d))) for d in d_state]  # stage s -> s - 1
+                cotangents = [pin(_rotate_back(pin(d))) if send_backward else pin(d) for d in d_state]  # stage s -> s - 1
             return (received, cotangents, kept, grads, d_inputs, after_grads, total), None
 
         def zeros(shape, dtype):
@@ -248,16 +259,20 @@ def one_f_one_b(program) -> Callable:
             [jnp.zeros(param_leaves[i].value.shape, jnp.float32) for i in after_ids],
             jnp.zeros((), jnp.float32),
         )
-        phases = (
-            (0, p - 1, True, False),            # warm-up: forwards only
-            (p - 1, m + p - 1, True, True),     # steady: one forward and one backward
-            (m + p - 1, m + 2 * p - 2, False, True),  # cool-down: backwards only
-        )
+        # Warm-up: forwards only; steady: one forward and one backward; cool-down: backwards
+        # only. The last steady slot sends no activation (no forward follows) and the last
+        # cool-down slot no cotangent: 2 (m + p - 2) sends in all.
         with context.active(stage_pinner):
-            for start, stop, fwd, bwd in phases:
+            for start, stop, fwd, bwd in ((0, p - 1, True, False), (p - 1, m + p - 2, True, True)):
                 if stop > start:
                     step = lambda c, t, f=fwd, b=bwd: slot(c, t, forward=f, backward=b)  # noqa: E731
                     loop, _ = jax.lax.scan(step, loop, jnp.arange(start, stop))
+            loop, _ = slot(loop, jnp.asarray(m + p - 2), forward=True, backward=True, send_forward=False)
+            if p > 1:
+                if p > 2:
+                    step = lambda c, t: slot(c, t, forward=False, backward=True)  # noqa: E731
+                    loop, _ = jax.lax.scan(step, loop, jnp.arange(m + p - 1, m + 2 * p - 3))
+                loop, _ = slot(loop, jnp.asarray(m + 2 * p - 3), forward=False, backward=True, send_backward=False)
         _, _, _, grads, d_inputs, after_grads, total = loop
 
         first_stage = _expand(stage_ids == 0, d_inputs[0].ndim) if d_inputs else None
