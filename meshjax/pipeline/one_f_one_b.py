@@ -94,6 +94,17 @@ def _expand(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(*mask.shape, *([1] * (ndim - mask.ndim)))
 
 
+def _read_by(fn: Callable, ids: list[int], params: list[Any], outputs: list[Any]) -> list[int]:
+    """The ``ids`` whose param ``fn(params, outputs)`` reads: the part after the scan, run in
+    replay mode, computes the embedding too, but nothing uses it; its gradient accumulators
+    would be dead weight (a vocabulary-sized one for a decoder's token embedding)."""
+    from jax._src.interpreters.partial_eval import dce_jaxpr
+
+    closed = jax.make_jaxpr(fn)(params, outputs)
+    _, used = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    return [i for i, u in zip(ids, used[: len(ids)]) if u]
+
+
 def one_f_one_b(program) -> Callable:
     """``value_and_grad(params, *args) -> (loss, grads)`` of ``program`` (a
     :class:`~meshjax.pipeline.lower.PipelinedProgram`) run as the 1F1B schedule."""
@@ -170,6 +181,11 @@ def one_f_one_b(program) -> Callable:
             with context.active(pinner):
                 result = program.fn(jax.tree_util.tree_unflatten(param_def, leaves), *margs)
             return jax.tree_util.tree_leaves(result, is_leaf=is_named)[0].value
+
+        after_ids = _read_by(
+            lambda ap, ov: after(ap, ov, micro_args(0)), after_ids, [param_leaves[i].value for i in after_ids],
+            [jax.ShapeDtypeStruct((v.shape[0], *v.shape[2:]), v.dtype) for v in c_micro],
+        )
 
         def stage(params_s, state):
             stage_pinner.forget_names_under(block_name)  # every trace names the stage's tensors afresh
