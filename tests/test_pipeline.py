@@ -320,3 +320,18 @@ def test_1f1b_comm_is_predicted_and_it_holds_less_than_gpipe():
     order = [("1f1b", True), ("gpipe", True), ("gpipe", False)]
     assert sorted(order, key=compiled.get) == order == sorted(order, key=predicted.get)
     assert compiled[("1f1b", True)] == pytest.approx(predicted[("1f1b", True)], rel=0.3)
+
+
+@pytest.mark.slow
+def test_cli_plan_takes_the_schedule(tmp_path):
+    import json
+
+    from meshjax import cli
+
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "gpt-tiny", "--mesh", "2x2x2", "--axes", "data,model,stage", "--set", "layers=4",
+                   "--schedule", "1f1b", "--no-verify", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())["pipeline"]
+    assert (doc["schedule"], doc["remat"]) == ("1f1b", True)
+    assert doc["p2p_sends"] == 2 * (doc["microbatches"] + 2 - 2)

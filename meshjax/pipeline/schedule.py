@@ -57,8 +57,9 @@ class Pipeline:
 
     @property
     def in_flight(self) -> int:
-        """Micro-batches whose activations the first stage holds at once: GPipe all ``m``, 1F1B at
-        most ``p``."""
+        """Micro-batches whose activations the first stage holds at once in the asynchronous
+        schedule (:func:`timeline`): GPipe all ``m``, 1F1B at most ``p``. The SPMD program runs
+        lock-step slots and holds :attr:`held`."""
         return self.microbatches if self.schedule == "gpipe" else min(self.stages, self.microbatches)
 
     @property
