@@ -70,7 +70,6 @@ def capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, lengt
             "x_rest": [tuple(d for d in leaf.dims if d != dim) for leaf in x_leaves],
             "carry": [leaf.align_to(d) for leaf, d in zip(carry_leaves, c_dims)],
             "xs": [leaf.align_to((dim, *(d for d in leaf.dims if d != dim))) for leaf in x_leaves],
-            "x_values": [leaf.value for leaf in x_leaves],
         }
         outputs = [leaf.align_to(d) for leaf, d in zip(carry_leaves, c_dims)]  # stand-ins
     else:
@@ -95,9 +94,10 @@ def _expand(mask: jax.Array, ndim: int) -> jax.Array:
 
 
 def _read_by(fn: Callable, ids: list[int], params: list[Any], outputs: list[Any]) -> list[int]:
-    """The ``ids`` whose param ``fn(params, outputs)`` reads: the part after the scan, run in
-    replay mode, computes the embedding too, but nothing uses it; its gradient accumulators
-    would be dead weight (a vocabulary-sized one for a decoder's token embedding)."""
+    """The ``ids`` whose param ``fn(params, outputs)`` reads. The part after the scan, run in
+    replay mode, computes the embedding too, but nothing uses it, and it never reads the stacked
+    layers; gradient accumulators for those would be dead weight (a vocabulary-sized one for a
+    decoder's token embedding)."""
     from jax._src.interpreters.partial_eval import dce_jaxpr
 
     closed = jax.make_jaxpr(fn)(params, outputs)
@@ -126,11 +126,7 @@ def one_f_one_b(program) -> Callable:
             if pinner.captured is None:
                 raise ShapeError(f"1F1B: the function runs no scan over {pipe.dim!r} to pipeline")
             cap = pinner.captured
-            leaves = jax.tree_util.tree_leaves(params, is_leaf=is_named)
-            # Params the scan takes as they are (the stacked layers): the part after the scan
-            # does not read them, so it is not differentiated with respect to them.
-            info.update({k: v for k, v in cap.items() if k not in ("carry", "xs", "x_values")})
-            info["scanned"] = {i for i, leaf in enumerate(leaves) if any(leaf.value is v for v in cap["x_values"])}
+            info.update({k: v for k, v in cap.items() if k not in ("carry", "xs")})
             return cap["carry"], cap["xs"]
 
         (carry, xs), before_vjp = jax.vjp(before, params)
@@ -138,7 +134,7 @@ def one_f_one_b(program) -> Callable:
         c_dims, x_rest, x_def, carry_def = info["c_dims"], info["x_rest"], info["x_def"], info["carry_def"]
         length = info["length"]
         block_name = "/".join([*info["scopes"], name])
-        after_ids = [i for i in range(len(param_leaves)) if i not in info["scanned"]]
+        after_ids = list(range(len(param_leaves)))  # narrowed below to the params it reads
 
         # Stage params (p, L/p, ...) and micro-batches (B/m, m, ...): micro-batch i = rows i, i+m, ...
         stage_pinner = program.pinner()
