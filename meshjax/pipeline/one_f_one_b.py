@@ -64,6 +64,7 @@ def capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, lengt
                     "dim to split into micro-batches"
                 )
             pipe.check(length, leaf.size(pipe.batch_dim))
+        _no_stacked_values(ctx, body, carry_leaves, carry_def, x_leaves, x_def, dim=dim, name=name)
         ctx.captured = {
             "body": body, "name": name, "dim": dim, "length": length, "scopes": list(ctx.scopes),
             "carry_def": carry_def, "x_def": x_def, "c_dims": c_dims,
@@ -82,6 +83,19 @@ def capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, lengt
             index = IndexForm(loop=tuple(leaf.sizes.items()), operands=(leaf.dims,), result=leaf.dims)
             final.append(context.emit("scan_carry", [leaf], result, index, name="final_carry", facts=LINEAR))
     return jax.tree_util.tree_unflatten(carry_def, final), None
+
+
+def _no_stacked_values(ctx, body, carry_leaves, carry_def, x_leaves, x_def, *, dim: str, name: str) -> None:
+    """The one-line error of a scan body that returns stacked values (``y``), which a pipeline
+    cannot hand back, found by tracing the scan abstractly (nothing is computed)."""
+    from meshjax.scan import scan_unpipelined
+
+    carry = jax.tree_util.tree_unflatten(carry_def, carry_leaves)
+    xs = jax.tree_util.tree_unflatten(x_def, x_leaves)
+    ys = jax.eval_shape(lambda c, x: scan_unpipelined(body, c, x, dim=dim, name=name)[1], carry, xs)
+    ctx.forget_names_under("/".join([*ctx.scopes, name]))
+    if ys is not None and jax.tree_util.tree_leaves(ys):
+        raise ShapeError(f"pipelined scan {name!r}: the body may not return stacked values (y)")
 
 
 def _rotate_back(x: jax.Array) -> jax.Array:
