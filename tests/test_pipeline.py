@@ -290,7 +290,7 @@ def test_1f1b_training_bfloat16():
     shape = {"data": 2, "model": 2, "stage": 2}
     plan = solve_pipelined(tracer("bfloat16"), shape, microbatches=4, schedule="1f1b", train=True, hardware="cpu-sim")
     got = losses(plan, ex, shape, steps=3)
-    np.testing.assert_allclose(got, reference, rtol=2e-2)
+    np.testing.assert_allclose(got, reference, rtol=1e-3)  # measured 8e-5: bf16 sums in another order
 
 
 @pytest.mark.slow
