@@ -335,3 +335,20 @@ def test_cli_plan_takes_the_schedule(tmp_path):
     doc = json.loads(out.read_text())["pipeline"]
     assert (doc["schedule"], doc["remat"]) == ("1f1b", True)
     assert doc["p2p_sends"] == 2 * (doc["microbatches"] + 2 - 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("microbatches", [2, 4])  # fewer micro-batches than the ring's 2p - 1
+def test_1f1b_gradients_equal_one_device_with_a_short_ring(microbatches):
+    import jax
+
+    ex, _ = gpt4()
+    shape = {"stage": 4, "model": 2}
+    plan = solve_pipelined(tracer(), shape, microbatches=microbatches, schedule="1f1b", train=True, hardware="cpu-sim")
+    program = plan.program(ex.loss, make_mesh(shape))
+    with jax.set_mesh(program.mesh):
+        loss, grads = jax.jit(program.value_and_grad())(ex.params, *ex.batch)
+    want_loss, want = jax.jit(jax.value_and_grad(lambda p, *a: ex.loss(p, *a).value))(ex.params, *ex.batch)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
