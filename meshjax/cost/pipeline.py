@@ -99,10 +99,13 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
             _scale(node, 1 / pipe.iterations)
             if node.op.kind == "loop_carry":
                 _add(node, pipe.held * act)
-        elif node.op.block == AFTER:
+            continue
+        whole = 1  # the final carry's size over the whole batch's
+        if node.op.block == AFTER:
             _scale(node, 1 / pipe.microbatches)
-        elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            _add(node, BUFFERS * act)
+            whole = pipe.microbatches
+        if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
+            _add(node, BUFFERS * whole * act)
 
 
 def _scale(node, factor: float) -> None:
@@ -185,9 +188,15 @@ def pipeline_cost(
     graph = stage_plan.graph
     stage_mesh = stage_plan.mesh_shape
     layouts: Mapping[str, Layout] = stage_plan.layouts
+    from meshjax.pipeline.stage_graph import AFTER
+
     inputs, outputs = carry_names(graph, block)
-    # The carry leaves every slot in its final layout; whole-batch bytes per device / m.
-    full_out = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in outputs)
+    # The carry leaves every slot in its final layout; whole-batch bytes per device / m (a 1F1B
+    # stage graph has the final carry at a micro-batch's size).
+    full_out = sum(
+        per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) * (pipe.microbatches if graph.tensors[n].block == AFTER else 1)
+        for n in outputs
+    )
     full_in = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in inputs)
     micro = full_out / pipe.microbatches
     axis = (pipe.axis,)

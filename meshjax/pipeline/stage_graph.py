@@ -77,9 +77,10 @@ head and loss): once per micro-batch, inside the pipeline's loop."""
 
 
 def after_scan(graph: Graph, block: str) -> set[str]:
-    """The ops (by output name) downstream of the scan ``block``'s final carries."""
+    """The scan ``block``'s final carries and the ops downstream of them (by output name): a
+    final carry is pinned per micro-batch too."""
     ends = {op.output for op in graph.ops if op.kind == "scan_carry" and graph.producer[op.inputs[0]].block == block}
-    out: set[str] = set()
+    out: set[str] = set(ends)
     for op in graph.ops:
         if op.block is None and any(i in ends or i in out for i in op.inputs):
             out.add(op.output)
