@@ -51,7 +51,7 @@ import optax  # noqa: E402
 
 import meshjax as mj  # noqa: E402
 from meshjax import models  # noqa: E402
-from meshjax.baselines import BASELINES, predict  # noqa: E402
+from meshjax.baselines import BASELINES, applies, predict  # noqa: E402
 from meshjax.commands.compare import mesh_label  # noqa: E402
 from meshjax.cost.hardware import PROFILES  # noqa: E402
 from meshjax.commands.compare import mesh_shapes  # noqa: E402
@@ -127,6 +127,8 @@ def bench_model(name: str, repeats: int, log) -> list[dict]:
         problems = {hw: build_problem(graph, mesh_shape, PROFILES[hw], train=True) for hw in HARDWARE}
         strategies = {"solver": (solved["cpu-sim"].layouts, [], False)}
         for bname, fn in BASELINES.items():
+            if not applies(bname, graph):
+                continue
             base = fn(graph, mesh_shape)
             strategies[bname] = (base.layouts, list(base.notes), base.partial)
         compiled_cache: dict[tuple, tuple[str, dict]] = {}

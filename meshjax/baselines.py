@@ -7,32 +7,38 @@ to deviate (a dim that no mesh axis divides stays replicated; a rule for an axis
 not have is dropped).
 
 Dim roles. Strategies speak of dims by role: ``batch``, the model-parallel dims ``mlp``,
-``heads``, ``vocab`` and ``experts``, and ``embed``. Each role names the zoo's dim of the same
+``heads``, ``vocab`` and ``experts``, ``embed`` and ``seq``. Each role names the zoo's dim of the same
 name unless ``roles`` maps it to a dim of the user's model (``{"batch": "img", "mlp": "ffn"}``;
 ``meshjax compare --roles batch=img,mlp=ffn``). A strategy whose roles name no dim of the model
-(``batch`` for all of them; at least one model-parallel role for ``megatron``, ``mtf``,
-``gspmd`` and ``xla-prop``), or a mapping to a dim the model lacks, is an error naming the role
+(``batch`` for all of them; at least one model-parallel role for ``megatron``,
+``megatron-sp``, ``mtf``, ``gspmd`` and ``xla-prop``; ``seq`` and ``embed`` for
+``megatron-sp``), or a mapping to a dim the model lacks, is an error naming the role
 and the model's dims, never a silent "replicate everything".
 
 Axis roles. ``dp`` and ``fsdp`` use every mesh axis as a data axis (8 devices of data
-parallelism whatever the mesh is called). ``megatron`` and ``xla-prop`` use the axis named
+parallelism whatever the mesh is called). ``megatron``, ``megatron-sp`` and ``xla-prop`` use the axis named
 ``model`` (on a 1D mesh: its only axis) for tensor parallelism and every other axis for data.
 ``mtf`` and ``gspmd`` are named rules: they use the axes called ``data`` and ``model`` and drop
 rules for an axis the mesh lacks.
 
-=============  ==========================================================================
-``dp``         batch split over all axes, params replicated
-``fsdp``       ZeRO-3: batch over all axes, each param split on its largest dim divisible
-               by the data axes (gathered by XLA before use)
-``megatron``   Megatron-LM tensor parallel: mlp, heads and vocab on ``model`` (column then
-               row parallel), batch on the other axes, the residual stream replicated
-``mtf``        Mesh-TensorFlow rules ``batch:data;mlp:model;heads:model;vocab:model``
-``gspmd``      GSPMD's 2D layout: weights split on both axes (embed on ``data``;
-               mlp/heads/vocab on ``model``), activations batch on ``data`` and
-               mlp/heads/vocab on ``model``
-``xla-prop``   what a typical user writes: inputs batch on the data axes and params
-               Megatron-style; activations are left for XLA's sharding propagation
-=============  ==========================================================================
+===============  ==========================================================================
+``dp``           batch split over all axes, params replicated
+``fsdp``         ZeRO-3: batch over all axes, each param split on its largest dim divisible
+                 by the data axes (gathered by XLA before use)
+``megatron``     Megatron-LM tensor parallel: mlp, heads and vocab on ``model`` (column then
+                 row parallel), batch on the other axes, the residual stream replicated
+``megatron-sp``  Megatron with sequence parallelism (Korthikanti et al. 2022): as ``megatron``,
+                 and every activation with no model-parallel dim that carries ``embed``
+                 and ``seq`` (layernorm, residual, embedding output) split on ``seq``
+                 over ``model``: each all-reduce becomes an all-gather before the column
+                 parallel matmul and a reduce-scatter after the row parallel one
+``mtf``          Mesh-TensorFlow rules ``batch:data;mlp:model;heads:model;vocab:model``
+``gspmd``        GSPMD's 2D layout: weights split on both axes (embed on ``data``;
+                 mlp/heads/vocab on ``model``), activations batch on ``data`` and
+                 mlp/heads/vocab on ``model``
+``xla-prop``     what a typical user writes: inputs batch on the data axes and params
+                 Megatron-style; activations are left for XLA's sharding propagation
+===============  ==========================================================================
 
 Example::
 
@@ -119,7 +125,7 @@ def _assign(
     return out
 
 
-ROLES = ("batch", "mlp", "heads", "vocab", "experts", "embed")
+ROLES = ("batch", "mlp", "heads", "vocab", "experts", "embed", "seq")
 """The dim roles strategies use; by default each names the zoo's dim of the same name."""
 MODEL_PARALLEL_ROLES = ("mlp", "heads", "vocab", "experts")
 Roles = Mapping[str, str]  # role -> dim of the model
@@ -237,6 +243,32 @@ def megatron(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) ->
     return Baseline("megatron", _assign(graph, mesh_shape, want, notes), notes)
 
 
+def megatron_sp(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> Baseline:
+    """Megatron tensor parallelism plus sequence parallelism: the activations between the
+    tensor-parallel regions (those with ``embed`` and ``seq`` but no model-parallel dim) are
+    split on ``seq`` over the model axis instead of replicated."""
+    notes: list[str] = []
+    present = resolve_roles(graph, "megatron-sp", roles, model_parallel=True)
+    for role in ("seq", "embed"):
+        if role not in present:
+            raise MeshjaxError(
+                f"baseline megatron-sp: no dim plays the {role} role (no dim {(roles or {}).get(role, role)!r}; the "
+                f"model's dims: {', '.join(sorted(graph.dim_names))}); map it, e.g. --roles {role}=DIM"
+            )
+    mega = _megatron_want(graph, mesh_shape, "megatron-sp", roles)
+    _, model = _roles(mesh_shape)
+    parallel = {present[r] for r in MODEL_PARALLEL_ROLES if r in present}
+    seq, embed = present["seq"], present["embed"]
+
+    def want(t: Tensor) -> Wanted:
+        rules = mega(t)
+        if t.role == "param" or parallel & set(t.dims) or not {seq, embed} <= set(t.dims):
+            return rules
+        return {**rules, seq: model}
+
+    return Baseline("megatron-sp", _assign(graph, mesh_shape, want, notes), notes)
+
+
 MTF_RULES = {"batch": ("data",), "mlp": ("model",), "heads": ("model",), "vocab": ("model",)}
 """Mesh-TensorFlow's rules, by role."""
 
@@ -273,6 +305,7 @@ BASELINES: dict[str, Callable[..., Baseline]] = {
     "dp": data_parallel,
     "fsdp": fsdp,
     "megatron": megatron,
+    "megatron-sp": megatron_sp,
     "mtf": mesh_tensorflow,
     "gspmd": gspmd_2d,
     "xla-prop": xla_propagation,
@@ -289,8 +322,22 @@ def baseline(name: str, graph: Graph, mesh_shape: MeshShape, roles: Roles | None
     return fn(graph, dict(mesh_shape), roles)
 
 
+SEQUENCE_ROLES = ("seq", "embed")
+"""The roles ``megatron-sp`` needs besides Megatron's."""
+
+
+def applies(name: str, graph: Graph, roles: Roles | None = None) -> bool:
+    """Whether the model has the dims strategy ``name`` needs beyond ``batch`` and a
+    model-parallel role: ``megatron-sp`` needs a ``seq`` and an ``embed`` dim (an MLP has none,
+    so a table of every baseline leaves it out; asking for it by name is an error)."""
+    if name != "megatron-sp":
+        return True
+    return all((roles or {}).get(r, r) in graph.dim_names for r in SEQUENCE_ROLES)
+
+
 def all_baselines(graph: Graph, mesh_shape: MeshShape, roles: Roles | None = None) -> list[Baseline]:
-    return [fn(graph, dict(mesh_shape), roles) for fn in BASELINES.values()]
+    """Every baseline that :func:`applies` to the model."""
+    return [fn(graph, dict(mesh_shape), roles) for name, fn in BASELINES.items() if applies(name, graph, roles)]
 
 
 # --- pricing an assignment -------------------------------------------------------------------
@@ -360,12 +407,15 @@ __all__ = [
     "ROLES",
     "parse_roles",
     "resolve_roles",
+    "SEQUENCE_ROLES",
     "all_baselines",
+    "applies",
     "baseline",
     "data_parallel",
     "fsdp",
     "gspmd_2d",
     "megatron",
+    "megatron_sp",
     "mesh_tensorflow",
     "predict",
     "xla_propagation",

@@ -376,8 +376,10 @@ def _norm(kind: str, x: NamedArray, dim: str, scale, bias, eps: float, name) -> 
         flops=float(8 * _prod(x.shape)),
     )
     # Inside a scan JAX's residuals of a norm are stacked: the centred / scaled input and the
-    # normalised value besides the input (two more of its size).
-    facts = OpFacts.reading(1 + len(params), scan_residuals=2)
+    # normalised value besides the input (two more of its size), in float32; below float32 the
+    # upcast input is a third (float32 copies of x, counted in x's itemsize).
+    upcast = 4 / x.dtype.itemsize
+    facts = OpFacts.reading(1 + len(params), scan_residuals=2 if upcast <= 1 else 3 * upcast)
     return emit(kind, [x, *params], NamedArray(value, x.dims), index, {"dim": dim, "eps": eps}, name, facts=facts)
 
 

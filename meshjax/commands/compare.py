@@ -47,7 +47,7 @@ def add_parser(commands) -> None:
                      help="comma-separated subset of solver," + ",".join(_baseline_names()) + " (default: all)")
     cmp.add_argument("--roles", default=None, metavar="ROLE=DIM,...",
                      help="which of the model's dims play the baselines' roles (batch, mlp, heads, vocab, experts, "
-                          "embed; default: the dims of those names), e.g. batch=img,mlp=ffn")
+                          "embed, seq; default: the dims of those names), e.g. batch=img,mlp=ffn")
     cmp.add_argument("--verify", dest="verify", action="store_true", default=None,
                      help=f"compile each layout and read XLA's comm bytes (default: on under {SMALL_MODEL_PARAMS:,} params)")
     cmp.add_argument("--no-verify", dest="verify", action="store_false", help="predictions only")
@@ -145,11 +145,11 @@ def evaluate(
 ) -> list[Entry]:
     """The solver's plan and every baseline on ``mesh_shape``, each priced under ``hardware`` as a
     plan (``roles``: role -> the model's dim, see :mod:`meshjax.baselines`)."""
-    from meshjax.baselines import BASELINES, predict
+    from meshjax.baselines import BASELINES, applies, predict
     from meshjax.errors import InfeasibleError
     from meshjax.solve import solve
 
-    wanted = strategies or ["solver", *BASELINES]
+    wanted = strategies or ["solver", *(b for b in BASELINES if applies(b, graph, roles))]
     out = []
     for name in wanted:
         if name == "solver":
