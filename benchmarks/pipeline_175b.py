@@ -3,10 +3,12 @@ configuration and FSDP alone, all priced by meshjax's cost model, beside the pub
 
 Rows (batch 1536 sequences of 2048 tokens, bfloat16, Adam, 80 GB per device):
 
-- **solver**: every mesh ``data x stage x model`` of 1024 devices with ``model`` 8 (one node)
-  and ``stage`` in {4, 8, 16} (96 layers split evenly); per mesh the micro-batch
-  count, stage remat and every tensor's layout are chosen by ``solve_pipelined``. The best row
-  is the solver's plan; the others are listed below it.
+- **solver**: the mesh search with a stage axis (``meshjax.pipeline.search.search_stages``,
+  what ``meshjax plan --mesh search --devices 1024`` runs) over ``data x stage x model`` meshes
+  of 1024 devices with ``model`` 8 (one node) and ``stage`` 1 (unpipelined: the solver's
+  FSDP + tensor parallelism with its remat and accumulation levers) or 2, 4, 8, 16, 32; per
+  mesh the micro-batch count, stage remat and every tensor's layout are chosen by the solver.
+  The best row is the solver's plan; the others are listed below it.
 - **Megatron PTD-P** (Narayanan et al. 2021, table 1: TP 8, PP 8, DP 16, micro-batch 1, so
   96 micro-batches of 16 sequences): tensor parallelism pinned by rules (heads, mlp, vocab on
   ``model``; batch on ``data``), priced with the 1F1B schedule's memory (``p`` micro-batches
@@ -17,8 +19,10 @@ Rows (batch 1536 sequences of 2048 tokens, bfloat16, Adam, 80 GB per device):
 - **FSDP**: ZeRO-3, every param split over all 1024 devices, no tensor or pipeline
   parallelism. 1536 rows do not split 1024 ways, so the mesh is ``data 512 x seq 2`` with the
   activations laid out by the solver (an optimistic price).
-- **published**: 140 TFLOP/s per GPU on 1024 A100s (table 1), converted to a step time with
-  the paper's FLOP count (which includes the recomputed forward).
+- **published**: Narayanan et al. 2021 (arXiv:2104.04473), table 1, the 175B row: 1024 A100s,
+  batch 1536, TP 8, PP 8, 140 teraFLOP/s per GPU (45% of the 312 TFLOP/s peak; 143 PFLOP/s
+  aggregate), converted to a step time with the paper's FLOP count (its eq. 3, which counts the
+  recomputed forward).
 
 Each row is priced on ``a100-selene`` (the paper's cluster) and ``h100-2node``. MFU counts the
 model's own flops (forward + backward, no recompute) against peak.
@@ -41,6 +45,8 @@ from meshjax.cost.hardware import get_hardware
 from meshjax.errors import InfeasibleError
 from meshjax.pipeline import Pipeline
 from meshjax.pipeline.plan import plan_stage, solve_pipelined
+from meshjax.pipeline.search import best_of, search_stages
+from meshjax.pipeline.stage_graph import scan_block
 from meshjax.pipeline.stage_graph import preset_tracer
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,6 +83,36 @@ def row(name, config, plan_or_error, hw_name, flops, peak) -> dict:
     return out
 
 
+def label(mesh, plan) -> str:
+    shape = " x ".join(f"{a} {n}" for a, n in mesh.items())
+    if isinstance(plan, Exception):
+        return shape
+    pipe = getattr(plan, "pipeline", None)
+    if pipe is None:
+        remat = ", ".join(f"{b} {p}" for b, p in plan.remat.items() if p != "none") or "no remat"
+        return f"{shape} (unpipelined; {plan.microbatches} micro-batches, {remat})"
+    return f"{shape}, m={pipe.microbatches}{', stage remat' if pipe.remat else ''}"
+
+
+def memory_split(plan) -> dict[str, float]:
+    """A pipelined plan's bytes per device: weights' state (params, gradients, optimizer), what
+    runs outside the pipeline on the whole local batch (embedding, head, loss, the micro-batch
+    buffers), the stages' own activations, and the backward pass's transient peak."""
+    sp = plan.stage_plan
+    block = scan_block(plan.graph, plan.pipeline)
+    out = {"state": 0.0, "outside": 0.0, "stages": 0.0, "backward_peak": sp.memory.get("backward_peak", 0.0)}
+    for node, c in zip(sp.problem.nodes, sp.solution.choice):
+        for kind, values in node.parts.items():
+            v = float(values[c])
+            if kind in ("params", "gradients", "optimizer_state"):
+                out["state"] += v
+            elif node.op is not None and node.op.block == block:
+                out["stages"] += v
+            else:
+                out["outside"] += v
+    return out
+
+
 def log(text: str) -> None:
     print(text, flush=True)
 
@@ -89,22 +125,12 @@ def main() -> None:
     for hw_name in ("a100-selene", "h100-2node"):
         peak = get_hardware(hw_name).peak_flops("bfloat16")
         start = time.perf_counter()
-        searched = []
-        for model in (8,):
-            for stages in (4, 8, 16):
-                mesh = {"data": DEVICES // (stages * model), "stage": stages, "model": model}
-                t0 = time.perf_counter()
-                try:
-                    plan = solve_pipelined(trace_for, mesh, train=True, hardware=hw_name, memory_budget=BUDGET)
-                except InfeasibleError as err:
-                    plan = err
-                searched.append((mesh, plan))
-                log(f"{hw_name} solver {mesh}: {getattr(plan, 'step_time_s', plan)} ({time.perf_counter() - t0:.1f} s)")
+        searched = search_stages(trace_for, DEVICES, model_sizes=[8], train=True, hardware=hw_name, memory_budget=BUDGET,
+                                 remat="auto", microbatches="auto")
+        for mesh, plan in searched:
+            log(f"{hw_name} solver {mesh}: {getattr(plan, 'step_time_s', plan)}")
         search_s = time.perf_counter() - start
-        fitted = [(m, p) for m, p in searched if not isinstance(p, Exception)]
-        best_mesh, best = min(fitted, key=lambda mp: mp[1].step_time_s)
-        label = lambda m, p: f"data {m['data']} x stage {m['stage']} x model {m['model']}" + (
-            f", m={p.pipeline.microbatches}{', stage remat' if p.pipeline.remat else ''}" if not isinstance(p, Exception) else "")
+        best_mesh, best = best_of(searched)
         rows.append({**row("solver", label(best_mesh, best), best, hw_name, flops, peak), "search_s": search_s})
         for stages in (8, 16):
             data = DEVICES // (stages * 8)
@@ -118,13 +144,18 @@ def main() -> None:
                     plan = err
                 log(f"{hw_name} megatron PP{stages} remat={remat}: {getattr(plan, 'step_time_s', plan)} ({time.perf_counter() - t0:.1f} s)")
                 what = "activation recompute" if remat else "no recompute"
-                rows.append(row("megatron", f"TP 8, PP {stages}, DP {data}, micro-batch 1 (m={pipe.microbatches}, 1F1B, {what})",
-                                plan, hw_name, flops, peak))
+                r = row("megatron", f"TP 8, PP {stages}, DP {data}, micro-batch 1 (m={pipe.microbatches}, 1F1B, {what})",
+                        plan, hw_name, flops, peak)
+                if not isinstance(plan, Exception):
+                    r["memory_split_gb"] = {k: v / 1e9 for k, v in memory_split(plan).items()}
+                rows.append(r)
         # What the solver would pick if the 1F1B schedule were lowered (priced only).
         t0 = time.perf_counter()
-        plan = solve_pipelined(trace_for, best_mesh, schedule="1f1b", train=True, hardware=hw_name, memory_budget=BUDGET)
+        staged = [(m, p) for m, p in searched if "stage" in m and not isinstance(p, Exception)]
+        best_staged = min(staged, key=lambda mp: mp[1].step_time_s)[0]
+        plan = solve_pipelined(trace_for, best_staged, schedule="1f1b", train=True, hardware=hw_name, memory_budget=BUDGET)
         log(f"{hw_name} solver 1f1b: {plan.step_time_s} ({time.perf_counter() - t0:.1f} s)")
-        rows.append(row("solver, 1F1B (priced, not lowered)", label(best_mesh, plan), plan, hw_name, flops, peak))
+        rows.append(row("solver, 1F1B (priced, not lowered)", label(best_staged, plan), plan, hw_name, flops, peak))
         fsdp_mesh = {"data": 512, "seq": 2}
         base = BASELINES["fsdp"](full, fsdp_mesh)
         params = {t.name: base.layouts[t.name] for t in full.params}
@@ -150,7 +181,12 @@ def main() -> None:
         f"model flops per step {flops:.3e}. Generated by `benchmarks/pipeline_175b.py`.",
         "",
         "MFU: the model's flops (forward + backward, no recompute) / (step x peak x 1024). The published row converts "
-        "140 TFLOP/s per GPU (which counts the recomputed forward) to a step time with the paper's FLOP formula.",
+        "140 TFLOP/s per GPU (Narayanan et al. 2021, arXiv:2104.04473, table 1, the 175B row: 1024 A100s, batch 1536, "
+        "TP 8, PP 8; 45% of peak, 143 PFLOP/s aggregate; it counts the recomputed forward) to a step time with the "
+        "paper's FLOP formula (its eq. 3).",
+        "",
+        "Every pipelined row sums the stage weights' data-parallel gradients once per step, after the pipeline's loop "
+        "(each data replica of a stage accumulates its own over the time slots), as the lowering does.",
         "",
         "| strategy | configuration | hardware | step (s) | MFU | memory (GB) | fits 80 GB | bubble |",
         "|---|---|---|---:|---:|---:|---|---:|",
@@ -163,6 +199,26 @@ def main() -> None:
         memory = f"{r['memory_gb']:.1f}" if r["memory_gb"] is not None else ""
         lines.append(f"| {r['strategy']} | {r['config']} | {r['hardware']} | {r['step_time_s']:.2f} | {r['mfu']:.1%} | "
                      f"{memory} | {'yes' if r['fits'] else 'no'} | {bubble} |")
+    split = [r for r in rows if "memory_split_gb" in r and r["hardware"] == "a100-selene"]
+    if split:
+        lines += [
+            "",
+            "## Where the Megatron rows' memory goes (GB per device, as meshjax lowers them)",
+            "",
+            "Megatron holds the weights' state and, with 1F1B and recompute, a few micro-batches' layer inputs. "
+            "meshjax's lowering also runs the embedding, the head and the loss outside the pipeline, on every stage, "
+            "on the whole local batch (96 sequences for DP 16), and keeps the pipeline's input and output "
+            "micro-batch buffers (a whole local batch each): the *outside* column and most of the backward pass's "
+            "peak, which is one whole-batch op's backward working set. Megatron runs the head per micro-batch on "
+            "the last stage, so its memory is near *state + stages*.",
+            "",
+            "| configuration | state (params, grads, Adam) | stages' activations | outside the pipeline | backward peak | total |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in split:
+            m = r["memory_split_gb"]
+            lines.append(f"| {r['config']} | {m['state']:.1f} | {m['stages']:.1f} | {m['outside']:.1f} | "
+                         f"{m['backward_peak']:.1f} | {r['memory_gb']:.1f} |")
     (RESULTS / "pipeline_175b.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

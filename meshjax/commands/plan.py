@@ -31,6 +31,7 @@ from typing import Any
 
 from meshjax.errors import MeshjaxError
 from meshjax.optimizer import OPTIMIZERS
+from meshjax.pipeline.schedule import SCHEDULES
 
 
 DEFAULT_MODEL = "gpt-demo"
@@ -74,7 +75,9 @@ def add_parser(commands) -> None:
     plan = commands.add_parser("plan", help="solve a layout for a model and (optionally) check it against XLA",
                                description="Solve a sharding layout for a model on a mesh and check it against XLA.")
     add_model_arguments(plan)
-    plan.add_argument("--mesh", default="4x2", help="mesh sizes, e.g. 8, 4x2, 2x2x2 (default: 4x2)")
+    plan.add_argument("--mesh", default="4x2",
+                      help="mesh sizes, e.g. 8, 4x2, 2x2x2, or 'search': every data x stage x model mesh of "
+                      "--devices N, pipelined or not, the fastest predicted plan kept (default: 4x2)")
     plan.add_argument("--axes", default=None, help="comma-separated mesh axis names (default: data,model for 2D)")
     plan.add_argument("--devices", type=int, default=None, metavar="N",
                       help="simulated CPU devices (default: the mesh's size); the mesh must use all N")
@@ -94,12 +97,15 @@ def add_parser(commands) -> None:
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--stage-axis``/``--remat-stages``: ``plan`` and ``train`` share them (a pipeline's
+    """``--stage-axis``/``--remat-stages``/``--schedule``: ``plan`` and ``train`` share them (a pipeline's
     micro-batches are ``--microbatches``)."""
     parser.add_argument("--stage-axis", dest="stage_axis", default="stage", metavar="AXIS",
                         help="the mesh axis that pipelines the layer scan, when the mesh has it (default: stage)")
     parser.add_argument("--remat-stages", dest="remat_stages", default=None, choices=("on", "off"),
-                        help="recompute each stage's forward in the backward pass (default: the solver picks)")
+                        help="recompute each stage's forward in the backward pass (default: the solver picks; 1f1b: on)")
+    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES,
+                        help="the pipeline's schedule: gpipe (all forwards, then all backwards) or 1f1b (each "
+                        "micro-batch's backward as soon as it can, fewer micro-batches held) (default: gpipe)")
 
 
 def staged_overrides(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], mesh_shape: dict[str, int]) -> dict[str, Any]:
@@ -134,8 +140,45 @@ def solve_for(args: argparse.Namespace, model_spec: str, overrides: dict[str, An
     remat = None if args.remat_stages is None else args.remat_stages == "on"
     return solve_pipelined(
         trace_for, mesh_shape, axis=args.stage_axis, microbatches=None if microbatches == "auto" else microbatches,
-        remat=remat, **kwargs,
+        remat=remat, schedule=getattr(args, "schedule", "gpipe"), **kwargs,
     )
+
+
+def search_axis_names(args: argparse.Namespace) -> tuple[str, str, str]:
+    """``--axes`` of ``--mesh search``: data, stage, model (default ``data,<--stage-axis>,model``)."""
+    from meshjax import validate
+
+    names = validate.axis_names(args.axes) or ["data", args.stage_axis, "model"]
+    if len(names) != 3:
+        raise MeshjaxError(f"--mesh search --axes {args.axes!r}: expected three names (data, stage, model)")
+    return tuple(names)
+
+
+def search_mesh(args: argparse.Namespace, overrides: dict[str, Any], axes: tuple[str, str, str], console, **kwargs: Any):
+    """``--mesh search``: the fastest plan over :func:`meshjax.pipeline.search.search_stages`'s
+    meshes (a table of every candidate is printed)."""
+    import meshjax as mj
+    from meshjax.pipeline.search import best_of, search_stages
+
+    if args.remat_stages is not None:
+        raise MeshjaxError("--mesh search picks stage remat per mesh; drop --remat-stages")
+
+    def trace_for(sizes):
+        model = load_model(args.model, {**overrides, **sizes})
+        return mj.trace(model.loss, model.params, *model.batch)
+
+    results = search_stages(trace_for, args.devices, axes=axes, **kwargs)
+    for mesh, plan in results:
+        shape = " x ".join(f"{a} {n}" for a, n in mesh.items())
+        if isinstance(plan, Exception):
+            console.print(f"  {shape}: no plan ({str(plan)[:100]})")
+            continue
+        pipe = getattr(plan, "pipeline", None)
+        how = f"{pipe.microbatches} micro-batches{', stage remat' if pipe.remat else ''}" if pipe else "unpipelined"
+        console.print(f"  {shape}: step {plan.step_time_s * 1e3:.4f} ms, {plan.peak_memory_bytes / 1e9:.2f} GB ({how})")
+    mesh, plan = best_of(results)
+    console.print(f"mesh search over {args.devices} devices: {len(results)} meshes, best " + " x ".join(f"{a} {n}" for a, n in mesh.items()))
+    return mesh, plan
 
 
 def trace_model(model: Loaded):
@@ -319,7 +362,16 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.layout import parse_rules
     from meshjax.units import format_bytes
 
-    mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
+    searching = args.mesh == "search"
+    if searching:
+        if args.devices is None:
+            raise MeshjaxError("--mesh search needs --devices N (the device count to factorise)")
+        validate.count(args.devices, "--devices", minimum=1)
+        search_axes = search_axis_names(args)
+        args.stage_axis = search_axes[1]
+        mesh_shape = {search_axes[0]: args.devices, search_axes[1]: 1, search_axes[2]: 1}
+    else:
+        mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
     hardware = get_hardware(args.hardware)
     budget = memory_limit(args.memory_limit, hardware)
     rules = parse_rules(args.rules) if args.rules else None
@@ -330,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     validate.writable_file(args.hlo, "--hlo")
     compile_it = (True if args.verify is None else args.verify) or bool(args.hlo)
     n = math.prod(mesh_shape.values())
-    if compile_it or args.devices is not None:
+    if compile_it or (args.devices is not None and not searching):
         setup_devices(n, args.devices, f"mesh {args.mesh}")
 
     from meshjax import commands
@@ -340,11 +392,15 @@ def run(args: argparse.Namespace) -> int:
     graph = trace_model(model)
     if budget is not None:
         console.print(f"memory limit {format_bytes(budget)} per device")
-    plan = solve_for(
-        args, args.model, overrides, graph, mesh_shape, hardware=hardware, train=args.train, rules=rules,
-        memory_budget=budget, optimizer=args.optimizer, zero=getattr(args, "zero", False),
-        remat=args.remat if args.train else "none", microbatches=microbatches if args.train else 1,
+    solve_kwargs = dict(
+        hardware=hardware, train=args.train, rules=rules, memory_budget=budget, optimizer=args.optimizer,
+        zero=getattr(args, "zero", False), remat=args.remat if args.train else "none",
+        microbatches=microbatches if args.train else 1,
     )
+    if searching:
+        mesh_shape, plan = search_mesh(args, overrides, search_axes, console, **solve_kwargs)
+    else:
+        plan = solve_for(args, args.model, overrides, graph, mesh_shape, **solve_kwargs)
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())

@@ -7,14 +7,16 @@ program pays them (every stage computes in every slot). This module prices the r
 program :mod:`meshjax.pipeline.lower` builds:
 
 - per time slot, one collective-permute over the stage axis of one micro-batch's carry forward,
-  and one of its gradient backward: ``2 (m + p - 1)`` sends at the stage axis's link speed;
-- the scan's output leaves the last stage by one all-reduce over the stage axis, and its
-  gradient reaches every stage's embedding by another;
-- with ``remat`` each stage keeps only its input per slot and recomputes its forward in the
-  backward pass (GPipe's re-materialisation): activations of one micro-batch instead of all of
-  them, for one more forward of the stage's ops (a third of their compute);
-- the bubble fraction ``(p - 1)/(m + p - 1)`` and, for the schedules, the micro-batches whose
-  activations the first stage holds (GPipe ``m``, 1F1B ``p``).
+  and one of its gradient backward: ``2 (m + p - 1)`` sends at the stage axis's link speed
+  (1F1B: ``2 (m + p - 2)``, see :func:`p2p_sends`);
+- the scan's output leaves the last stage by one all-reduce over the stage axis (1F1B: one per
+  micro-batch, of its rows), and its gradient reaches every stage's embedding by another;
+- with ``remat`` (1F1B always) each stage keeps only its input per micro-batch in flight and
+  recomputes its forward in the backward pass: activations of one micro-batch instead of all of
+  them, for one more forward of the stage's ops (a third of their compute); GPipe keeps
+  ``m + p - 1`` inputs, 1F1B ``min(m, 2p - 1)`` (:attr:`Pipeline.held
+  <meshjax.pipeline.schedule.Pipeline.held>`);
+- the bubble fraction ``(p - 1)/(m + p - 1)``, the same for both schedules.
 
 Example::
 
@@ -25,10 +27,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from meshjax.cost.collectives import Collective, collective_time
+from meshjax.cost.collectives import Collective, collective_time, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph
@@ -40,8 +43,16 @@ RECOMPUTE_SHARE = 1.0 / 3.0  # a training op's forward is a third of its forward
 
 
 def p2p_sends(pipe: Pipeline) -> int:
-    """Collective-permutes over the stage axis per step: one per time slot each way."""
-    return 2 * pipe.iterations if pipe.stages > 1 else 0
+    """Collective-permutes over the stage axis per step: GPipe one per time slot each way; 1F1B
+    none from the last slot that makes an activation or a cotangent (nothing reads them),
+    ``2 (m + p - 2)``.
+
+    >>> p2p_sends(Pipeline(stages=4, microbatches=8, schedule="1f1b"))
+    20
+    """
+    if pipe.stages == 1:
+        return 0
+    return 2 * pipe.iterations if pipe.schedule == "gpipe" else 2 * (pipe.iterations - 1)
 
 
 def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
@@ -50,6 +61,29 @@ def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
     inputs = [op.inputs[0] for op in graph.ops if op.kind == "loop_carry" and op.block == block]
     outputs = [op.output for op in graph.ops if op.kind == "scan_carry" and graph.producer[op.inputs[0]].block == block]
     return inputs, outputs
+
+
+def replica_axes(graph: Graph, layouts: Mapping[str, Layout], block: str, pipe: Pipeline) -> tuple[str, ...]:
+    """The data-parallel axes of every stage: the leading axes of the scan carry's
+    ``pipe.batch_dim`` that no stacked layer param is split over. The lowering runs one replica
+    of each stage per shard of them (:func:`meshjax.pipeline.lower.pipelined_scan`), so each
+    accumulates its own weight gradients over the time slots and they are summed over these
+    axes once per step, after the loop."""
+    carries = [op.output for op in graph.ops if op.kind == "loop_carry" and op.block == block]
+    used = {a for t in graph.params if pipe.dim in t.dims and t.name in layouts for ax in layouts[t.name].axes for a in ax}
+    out: tuple[str, ...] | None = None
+    for name in carries:
+        layout = layouts[name]
+        axes = layout.axes[layout.dims.index(pipe.batch_dim)] if pipe.batch_dim in layout.dims else ()
+        prefix = []
+        for a in axes:
+            if a in used or a == pipe.axis:
+                break
+            prefix.append(a)
+        if out is not None:  # the common leading run of every carry's axes
+            prefix = [a for i, a in enumerate(prefix) if i < len(out) and out[: i + 1] == tuple(prefix[: i + 1])]
+        out = tuple(prefix)
+    return out or ()
 
 
 def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:
@@ -71,25 +105,85 @@ def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardw
 
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
-    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` a stage keeps one
-    micro-batch's activations and, per slot, its input carry. A 1F1B schedule (priced, not
-    lowered) holds ``min(p, m)`` micro-batches instead of all slots. The micro-batched input and
-    output buffers (a whole-batch carry each) are charged to the scan's final carry."""
+    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` (1F1B always) a
+    stage keeps one micro-batch's activations and ``pipe.held`` micro-batches of its input
+    carry. 1F1B runs the head and loss per micro-batch (the stage graph's
+    :data:`~meshjax.pipeline.stage_graph.AFTER` block): one micro-batch's activations of them.
+    The micro-batched input buffer and the output (GPipe) or input-gradient (1F1B) buffer, a
+    whole-batch carry each, are charged to the scan's final carry."""
+    from meshjax.pipeline.stage_graph import AFTER
+
     if not problem.train:
         return
-    held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
+    if pipe.schedule == "gpipe":  # 1F1B's slot loop sums each slot's weight gradients (one_f_one_b)
+        _reduce_weight_gradients_once(problem, block, pipe)
+    if pipe.remat:
+        _rerun_forward_collectives(problem, block)
     for node in problem.nodes:
         if node.op is None:
             continue
         act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
-        if node.op.block == block and (pipe.remat or held != pipe.iterations):
-            factor = (1 if pipe.remat else held) / pipe.iterations
-            node.memory = node.memory * factor
-            node.parts = {kind: values * factor for kind, values in node.parts.items()}
-            if pipe.remat and node.op.kind == "loop_carry":
-                _add(node, held * act)
-        elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            _add(node, BUFFERS * act)
+        if node.op.block == block and pipe.remat:
+            _scale(node, 1 / pipe.iterations)
+            if node.op.kind == "loop_carry":
+                _add(node, pipe.held * act)
+            continue
+        whole = 1  # the final carry's size over the whole batch's
+        if node.op.block == AFTER:
+            _scale(node, 1 / pipe.microbatches)
+            whole = pipe.microbatches
+        if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
+            _add(node, BUFFERS * whole * act)
+
+
+def _scale(node, factor: float) -> None:
+    node.memory = node.memory * factor
+    node.parts = {kind: values * factor for kind, values in node.parts.items()}
+
+
+def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) -> None:
+    """The lowering's data-parallel replicas (:func:`replica_axes`) each accumulate their stage's
+    weight gradients over the ``m + p - 1`` slots and sum them once after the loop: a layer's
+    weight-gradient all-reduce over the axes of the micro-batch's batch dim runs once per step,
+    not once per slot. Each such collective of the scan's ops is charged ``1/(m + p - 1)`` of
+    its bytes per trip (the same bytes in total as one sum per layer), in time and in the
+    collectives the plan reports."""
+    for node in problem.nodes:
+        if node.op is None or node.op.block != block:
+            continue
+        for c, strategy in enumerate(node.options):
+            batch_axes = set(dict(strategy.assign).get(pipe.batch_dim, ()))
+            colls, saved = [], 0.0
+            for coll in strategy.collectives:
+                if _is_weight_gradient(coll) and batch_axes and set(coll.axes) <= batch_axes:
+                    once = dataclasses.replace(coll, nbytes=coll.nbytes / pipe.iterations)
+                    saved += time_of(coll, problem.mesh_shape, problem.hardware) - time_of(once, problem.mesh_shape, problem.hardware)
+                    coll = once
+                colls.append(coll)
+            if saved:
+                node.options[c] = dataclasses.replace(strategy, collectives=tuple(colls), comm_time=strategy.comm_time - saved)
+                node.time[c] -= saved * node.multiplicity
+
+
+def _rerun_forward_collectives(problem: Problem, block: str) -> None:
+    """Stage remat recomputes the stage's forward in the backward pass, its collectives (a
+    tensor-parallel layer's sums) included: charge each of the scan's ops its forward
+    collectives once more per trip (the recomputed flops are :func:`pipeline_cost`'s)."""
+    from meshjax.cost.remat import recompute_times
+
+    cache: dict = {}
+    for node in problem.nodes:
+        if node.op is None or node.op.block != block or node.recompute_collectives is not None:
+            continue
+        total, compute, colls = recompute_times(node.op, problem.graph, list(node.options), problem.mesh_shape, problem.hardware, cache)
+        node.time = node.time + (total - compute) * node.multiplicity
+        node.recompute_collectives = colls
+
+
+def _is_weight_gradient(coll: Collective) -> bool:
+    """A scanned layer's weight-gradient all-reduce (:func:`meshjax.cost.strategies.op_strategies`
+    gives those, and only those, a share of the latency)."""
+    return coll.kind == "all-reduce" and coll.latency_share < 1.0
 
 
 def _add(node, values) -> None:
@@ -167,20 +261,29 @@ def pipeline_cost(
     graph = stage_plan.graph
     stage_mesh = stage_plan.mesh_shape
     layouts: Mapping[str, Layout] = stage_plan.layouts
+    from meshjax.pipeline.stage_graph import AFTER
+
     inputs, outputs = carry_names(graph, block)
-    # The carry leaves every slot in its final layout; whole-batch bytes per device / m.
-    full_out = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in outputs)
+    # The carry leaves every slot in its final layout; whole-batch bytes per device / m (a 1F1B
+    # stage graph has the final carry at a micro-batch's size).
+    full_out = sum(
+        per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) * (pipe.microbatches if graph.tensors[n].block == AFTER else 1)
+        for n in outputs
+    )
     full_in = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in inputs)
     micro = full_out / pipe.microbatches
     axis = (pipe.axis,)
     colls: list[Collective] = []
     p2p = boundary = 0.0
     if pipe.stages > 1:
+        # The scan's output leaves the last stage whole (GPipe) or per micro-batch (1F1B).
+        leaving = (full_out, 1) if pipe.schedule == "gpipe" else (micro, pipe.microbatches)
         colls.append(Collective("collective-permute", axis, micro, p2p_sends(pipe)))
-        colls.append(Collective("all-reduce", axis, full_out, 1))
+        colls.append(Collective("all-reduce", axis, *leaving))
         colls.append(Collective("all-reduce", axis, full_in, 1))
         p2p = p2p_sends(pipe) * collective_time("collective-permute", micro, axis, mesh_shape, hardware)
-        boundary = sum(collective_time("all-reduce", b, axis, mesh_shape, hardware) for b in (full_out, full_in))
+        boundary = leaving[1] * collective_time("all-reduce", leaving[0], axis, mesh_shape, hardware)
+        boundary += collective_time("all-reduce", full_in, axis, mesh_shape, hardware)
     inside = {op.name for op in graph.ops if op.block == block}
     recompute = sum(c.compute_time for c in stage_plan.op_costs if c.op in inside) * RECOMPUTE_SHARE if pipe.remat else 0.0
     outside = sum(c.comm_time + c.compute_time for c in stage_plan.op_costs if c.op not in inside)
@@ -198,4 +301,4 @@ def pipeline_cost(
     )
 
 
-__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "p2p_sends", "pipeline_cost", "prepare_problem"]
+__all__ = ["BUFFERS", "PipelineCost", "RECOMPUTE_SHARE", "carry_names", "compute_bound", "replica_axes", "p2p_sends", "pipeline_cost", "prepare_problem"]

@@ -16,6 +16,16 @@ stage's result is written into its slot of an output buffer. Stage ``s`` works o
 ``jax.grad`` of the loop is the backward pipeline in reverse (GPipe: all forwards, then all
 backwards; every stage keeps its activations for all ``m`` micro-batches until then).
 
+Data parallelism inside a stage (:func:`replicated_stages`): a stage shared by the data
+replicas would have its weight gradients summed over the data axes in every time slot (the
+partitioner reduces each slot's partial gradient where it is made). Instead the stages are also
+vmapped over the replicas, ``spmd_axis_name`` the data axes
+(:func:`meshjax.cost.pipeline.replica_axes`), each replica of each stage working on its rows of
+every micro-batch with its own copy of the stage's weights, broadcast before the loop (no
+communication: they are replicated over those axes). Each replica's weight gradients then
+accumulate locally over the slots, and the broadcast's transpose sums them over the data axes
+once, after the loop: one all-reduce per step, as Megatron does.
+
 What stays outside the pipeline: everything before and after the scan (a decoder's embedding
 and head) runs on every stage group with its planned layout over the other mesh axes, i.e.
 replicated over the stage axis. The scan's input reaches stage 0 without communication (every
@@ -25,7 +35,8 @@ other stages contribute zeros), and the backward pass does the same for the grad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,7 +50,9 @@ from meshjax.graph import LINEAR, Graph, IndexForm
 from meshjax.layout import Layout, validate
 from meshjax.lower import Program
 from meshjax.named import NamedArray, is_named
+from meshjax.cost.pipeline import replica_axes
 from meshjax.pipeline.schedule import Pipeline
+from meshjax.pipeline.stage_graph import scan_block
 
 _FREE = PartitionSpec.UNCONSTRAINED
 
@@ -47,14 +60,80 @@ _FREE = PartitionSpec.UNCONSTRAINED
 class PipelinePinner(context.Pinner):
     """A :class:`~meshjax.context.Pinner` whose scans over ``pipeline.dim`` run pipelined."""
 
-    def __init__(self, mesh, specs, operand_specs=None, recomputed=None, computed_specs=None, *, pipeline: Pipeline):
+    def __init__(self, mesh, specs, operand_specs=None, recomputed=None, computed_specs=None, *, pipeline: Pipeline,
+                 replicas: tuple[str, ...] = ()):
         super().__init__(mesh, specs, operand_specs, recomputed, computed_specs)
         self.pipeline = pipeline
+        self.replicas = replicas  # meshjax.cost.pipeline.replica_axes of the plan
+        # "run": the scan runs as the GPipe loop; "capture": it records what it was given and
+        # hands its carry back unchanged; "replay": it hands back ``replay`` (1F1B's split of
+        # the function into what runs before the scan and after it, :mod:`.one_f_one_b`).
+        self.mode = "run"
+        self.captured: dict[str, Any] | None = None
+        self.replay: list[jax.Array] | None = None
 
 
 def _stage_major(ctx: PipelinePinner, value: jax.Array) -> jax.Array:
     """Constrain dim 0 of ``value`` to the stage axis, leaving the other dims to the partitioner."""
     spec = PartitionSpec(ctx.pipeline.axis, *([_FREE] * (value.ndim - 1)))
+    return jax.lax.with_sharding_constraint(value, NamedSharding(ctx.mesh, spec))
+
+
+def _drop_axes(spec: PartitionSpec | None, axes: tuple[str, ...]) -> PartitionSpec | None:
+    """``spec`` without the mesh axes ``axes`` (a dim left with none is unsplit)."""
+    if spec is None:
+        return None
+    out = []
+    for entry in spec:
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def _in_replica(ctx: PipelinePinner) -> Iterator[None]:
+    """Inside one data-parallel replica of a stage (vmapped over ``ctx.replicas``), the planned
+    in-stage layouts less those axes: the vmap puts them on the replica dim."""
+    axes = ctx.replicas
+    saved = ctx.specs, ctx.operand_specs, ctx.computed_specs
+    if axes:
+        ctx.specs = {k: _drop_axes(v, axes) for k, v in saved[0].items()}
+        ctx.operand_specs = {k: tuple(_drop_axes(v, axes) for v in vs) for k, vs in saved[1].items()}
+        ctx.computed_specs = {k: _drop_axes(v, axes) for k, v in saved[2].items()}
+    try:
+        yield
+    finally:
+        ctx.specs, ctx.operand_specs, ctx.computed_specs = saved
+
+
+def replicated_stages(ctx: PipelinePinner, stage: Callable) -> tuple[Callable, int]:
+    """``stage(stage_id, params, state, fresh)`` run by every data-parallel replica of every
+    stage: ``(run, d)`` where ``run`` takes params ``(p, d, ...)`` and states ``(p, d, ...)``
+    and ``d`` is the number of replicas (the size of ``ctx.replicas``).
+
+    The params reach the loop broadcast over the replica dim (free: they are replicated over
+    those axes), so each replica's weight gradient is its own, accumulated over the time slots
+    in the loop; the broadcast's transpose sums the replicas' gradients once, after the loop,
+    where a stage shared by the replicas would have its gradient summed over them in every
+    slot."""
+    axes = ctx.replicas
+    sizes = mesh_shape(ctx.mesh)
+    d = 1
+    for a in axes:
+        d *= sizes[a]
+
+    def in_replica(stage_id, params, state, fresh):
+        with _in_replica(ctx):
+            return stage(stage_id, params, state, fresh)
+
+    inner = jax.vmap(in_replica, in_axes=(None, 0, 0, 0), spmd_axis_name=axes or None)
+    return jax.vmap(inner, in_axes=(0, 0, 0, 0), spmd_axis_name=ctx.pipeline.axis), d
+
+
+def _stage_replica_major(ctx: PipelinePinner, value: jax.Array) -> jax.Array:
+    """Constrain dim 0 of ``value`` to the stage axis and dim 1 to the replica axes."""
+    replica = ctx.replicas or None
+    spec = PartitionSpec(ctx.pipeline.axis, replica, *([_FREE] * (value.ndim - 2)))
     return jax.lax.with_sharding_constraint(value, NamedSharding(ctx.mesh, spec))
 
 
@@ -88,6 +167,10 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
     pipe: Pipeline = ctx.pipeline
     p, m = pipe.stages, pipe.microbatches
     carry_leaves, carry_def, x_leaves, x_def, length = scan_leaves(carry, xs, dim)
+    if ctx.mode != "run":
+        from meshjax.pipeline.one_f_one_b import capture_or_replay
+
+        return capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, length, dim=dim, name=name)
     for leaf in carry_leaves:
         if pipe.batch_dim not in leaf.dims:
             raise ShapeError(
@@ -102,10 +185,21 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
     stacked = [leaf.align_to((dim, *rest)) for leaf, rest in zip(x_leaves, x_rest)]
     stage_xs = [_stage_major(ctx, v.reshape(p, length // p, *v.shape[1:])) for v in stacked]
 
-    # Micro-batches: (B, ...) -> (B/m, m, ...) with micro-batch i = rows i, i+m, ...
+    # Micro-batches: (B, ...) -> (B/m, m, ...) with micro-batch i = rows i, i+m, ..., and the
+    # B/m rows of each split over the data-parallel replicas: (r, B/(m r), m, ...).
     c_dims = [(pipe.batch_dim, *(d for d in leaf.dims if d != pipe.batch_dim)) for leaf in carry_leaves]
     c_full = [leaf.align_to(d) for leaf, d in zip(carry_leaves, c_dims)]
-    c_micro = [v.reshape(v.shape[0] // m, m, *v.shape[1:]) for v in c_full]
+    sizes = mesh_shape(ctx.mesh)
+    r = 1
+    for a in ctx.replicas:
+        r *= sizes[a]
+    for v in c_full:
+        if (v.shape[0] // m) % r:
+            raise ShapeError(
+                f"pipelined scan {name!r}: micro-batches of {v.shape[0] // m} rows do not split over the "
+                f"{r} data-parallel replicas (mesh axes {', '.join(ctx.replicas)})"
+            )
+    c_micro = [v.reshape(r, v.shape[0] // (m * r), m, *v.shape[1:]) for v in c_full]
 
     def stage(stage_id, params, state, fresh):
         """One stage on its state; stage 0 first takes the fresh micro-batch."""
@@ -121,26 +215,29 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
 
     if pipe.remat:  # keep each slot's input only; the backward pass recomputes the stage
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
-    run_stages = jax.vmap(stage, in_axes=(0, 0, 0, 0), spmd_axis_name=pipe.axis)
+    run_stages, _ = replicated_stages(ctx, stage)
     stage_ids = _stage_major(ctx, jnp.arange(p))
+    # Every replica of a stage gets its own copy of the stage's params (see replicated_stages).
+    stage_xs = [_stage_replica_major(ctx, jnp.broadcast_to(v[:, None], (p, r, *v.shape[1:]))) for v in stage_xs]
 
     def iteration(loop, t):
         state, buffers = loop
         ctx.forget_names_under(block_name)  # every trace of the stage names its tensors afresh
-        fresh = [jax.lax.dynamic_index_in_dim(v, jnp.minimum(t, m - 1), axis=2, keepdims=False) for v in inputs]
-        state = [_stage_major(ctx, s) for s in run_stages(stage_ids, stage_xs, state, fresh)]
+        fresh = [jax.lax.dynamic_index_in_dim(v, jnp.minimum(t, m - 1), axis=3, keepdims=False) for v in inputs]
+        state = [_stage_replica_major(ctx, s) for s in run_stages(stage_ids, stage_xs, state, fresh)]
         slot = jnp.clip(t - (p - 1), 0, m - 1)  # the last stage finished micro-batch t - (p - 1)
         buffers = [
-            _stage_major(ctx, jax.lax.dynamic_update_index_in_dim(b, s, slot, axis=2)) for b, s in zip(buffers, state)
+            _stage_replica_major(ctx, jax.lax.dynamic_update_index_in_dim(b, s, slot, axis=3))
+            for b, s in zip(buffers, state)
         ]
-        state = [_stage_major(ctx, _rotate(s)) for s in state]  # stage s -> s + 1
+        state = [_stage_replica_major(ctx, _rotate(s)) for s in state]  # stage s -> s + 1
         return (state, buffers), None
 
     # Every stage holds the micro-batches (no copy: they are replicated over the stage axis);
     # only stage 0 reads them, and the backward pass sums their gradient over the stages once.
-    inputs = [_stage_major(ctx, jnp.broadcast_to(v, (p, *v.shape))) for v in c_micro]
-    init_state = [_stage_major(ctx, jnp.zeros((p, v.shape[0], *v.shape[2:]), v.dtype)) for v in c_micro]
-    init_buffers = [_stage_major(ctx, jnp.zeros((p, *v.shape), v.dtype)) for v in c_micro]
+    inputs = [_stage_replica_major(ctx, jnp.broadcast_to(v, (p, *v.shape))) for v in c_micro]
+    init_state = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape[:2], *v.shape[3:]), v.dtype)) for v in c_micro]
+    init_buffers = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape), v.dtype)) for v in c_micro]
     (_, buffers), _ = jax.lax.scan(iteration, (init_state, init_buffers), jnp.arange(pipe.iterations))
 
     last = (stage_ids == p - 1).reshape(p, *([1] * (buffers[0].ndim - 1))) if buffers else None
@@ -149,7 +246,7 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
     final = []
     with context.scope(name):
         for leaf, d, v in zip(carry_leaves, c_dims, outputs):
-            result = NamedArray(v.reshape(v.shape[0] * m, *v.shape[2:]), d)
+            result = NamedArray(v.reshape(v.shape[0] * v.shape[1] * m, *v.shape[3:]), d)
             result = NamedArray(result.align_to(leaf.dims), leaf.dims)
             index = IndexForm(loop=tuple(leaf.sizes.items()), operands=(leaf.dims,), result=leaf.dims)
             final.append(context.emit("scan_carry", [leaf], result, index, name="final_carry", facts=LINEAR))
@@ -180,27 +277,42 @@ class PipelinedProgram(Program):
         size = dict(zip(mesh.axis_names, mesh.devices.shape))[pipeline.axis]
         if size != pipeline.stages:
             raise LayoutError(f"pipeline: {pipeline.stages} stages need mesh axis {pipeline.axis!r} of size {pipeline.stages}, got {size}")
-        if pipeline.schedule != "gpipe":
-            raise LayoutError(f"pipeline: schedule {pipeline.schedule!r} is priced but not lowered; lower 'gpipe'")
         super().__init__(fn, graph, mesh, layouts, operand_layouts, computed_layouts)
         self.pipeline = pipeline
+        self.replicas = replica_axes(graph, self.layouts, scan_block(graph, pipeline), pipeline)
         self.layouts = staged_layouts(graph, self.layouts, pipeline)
         shape = mesh_shape(self.mesh)
         for name, layout in self.layouts.items():
             validate(graph.tensor(name), layout, shape)
 
+    def pinner(self, mode: str = "run") -> PipelinePinner:
+        """A fresh pinner for one run of the function (names start afresh)."""
+        pinner = PipelinePinner(
+            self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, pipeline=self.pipeline,
+            replicas=self.replicas,
+        )
+        pinner.reserve(self.graph.signature.names)
+        pinner.mode = mode
+        return pinner
+
     def pinned_fn(self) -> Callable:
-        sig = self.graph.signature
+        """The function with every tensor pinned; its scan runs the forward of the pipeline
+        (GPipe's loop: a 1F1B plan's forward alone is the same)."""
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = PipelinePinner(
-                self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, pipeline=self.pipeline
-            )
-            pinner.reserve(sig.names)
-            with context.active(pinner):
+            with context.active(self.pinner()):
                 return self.fn(params, *args)
 
         return pinned
+
+    def value_and_grad(self) -> Callable | None:
+        """``(params, *args) -> (loss, grads)`` for schedules whose backward pass is not JAX's
+        transpose of the forward loop (1F1B, :mod:`.one_f_one_b`); None for GPipe."""
+        if self.pipeline.schedule != "1f1b":
+            return None
+        from meshjax.pipeline.one_f_one_b import one_f_one_b
+
+        return one_f_one_b(self)
 
 
 __all__ = ["PipelinePinner", "PipelinedProgram", "pipelined_scan", "staged_layouts"]
