@@ -396,6 +396,9 @@ class TrainStep:
         grad_shardings = self.state_shardings  # ZeRO-1/2: gradients reduce-scatter into the state layout
         k = self.plan.microbatches
         value_and_grad = jax.value_and_grad(loss_fn) if k == 1 else _accumulated(loss_fn, k, self.param_shardings)
+        scheduled = getattr(self.program, "value_and_grad", None)  # a pipeline's own backward (1F1B)
+        if scheduled is not None and scheduled() is not None:
+            value_and_grad = scheduled()
 
         def step(params, opt_state, args):
             loss, grads = value_and_grad(params, *args)

@@ -243,3 +243,113 @@ def test_cli_compare_grows_a_3d_section(tmp_path):
     assert [r["mesh"] for r in rows] == [{"data": 1, "model": 2, "stage": 2}, {"data": 2, "model": 1, "stage": 2},
                                          {"data": 1, "model": 1, "stage": 4}]
     assert all(r["predicted"]["step_time_s"] > 0 for r in rows)
+
+
+# --- 1F1B ----------------------------------------------------------------------------------------
+
+
+def test_1f1b_record_recomputes_and_holds_a_ring():
+    pipe = Pipeline(stages=4, microbatches=16, schedule="1f1b")
+    assert pipe.remat  # its backward recomputes the stage from the kept input
+    assert (pipe.held, Pipeline(stages=4, microbatches=16).held) == (7, 19)  # 2p - 1 vs m + p - 1
+    assert Pipeline(stages=4, microbatches=3, schedule="1f1b").held == 3
+    from meshjax.cost.pipeline import p2p_sends
+
+    assert p2p_sends(pipe) == 2 * (16 + 4 - 2) and p2p_sends(Pipeline(stages=4, microbatches=16)) == 2 * 19
+
+
+def test_1f1b_stage_graph_runs_the_head_per_microbatch():
+    from meshjax.pipeline.stage_graph import AFTER, stage_graph
+
+    trace_for = tracer()
+    full = trace_for({})
+    graph = stage_graph(trace_for, full, Pipeline(stages=2, microbatches=4, schedule="1f1b"))
+    assert graph.blocks[AFTER].trip_count == 4
+    after = {op.output for op in graph.ops if op.block == AFTER}
+    assert {"head/logits", "head/xent", "loss"} <= after and "embed/out" not in after
+    assert graph.tensors["head/logits"].shape[0] == 2 and graph.tensors["embed/out"].shape[0] == 8
+    gpipe = stage_graph(trace_for, full, Pipeline(stages=2, microbatches=4))
+    assert AFTER not in gpipe.blocks and gpipe.tensors["head/logits"].shape[0] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape, microbatches", [({"data": 2, "model": 2, "stage": 2}, 4), ({"stage": 4, "model": 2}, 8)])
+def test_1f1b_training_matches_one_device(one_device, mesh_shape, microbatches):
+    ex, _ = gpt4()
+    plan = solve_pipelined(tracer(), mesh_shape, microbatches=microbatches, schedule="1f1b", train=True, hardware="cpu-sim")
+    assert (plan.pipeline.schedule, plan.pipeline.microbatches, plan.pipeline.remat) == ("1f1b", microbatches, True)
+    got = losses(plan, ex, mesh_shape)
+    np.testing.assert_allclose(got, one_device, rtol=1e-4)
+    assert got[-1] < got[0] - 0.5
+
+
+@pytest.mark.slow
+def test_1f1b_training_bfloat16():
+    ex, graph = gpt4("bfloat16")
+    reference = losses(solve(graph, {"data": 1}, train=True, hardware="cpu-sim"), ex, {"data": 1}, steps=3)
+    shape = {"data": 2, "model": 2, "stage": 2}
+    plan = solve_pipelined(tracer("bfloat16"), shape, microbatches=4, schedule="1f1b", train=True, hardware="cpu-sim")
+    got = losses(plan, ex, shape, steps=3)
+    np.testing.assert_allclose(got, reference, rtol=1e-3)  # measured 8e-5: bf16 sums in another order
+
+
+@pytest.mark.slow
+def test_1f1b_comm_is_predicted_and_it_holds_less_than_gpipe():
+    """At m = 16 > p = 2: the stage axis's sends and every other collective as predicted, and
+    1F1B's compiled memory below GPipe's (with and without stage remat), as the model predicts."""
+    mesh_shape = {"data": 2, "model": 2, "stage": 2}
+    ex = models.example("gpt-tiny", key=0, layers=4, scan_layers=True, vocab=data.VOCAB, batch=64, seq=64)
+    trace_for = tracer(batch=64, seq=64)
+    compiled, predicted = {}, {}
+    for schedule, remat in (("gpipe", False), ("gpipe", True), ("1f1b", True)):
+        plan = solve_pipelined(trace_for, mesh_shape, microbatches=16, schedule=schedule, remat=remat, train=True,
+                               hardware="cpu-sim")
+        trainer = trainer_for(plan, ex, mesh_shape)
+        report = inspect_compiled(trainer.lower(trainer.abstract_state(), *ex.batch).compile(), trainer.mesh)
+        key = (schedule, remat)
+        compiled[key], predicted[key] = report.memory["peak_bytes"], plan.peak_memory_bytes
+        if schedule == "1f1b":
+            permutes = [c for c in report.collectives if c.kind == "collective-permute"]
+            assert {c.axes for c in permutes} == {("stage",)}
+            assert sum(c.count for c in permutes) == 2 * (16 + 2 - 2)
+            assert sum(c.comm_bytes for c in permutes) == sum(
+                c.comm_bytes for c in plan.cost.collectives if c.kind == "collective-permute")
+            stage_reduces = [c for c in report.collectives if c.kind == "all-reduce" and c.axes == ("stage",)]
+            assert sum(c.count for c in stage_reduces) == 16 + 1  # each micro-batch's output, the input gradient
+            assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=0.03)
+    order = [("1f1b", True), ("gpipe", True), ("gpipe", False)]
+    assert sorted(order, key=compiled.get) == order == sorted(order, key=predicted.get)
+    # Known gap (docs/pipeline.md): 1F1B compiles to 1.31x its predicted memory here.
+    assert 1.0 <= compiled[("1f1b", True)] / predicted[("1f1b", True)] <= 1.4
+
+
+@pytest.mark.slow
+def test_cli_plan_takes_the_schedule(tmp_path):
+    import json
+
+    from meshjax import cli
+
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "gpt-tiny", "--mesh", "2x2x2", "--axes", "data,model,stage", "--set", "layers=4",
+                   "--schedule", "1f1b", "--no-verify", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())["pipeline"]
+    assert (doc["schedule"], doc["remat"]) == ("1f1b", True)
+    assert doc["p2p_sends"] == 2 * (doc["microbatches"] + 2 - 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("microbatches", [2, 4])  # fewer micro-batches than the ring's 2p - 1
+def test_1f1b_gradients_equal_one_device_with_a_short_ring(microbatches):
+    import jax
+
+    ex, _ = gpt4()
+    shape = {"stage": 4, "model": 2}
+    plan = solve_pipelined(tracer(), shape, microbatches=microbatches, schedule="1f1b", train=True, hardware="cpu-sim")
+    program = plan.program(ex.loss, make_mesh(shape))
+    with jax.set_mesh(program.mesh):
+        loss, grads = jax.jit(program.value_and_grad())(ex.params, *ex.batch)
+    want_loss, want = jax.jit(jax.value_and_grad(lambda p, *a: ex.loss(p, *a).value))(ex.params, *ex.batch)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)

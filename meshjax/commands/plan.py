@@ -31,6 +31,7 @@ from typing import Any
 
 from meshjax.errors import MeshjaxError
 from meshjax.optimizer import OPTIMIZERS
+from meshjax.pipeline.schedule import SCHEDULES
 
 
 DEFAULT_MODEL = "gpt-demo"
@@ -96,12 +97,15 @@ def add_parser(commands) -> None:
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--stage-axis``/``--remat-stages``: ``plan`` and ``train`` share them (a pipeline's
+    """``--stage-axis``/``--remat-stages``/``--schedule``: ``plan`` and ``train`` share them (a pipeline's
     micro-batches are ``--microbatches``)."""
     parser.add_argument("--stage-axis", dest="stage_axis", default="stage", metavar="AXIS",
                         help="the mesh axis that pipelines the layer scan, when the mesh has it (default: stage)")
     parser.add_argument("--remat-stages", dest="remat_stages", default=None, choices=("on", "off"),
-                        help="recompute each stage's forward in the backward pass (default: the solver picks)")
+                        help="recompute each stage's forward in the backward pass (default: the solver picks; 1f1b: on)")
+    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES,
+                        help="the pipeline's schedule: gpipe (all forwards, then all backwards) or 1f1b (each "
+                        "micro-batch's backward as soon as it can, fewer micro-batches held) (default: gpipe)")
 
 
 def staged_overrides(args: argparse.Namespace, model_spec: str, overrides: dict[str, Any], mesh_shape: dict[str, int]) -> dict[str, Any]:
@@ -136,7 +140,7 @@ def solve_for(args: argparse.Namespace, model_spec: str, overrides: dict[str, An
     remat = None if args.remat_stages is None else args.remat_stages == "on"
     return solve_pipelined(
         trace_for, mesh_shape, axis=args.stage_axis, microbatches=None if microbatches == "auto" else microbatches,
-        remat=remat, **kwargs,
+        remat=remat, schedule=getattr(args, "schedule", "gpipe"), **kwargs,
     )
 
 

@@ -7,14 +7,16 @@ program pays them (every stage computes in every slot). This module prices the r
 program :mod:`meshjax.pipeline.lower` builds:
 
 - per time slot, one collective-permute over the stage axis of one micro-batch's carry forward,
-  and one of its gradient backward: ``2 (m + p - 1)`` sends at the stage axis's link speed;
-- the scan's output leaves the last stage by one all-reduce over the stage axis, and its
-  gradient reaches every stage's embedding by another;
-- with ``remat`` each stage keeps only its input per slot and recomputes its forward in the
-  backward pass (GPipe's re-materialisation): activations of one micro-batch instead of all of
-  them, for one more forward of the stage's ops (a third of their compute);
-- the bubble fraction ``(p - 1)/(m + p - 1)`` and, for the schedules, the micro-batches whose
-  activations the first stage holds (GPipe ``m``, 1F1B ``p``).
+  and one of its gradient backward: ``2 (m + p - 1)`` sends at the stage axis's link speed
+  (1F1B: ``2 (m + p - 2)``, see :func:`p2p_sends`);
+- the scan's output leaves the last stage by one all-reduce over the stage axis (1F1B: one per
+  micro-batch, of its rows), and its gradient reaches every stage's embedding by another;
+- with ``remat`` (1F1B always) each stage keeps only its input per micro-batch in flight and
+  recomputes its forward in the backward pass: activations of one micro-batch instead of all of
+  them, for one more forward of the stage's ops (a third of their compute); GPipe keeps
+  ``m + p - 1`` inputs, 1F1B ``min(m, 2p - 1)`` (:attr:`Pipeline.held
+  <meshjax.pipeline.schedule.Pipeline.held>`);
+- the bubble fraction ``(p - 1)/(m + p - 1)``, the same for both schedules.
 
 Example::
 
@@ -41,8 +43,16 @@ RECOMPUTE_SHARE = 1.0 / 3.0  # a training op's forward is a third of its forward
 
 
 def p2p_sends(pipe: Pipeline) -> int:
-    """Collective-permutes over the stage axis per step: one per time slot each way."""
-    return 2 * pipe.iterations if pipe.stages > 1 else 0
+    """Collective-permutes over the stage axis per step: GPipe one per time slot each way; 1F1B
+    none from the last slot that makes an activation or a cotangent (nothing reads them),
+    ``2 (m + p - 2)``.
+
+    >>> p2p_sends(Pipeline(stages=4, microbatches=8, schedule="1f1b"))
+    20
+    """
+    if pipe.stages == 1:
+        return 0
+    return 2 * pipe.iterations if pipe.schedule == "gpipe" else 2 * (pipe.iterations - 1)
 
 
 def carry_names(graph: Graph, block: str) -> tuple[list[str], list[str]]:
@@ -95,28 +105,40 @@ def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardw
 
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
-    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` a stage keeps one
-    micro-batch's activations and, per slot, its input carry. A 1F1B schedule (priced, not
-    lowered) holds ``min(p, m)`` micro-batches instead of all slots. The micro-batched input and
-    output buffers (a whole-batch carry each) are charged to the scan's final carry."""
+    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` (1F1B always) a
+    stage keeps one micro-batch's activations and ``pipe.held`` micro-batches of its input
+    carry. 1F1B runs the head and loss per micro-batch (the stage graph's
+    :data:`~meshjax.pipeline.stage_graph.AFTER` block): one micro-batch's activations of them.
+    The micro-batched input buffer and the output (GPipe) or input-gradient (1F1B) buffer, a
+    whole-batch carry each, are charged to the scan's final carry."""
+    from meshjax.pipeline.stage_graph import AFTER
+
     if not problem.train:
         return
-    _reduce_weight_gradients_once(problem, block, pipe)
+    if pipe.schedule == "gpipe":  # 1F1B's slot loop sums each slot's weight gradients (one_f_one_b)
+        _reduce_weight_gradients_once(problem, block, pipe)
     if pipe.remat:
         _rerun_forward_collectives(problem, block)
-    held = pipe.iterations if pipe.schedule == "gpipe" else pipe.in_flight
     for node in problem.nodes:
         if node.op is None:
             continue
         act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
-        if node.op.block == block and (pipe.remat or held != pipe.iterations):
-            factor = (1 if pipe.remat else held) / pipe.iterations
-            node.memory = node.memory * factor
-            node.parts = {kind: values * factor for kind, values in node.parts.items()}
-            if pipe.remat and node.op.kind == "loop_carry":
-                _add(node, held * act)
-        elif node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            _add(node, BUFFERS * act)
+        if node.op.block == block and pipe.remat:
+            _scale(node, 1 / pipe.iterations)
+            if node.op.kind == "loop_carry":
+                _add(node, pipe.held * act)
+            continue
+        whole = 1  # the final carry's size over the whole batch's
+        if node.op.block == AFTER:
+            _scale(node, 1 / pipe.microbatches)
+            whole = pipe.microbatches
+        if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
+            _add(node, BUFFERS * whole * act)
+
+
+def _scale(node, factor: float) -> None:
+    node.memory = node.memory * factor
+    node.parts = {kind: values * factor for kind, values in node.parts.items()}
 
 
 def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) -> None:
@@ -239,20 +261,29 @@ def pipeline_cost(
     graph = stage_plan.graph
     stage_mesh = stage_plan.mesh_shape
     layouts: Mapping[str, Layout] = stage_plan.layouts
+    from meshjax.pipeline.stage_graph import AFTER
+
     inputs, outputs = carry_names(graph, block)
-    # The carry leaves every slot in its final layout; whole-batch bytes per device / m.
-    full_out = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in outputs)
+    # The carry leaves every slot in its final layout; whole-batch bytes per device / m (a 1F1B
+    # stage graph has the final carry at a micro-batch's size).
+    full_out = sum(
+        per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) * (pipe.microbatches if graph.tensors[n].block == AFTER else 1)
+        for n in outputs
+    )
     full_in = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in inputs)
     micro = full_out / pipe.microbatches
     axis = (pipe.axis,)
     colls: list[Collective] = []
     p2p = boundary = 0.0
     if pipe.stages > 1:
+        # The scan's output leaves the last stage whole (GPipe) or per micro-batch (1F1B).
+        leaving = (full_out, 1) if pipe.schedule == "gpipe" else (micro, pipe.microbatches)
         colls.append(Collective("collective-permute", axis, micro, p2p_sends(pipe)))
-        colls.append(Collective("all-reduce", axis, full_out, 1))
+        colls.append(Collective("all-reduce", axis, *leaving))
         colls.append(Collective("all-reduce", axis, full_in, 1))
         p2p = p2p_sends(pipe) * collective_time("collective-permute", micro, axis, mesh_shape, hardware)
-        boundary = sum(collective_time("all-reduce", b, axis, mesh_shape, hardware) for b in (full_out, full_in))
+        boundary = leaving[1] * collective_time("all-reduce", leaving[0], axis, mesh_shape, hardware)
+        boundary += collective_time("all-reduce", full_in, axis, mesh_shape, hardware)
     inside = {op.name for op in graph.ops if op.block == block}
     recompute = sum(c.compute_time for c in stage_plan.op_costs if c.op in inside) * RECOMPUTE_SHARE if pipe.remat else 0.0
     outside = sum(c.comm_time + c.compute_time for c in stage_plan.op_costs if c.op not in inside)

@@ -65,6 +65,12 @@ class PipelinePinner(context.Pinner):
         super().__init__(mesh, specs, operand_specs, recomputed, computed_specs)
         self.pipeline = pipeline
         self.replicas = replicas  # meshjax.cost.pipeline.replica_axes of the plan
+        # "run": the scan runs as the GPipe loop; "capture": it records what it was given and
+        # hands its carry back unchanged; "replay": it hands back ``replay`` (1F1B's split of
+        # the function into what runs before the scan and after it, :mod:`.one_f_one_b`).
+        self.mode = "run"
+        self.captured: dict[str, Any] | None = None
+        self.replay: list[jax.Array] | None = None
 
 
 def _stage_major(ctx: PipelinePinner, value: jax.Array) -> jax.Array:
@@ -161,6 +167,10 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
     pipe: Pipeline = ctx.pipeline
     p, m = pipe.stages, pipe.microbatches
     carry_leaves, carry_def, x_leaves, x_def, length = scan_leaves(carry, xs, dim)
+    if ctx.mode != "run":
+        from meshjax.pipeline.one_f_one_b import capture_or_replay
+
+        return capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, length, dim=dim, name=name)
     for leaf in carry_leaves:
         if pipe.batch_dim not in leaf.dims:
             raise ShapeError(
@@ -267,8 +277,6 @@ class PipelinedProgram(Program):
         size = dict(zip(mesh.axis_names, mesh.devices.shape))[pipeline.axis]
         if size != pipeline.stages:
             raise LayoutError(f"pipeline: {pipeline.stages} stages need mesh axis {pipeline.axis!r} of size {pipeline.stages}, got {size}")
-        if pipeline.schedule != "gpipe":
-            raise LayoutError(f"pipeline: schedule {pipeline.schedule!r} is priced but not lowered; lower 'gpipe'")
         super().__init__(fn, graph, mesh, layouts, operand_layouts, computed_layouts)
         self.pipeline = pipeline
         self.replicas = replica_axes(graph, self.layouts, scan_block(graph, pipeline), pipeline)
@@ -277,19 +285,34 @@ class PipelinedProgram(Program):
         for name, layout in self.layouts.items():
             validate(graph.tensor(name), layout, shape)
 
+    def pinner(self, mode: str = "run") -> PipelinePinner:
+        """A fresh pinner for one run of the function (names start afresh)."""
+        pinner = PipelinePinner(
+            self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, pipeline=self.pipeline,
+            replicas=self.replicas,
+        )
+        pinner.reserve(self.graph.signature.names)
+        pinner.mode = mode
+        return pinner
+
     def pinned_fn(self) -> Callable:
-        sig = self.graph.signature
+        """The function with every tensor pinned; its scan runs the forward of the pipeline
+        (GPipe's loop: a 1F1B plan's forward alone is the same)."""
 
         def pinned(params: Any, *args: Any) -> Any:
-            pinner = PipelinePinner(
-                self.mesh, self.specs, self.operand_specs, self.recomputed, self.computed_specs, pipeline=self.pipeline,
-                replicas=self.replicas,
-            )
-            pinner.reserve(sig.names)
-            with context.active(pinner):
+            with context.active(self.pinner()):
                 return self.fn(params, *args)
 
         return pinned
+
+    def value_and_grad(self) -> Callable | None:
+        """``(params, *args) -> (loss, grads)`` for schedules whose backward pass is not JAX's
+        transpose of the forward loop (1F1B, :mod:`.one_f_one_b`); None for GPipe."""
+        if self.pipeline.schedule != "1f1b":
+            return None
+        from meshjax.pipeline.one_f_one_b import one_f_one_b
+
+        return one_f_one_b(self)
 
 
 __all__ = ["PipelinePinner", "PipelinedProgram", "pipelined_scan", "staged_layouts"]

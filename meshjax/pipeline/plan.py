@@ -264,7 +264,8 @@ def solve_pipelined(
                 break
             previous = plan.step_time_s
 
-    for remat_choice in ([remat] if remat is not None else [False, True]):
+    # 1F1B recomputes every stage (Pipeline makes its remat True): one choice.
+    for remat_choice in ([True] if schedule == "1f1b" else [remat] if remat is not None else [False, True]):
         if not remat_choice and len(counts) > 1 and attempt(counts[-1], False) is None:
             # Without remat a stage keeps (m + p - 1) micro-batches of activations, which shrinks
             # as m grows: if the most micro-batches do not fit, none do.

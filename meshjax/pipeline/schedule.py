@@ -41,6 +41,9 @@ class Pipeline:
             raise LayoutError(f"pipeline: microbatches must be >= 1, got {self.microbatches}")
         if self.schedule not in SCHEDULES:
             raise LayoutError(f"pipeline: unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
+        if self.schedule == "1f1b" and not self.remat:
+            # 1F1B's backward recomputes its stage from the kept input (it keeps no activations).
+            object.__setattr__(self, "remat", True)
 
     @property
     def iterations(self) -> int:
@@ -54,9 +57,20 @@ class Pipeline:
 
     @property
     def in_flight(self) -> int:
-        """Micro-batches whose activations the first stage holds at once: GPipe all ``m``, 1F1B at
-        most ``p``."""
+        """Micro-batches whose activations the first stage holds at once in the asynchronous
+        schedule (:func:`timeline`): GPipe all ``m``, 1F1B at most ``p``. The SPMD program runs
+        lock-step slots and holds :attr:`held`."""
         return self.microbatches if self.schedule == "gpipe" else min(self.stages, self.microbatches)
+
+    @property
+    def held(self) -> int:
+        """Micro-batches of stage inputs (with ``remat``) or activations every stage of the lowered
+        program keeps: GPipe one per forward slot, ``m + p - 1``; 1F1B a ring of ``min(m, 2p - 1)``
+        (in one SPMD program a micro-batch takes ``2p - 2`` slots from the first stage to the
+        last and back, see :mod:`meshjax.pipeline.one_f_one_b`)."""
+        if self.schedule == "gpipe":
+            return self.iterations
+        return min(self.microbatches, 2 * self.stages - 1)
 
     def check(self, layers: int, batch: int) -> None:
         """One-line errors for a layer stack or batch the pipeline cannot split."""

@@ -5,7 +5,9 @@ layer scan (the embedding, the head, the loss) has the whole batch, and everythi
 micro-batch, run ``(L/p) * (m + p - 1)`` times per step: the scan block's trip count. That is
 what :mod:`meshjax.pipeline.lower` runs on every device of a stage: the SPMD program computes in
 every one of the ``m + p - 1`` time slots, bubble included, and the parts outside the pipeline
-once on the whole batch. The graph is spliced from two traces of the same function (``L/p``
+once on the whole batch. A 1F1B schedule runs what comes after the scan (the head and the
+loss) once per micro-batch inside the pipeline's loop: in its stage graph those ops are a block
+of ``m`` trips at the micro-batch's size (:data:`AFTER`). The graph is spliced from two traces of the same function (``L/p``
 layers at the whole batch and at one micro-batch); names agree because the code is the same.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshjax.errors import LayoutError
-from meshjax.graph import Graph
+from meshjax.graph import Block, Graph
 from meshjax.pipeline.schedule import Pipeline
 
 TraceFor = Callable[[Mapping[str, int]], Graph]
@@ -52,11 +54,37 @@ def stage_graph(trace_for: TraceFor, full: Graph, pipe: Pipeline) -> Graph:
     if [op.name for op in whole.ops] != [op.name for op in micro.ops]:
         raise LayoutError("pipeline: the model traces to different ops at another batch size; it cannot be staged")
     inside = {name for name, t in micro.tensors.items() if t.block == block}
-    tensors = {name: (micro.tensors[name] if name in inside else t) for name, t in whole.tensors.items()}
-    ops = [m if m.block == block else w for w, m in zip(whole.ops, micro.ops)]
+    after = after_scan(micro, block) if pipe.schedule == "1f1b" else set()
+    tensors = {
+        name: (micro.tensors[name] if name in inside else
+               dataclasses.replace(micro.tensors[name], block=AFTER) if name in after else t)
+        for name, t in whole.tensors.items()
+    }
+    ops = [
+        m if m.block == block else dataclasses.replace(m, block=AFTER) if m.output in after else w
+        for w, m in zip(whole.ops, micro.ops)
+    ]
     blocks = dict(whole.blocks)
     blocks[block] = dataclasses.replace(blocks[block], trip_count=per_stage * pipe.iterations)
+    if after:
+        blocks[AFTER] = Block(AFTER, "scan", pipe.microbatches)
     return Graph(tensors, ops, blocks, whole.outputs, whole.signature, whole.out_tree)
+
+
+AFTER = "after_scan"
+"""The block of a 1F1B stage graph that holds what runs after the pipelined scan (a decoder's
+head and loss): once per micro-batch, inside the pipeline's loop."""
+
+
+def after_scan(graph: Graph, block: str) -> set[str]:
+    """The scan ``block``'s final carries and the ops downstream of them (by output name): a
+    final carry is pinned per micro-batch too."""
+    ends = {op.output for op in graph.ops if op.kind == "scan_carry" and graph.producer[op.inputs[0]].block == block}
+    out: set[str] = set(ends)
+    for op in graph.ops:
+        if op.block is None and any(i in ends or i in out for i in op.inputs):
+            out.add(op.output)
+    return out
 
 
 def preset_tracer(name: str, **overrides: Any) -> TraceFor:
@@ -71,4 +99,4 @@ def preset_tracer(name: str, **overrides: Any) -> TraceFor:
     return trace_for
 
 
-__all__ = ["TraceFor", "dim_size", "preset_tracer", "scan_block", "stage_graph"]
+__all__ = ["AFTER", "TraceFor", "after_scan", "dim_size", "preset_tracer", "scan_block", "stage_graph"]

@@ -148,7 +148,7 @@ class Problem:
         resident += sum(float(e.memory[e.src_group[choice[e.src]], e.dst_group[choice[e.dst]]]) for e in self.edges if e.memory is not None)
         peak = max((float(n.peak[c]) for n, c in zip(self.nodes, choice)), default=0.0)
         peak = max(peak, *self.shared_peaks(choice).values(), 0.0)
-        return max(resident + peak, *self.sync_memory(choice))
+        return float(max(resident + peak, *self.sync_memory(choice)))
 
     def shared_peaks(self, choice: Sequence[int]) -> dict[int, float]:
         """Each shared peak row's bytes under ``choice`` (:attr:`Node.shares`)."""
