@@ -387,7 +387,9 @@ def build_problem(
         consumer = nodes[dst].op
         recompute = train and backward_reads(consumer, i, graph)
         unit = units.get(consumer.name)
-        rerun = unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
+        # A rematerialised consumer re-does its forward reshard, unless its backward re-does it
+        # anyway (``recompute``): XLA computes the two identical reshards of the backward once.
+        rerun = not recompute and unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
         in_place = consumer.facts.slices and tensor.role in ("param", "input")  # see the slice's strategies
         cost = np.array(
             [
