@@ -172,6 +172,7 @@ def test_bad_rules_and_pins_through_the_api(gpt_graph):
 def test_memory_budgets(gpt_graph):
     assert_one_line_error(cli("plan", "--memory-limit", "-5GB", "--no-verify"), "'-5GB'", "positive")
     assert_one_line_error(cli("plan", "--memory-limit", "lots", "--no-verify"), "'lots'")
+    assert_one_line_error(cli("train", "--memory-limit", "-5GB", "--steps", "1"), "'-5GB'", "positive")
     assert_api_error(lambda: solve(gpt_graph, {"data": 8}, memory_budget="-5GB"), "'-5GB'")
     assert_api_error(lambda: solve(gpt_graph, {"data": 8}, memory_budget=0), "0")
     plan = solve(gpt_graph, {"data": 8}, hardware="cpu-sim", memory_budget="16GB")

@@ -51,7 +51,7 @@ def add_parser(commands) -> None:
     p.add_argument("--rules", default=None, help='dim rules for the solver, e.g. "batch:data;mlp:model"')
     p.add_argument("--set", dest="overrides", default=None, metavar="K=V,...",
                    help="override model config fields, e.g. layers=4,scan_layers=true")
-    p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB")
+    p.add_argument("--memory-limit", default=None, help="per-device memory budget for the solver, e.g. 16GiB, or none (default: none)")
     add_lever_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the params and the batches (default: 0)")
     p.add_argument("--losses-json", dest="losses_json", default=None, metavar="FILE", help="write the losses as JSON")
@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     from meshjax.commands.plan import parse_microbatches, parse_overrides
     from meshjax.devices import parse_mesh_shape, use_cpu_devices
     from meshjax.errors import MeshjaxError
-    from meshjax.units import parse_bytes
 
     mesh_shape = parse_mesh_shape(args.mesh, validate.axis_names(args.axes))
     validate.count(args.steps, "--steps", minimum=0)
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     validate.writable_dir(args.checkpoint, "--checkpoint")
     config_overrides = parse_overrides(args.overrides)
     microbatches = parse_microbatches(args.microbatches)
-    budget = parse_bytes(args.memory_limit) if args.memory_limit else None
+    budget = validate.memory_budget(args.memory_limit, "--memory-limit")  # "none" is no budget, as in plan
     if args.resume and not os.path.isdir(args.resume):
         raise MeshjaxError(f"--resume: no checkpoint directory {args.resume!r}")
     if args.skip_damaged and not args.resume:
