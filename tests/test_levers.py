@@ -120,6 +120,25 @@ def test_full_remat_compiled_flops_match_predicted_recompute():
     assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: under selective recompute XLA's extra flops are 0.80x the predicted recompute with "
+    "einsum attention and 1.43x with the attention op (its blockwise forward does more work than "
+    "the op's declared flops); full recompute is within 4%"))
+@pytest.mark.parametrize("form", ["einsum", "flash"])
+def test_selective_remat_compiled_flops_match_predicted_recompute(form):
+    ex, g = _graph("gpt-small", attention=form)
+    mesh_shape = {"data": 4, "model": 2}
+    mesh = make_mesh(mesh_shape)
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat="selective")
+
+    def flops(p):
+        return compile_plan(p, ex.loss, mesh, ex.params, *ex.batch).cost_analysis()["flops"]
+
+    extra = flops(plan) - flops(dataclasses.replace(plan, remat={}))
+    assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
+
+
 # Compiled / predicted memory under the half budget: both forms in the 0.90-1.10 band. Both
 # plans recompute the scanned block in full; its backward peak is priced in op order (while the
 # attention op's backward runs, the MLP's recomputed residuals are freed already), not as the
