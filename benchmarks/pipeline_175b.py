@@ -38,8 +38,6 @@ import json
 import time
 from pathlib import Path
 
-import meshjax as mj
-from meshjax import models
 from meshjax.baselines import BASELINES, predict
 from meshjax.cost.hardware import get_hardware
 from meshjax.errors import InfeasibleError

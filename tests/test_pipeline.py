@@ -1,7 +1,6 @@
 """Pipeline parallelism: a scanned layer stack split over a stage mesh axis trains like one
 device; the schedule's timeline; one-line errors."""
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -3,7 +3,6 @@ picks what an exhaustive comparison of its meshes picks; the compiled step reduc
 weights' gradients over the data axes once, as predicted."""
 
 import itertools
-import math
 
 import optax
 import pytest
