@@ -105,19 +105,26 @@ def test_compiled_memory_matches_prediction(remat, k):
     assert 0.9 <= report.memory["peak_bytes"] / plan.peak_memory_bytes <= 1.1
 
 
-@pytest.mark.slow
-def test_full_remat_compiled_flops_match_predicted_recompute():
-    # Unrolled, one micro-batch: XLA's cost analysis counts a while loop's body once.
-    ex, g = _graph("gpt-small")
+def _recompute_flops(remat, **overrides):
+    """``(compiled, predicted)`` extra flops of gpt-small's plan on 4x2 under ``remat``, against
+    the same layouts without it. Unrolled, one micro-batch: XLA's cost analysis counts a while
+    loop's body once."""
+    ex, g = _graph("gpt-small", **overrides)
     mesh_shape = {"data": 4, "model": 2}
     mesh = make_mesh(mesh_shape)
-    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat="full")
+    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat=remat)
 
     def flops(p):
         return compile_plan(p, ex.loss, mesh, ex.params, *ex.batch).cost_analysis()["flops"]
 
     extra = flops(plan) - flops(dataclasses.replace(plan, remat={}))
-    assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
+    return extra, recompute_flops(plan.problem, plan.solution.choice)
+
+
+@pytest.mark.slow
+def test_full_remat_compiled_flops_match_predicted_recompute():
+    extra, predicted = _recompute_flops("full")
+    assert extra == pytest.approx(predicted, rel=0.1)
 
 
 @pytest.mark.slow
@@ -127,16 +134,8 @@ def test_full_remat_compiled_flops_match_predicted_recompute():
     "the op's declared flops); full recompute is within 4%"))
 @pytest.mark.parametrize("form", ["einsum", "flash"])
 def test_selective_remat_compiled_flops_match_predicted_recompute(form):
-    ex, g = _graph("gpt-small", attention=form)
-    mesh_shape = {"data": 4, "model": 2}
-    mesh = make_mesh(mesh_shape)
-    plan = solve(g, mesh_shape, hardware="cpu-sim", train=True, remat="selective")
-
-    def flops(p):
-        return compile_plan(p, ex.loss, mesh, ex.params, *ex.batch).cost_analysis()["flops"]
-
-    extra = flops(plan) - flops(dataclasses.replace(plan, remat={}))
-    assert extra == pytest.approx(recompute_flops(plan.problem, plan.solution.choice), rel=0.1)
+    extra, predicted = _recompute_flops("selective", attention=form)
+    assert extra == pytest.approx(predicted, rel=0.1)
 
 
 # Compiled / predicted memory under the half budget: both forms in the 0.90-1.10 band. Both

@@ -159,6 +159,18 @@ def _rotate_bwd(_, cotangent):
 _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
+def check_carries(pipe: Pipeline, carry_leaves: list, length: int, name: str) -> None:
+    """Every carry of the pipelined scan ``name`` has the batch dim, and the layers and the batch
+    split into ``pipe``'s stages and micro-batches (one-line errors otherwise)."""
+    for leaf in carry_leaves:
+        if pipe.batch_dim not in leaf.dims:
+            raise ShapeError(
+                f"pipelined scan {name!r}: a carry with dims {' '.join(leaf.dims)!r} has no {pipe.batch_dim!r} "
+                "dim to split into micro-batches"
+            )
+        pipe.check(length, leaf.size(pipe.batch_dim))
+
+
 def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) -> tuple[Any, Any]:
     """:func:`meshjax.scan.scan` run as the active context's pipeline (see the module doc)."""
     from meshjax.scan import scan_leaves, scan_unpipelined
@@ -171,13 +183,7 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
         from meshjax.pipeline.one_f_one_b import capture_or_replay
 
         return capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, length, dim=dim, name=name)
-    for leaf in carry_leaves:
-        if pipe.batch_dim not in leaf.dims:
-            raise ShapeError(
-                f"pipelined scan {name!r}: a carry with dims {' '.join(leaf.dims)!r} has no {pipe.batch_dim!r} "
-                "dim to split into micro-batches"
-            )
-        pipe.check(length, leaf.size(pipe.batch_dim))
+    check_carries(pipe, carry_leaves, length, name)
     block_name = "/".join([*ctx.scopes, name])
 
     # Stage params: (L, ...) -> (p, L/p, ...), the stage axis on the new leading dim.

@@ -52,18 +52,14 @@ from meshjax.named import NamedArray, is_named
 
 def capture_or_replay(ctx, body, carry_leaves, carry_def, x_leaves, x_def, length, *, dim: str, name: str):
     """The pipelined scan of a pinner in ``capture`` or ``replay`` mode (see the module doc)."""
+    from meshjax.pipeline.lower import check_carries  # lower imports this module when it runs
+
     pipe = ctx.pipeline
     c_dims = [(pipe.batch_dim, *(d for d in leaf.dims if d != pipe.batch_dim)) for leaf in carry_leaves]
     if ctx.mode == "capture":
         if ctx.captured is not None:
             raise ShapeError(f"pipelined scan {name!r}: a 1F1B pipeline runs one scan over {dim!r}; the function has two")
-        for leaf in carry_leaves:
-            if pipe.batch_dim not in leaf.dims:
-                raise ShapeError(
-                    f"pipelined scan {name!r}: a carry with dims {' '.join(leaf.dims)!r} has no {pipe.batch_dim!r} "
-                    "dim to split into micro-batches"
-                )
-            pipe.check(length, leaf.size(pipe.batch_dim))
+        check_carries(pipe, carry_leaves, length, name)
         _no_stacked_values(ctx, body, carry_leaves, carry_def, x_leaves, x_def, dim=dim, name=name)
         ctx.captured = {
             "body": body, "name": name, "dim": dim, "length": length, "scopes": list(ctx.scopes),
