@@ -28,11 +28,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meshjax.cost.collectives import Collective, collective_time, time_of
 from meshjax.cost.hardware import Hardware
+from meshjax.cost.stage_boundary import in_stage
 from meshjax.cost.strategies import per_device_bytes
 from meshjax.graph import Graph
 from meshjax.layout import Layout
@@ -89,18 +91,19 @@ def replica_axes(graph: Graph, layouts: Mapping[str, Layout], block: str, pipe: 
 def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:
     """A lower bound on the step time of ``pipe`` from the stage graph ``graph``: its flops (with
     remat, the stage's forward once more) split perfectly over the stage's devices at peak, with
-    no communication. The micro-batch search skips counts whose bound exceeds a plan it has."""
-    devices = 1
-    for n in mesh_shape.values():
-        devices *= n
+    no communication. The micro-batch search skips counts whose bound exceeds a plan it has.
+    ``mesh_shape`` is the whole mesh: the scan's ops split over one stage's devices, the rest
+    over all of them (:mod:`meshjax.cost.stage_boundary`)."""
+    devices = math.prod(mesh_shape.values())
+    stage = math.prod(n for a, n in mesh_shape.items() if a != pipe.axis)
     total = 0.0
     for op in graph.ops:
         dtype = graph.tensors[op.output].dtype
         flops = op.index.flops * graph.trip_count(op.block) * (3 if train else 1)
         if op.block == block and pipe.remat and train:
             flops *= 1 + RECOMPUTE_SHARE
-        total += flops / hardware.peak_flops(dtype if dtype != "bool" else "float32")
-    return total / devices
+        total += flops / hardware.peak_flops(dtype if dtype != "bool" else "float32") / (stage if op.block == block else devices)
+    return total
 
 
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
@@ -122,7 +125,8 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     for node in problem.nodes:
         if node.op is None:
             continue
-        act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
+        # In-stage bytes: the pipeline's buffers hold the carry off the stage axis.
+        act = _array([per_device_bytes(node.tensor, in_stage(layout, pipe.axis), problem.mesh_shape) for layout in node.result_layouts])
         if node.op.block == block and pipe.remat:
             _scale(node, 1 / pipe.iterations)
             if node.op.kind == "loop_carry":
@@ -264,13 +268,14 @@ def pipeline_cost(
     from meshjax.pipeline.stage_graph import AFTER
 
     inputs, outputs = carry_names(graph, block)
-    # The carry leaves every slot in its final layout; whole-batch bytes per device / m (a 1F1B
-    # stage graph has the final carry at a micro-batch's size).
+    # The carry leaves every slot in its final layout, held off the stage axis
+    # (meshjax.cost.stage_boundary); whole-batch bytes per device / m (a 1F1B stage graph has
+    # the final carry at a micro-batch's size).
     full_out = sum(
-        per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) * (pipe.microbatches if graph.tensors[n].block == AFTER else 1)
+        per_device_bytes(graph.tensors[n], in_stage(layouts[n], pipe.axis), stage_mesh) * (pipe.microbatches if graph.tensors[n].block == AFTER else 1)
         for n in outputs
     )
-    full_in = sum(per_device_bytes(graph.tensors[n], layouts[n], stage_mesh) for n in inputs)
+    full_in = sum(per_device_bytes(graph.tensors[n], in_stage(layouts[n], pipe.axis), stage_mesh) for n in inputs)
     micro = full_out / pipe.microbatches
     axis = (pipe.axis,)
     colls: list[Collective] = []

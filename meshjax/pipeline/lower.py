@@ -92,9 +92,17 @@ def _drop_axes(spec: PartitionSpec | None, axes: tuple[str, ...]) -> PartitionSp
 
 @contextlib.contextmanager
 def _in_replica(ctx: PipelinePinner) -> Iterator[None]:
-    """Inside one data-parallel replica of a stage (vmapped over ``ctx.replicas``), the planned
-    in-stage layouts less those axes: the vmap puts them on the replica dim."""
-    axes = ctx.replicas
+    """Inside one data-parallel replica of a stage (vmapped over ``ctx.replicas`` and the stage
+    axis), the planned layouts less those axes: the vmaps put them on the replica and stage
+    dims. (The scan's tensors never use the stage axis; a tensor named outside the scan that
+    the stage also makes, its final carry's stand-in, may.)"""
+    with _off_axes(ctx, (*ctx.replicas, ctx.pipeline.axis)):
+        yield
+
+
+@contextlib.contextmanager
+def _off_axes(ctx: context.Pinner, axes: tuple[str, ...]) -> Iterator[None]:
+    """``ctx``'s planned layouts less the mesh ``axes`` for the duration."""
     saved = ctx.specs, ctx.operand_specs, ctx.computed_specs
     if axes:
         ctx.specs = {k: _drop_axes(v, axes) for k, v in saved[0].items()}

@@ -118,7 +118,7 @@ def _read_by(fn: Callable, ids: list[int], params: list[Any], outputs: list[Any]
 def one_f_one_b(program) -> Callable:
     """``value_and_grad(params, *args) -> (loss, grads)`` of ``program`` (a
     :class:`~meshjax.pipeline.lower.PipelinedProgram`) run as the 1F1B schedule."""
-    from meshjax.pipeline.lower import _rotate, _stage_major
+    from meshjax.pipeline.lower import _off_axes, _rotate, _stage_major
     from meshjax.scan import scan_unpipelined
 
     pipe = program.pipeline
@@ -197,7 +197,8 @@ def one_f_one_b(program) -> Callable:
             stage_pinner.forget_names_under(block_name)  # every trace names the stage's tensors afresh
             xs_stage = jax.tree_util.tree_unflatten(x_def, [NamedArray(v, (dim, *r)) for v, r in zip(params_s, x_rest)])
             c_in = jax.tree_util.tree_unflatten(carry_def, [NamedArray(v, d) for v, d in zip(state, c_dims)])
-            out, ys = scan_unpipelined(body, c_in, xs_stage, dim=dim, name=name)
+            with _off_axes(stage_pinner, (pipe.axis,)):  # inside the vmap over the stage axis
+                out, ys = scan_unpipelined(body, c_in, xs_stage, dim=dim, name=name)
             if ys is not None and jax.tree_util.tree_leaves(ys):
                 raise ShapeError(f"pipelined scan {name!r}: the body may not return stacked values (y)")
             return [leaf.align_to(d) for leaf, d in zip(jax.tree_util.tree_leaves(out, is_leaf=is_named), c_dims)]

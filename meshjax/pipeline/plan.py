@@ -25,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 from meshjax.cost.collectives import Collective
 from meshjax.cost.hardware import Hardware, get_hardware
 from meshjax.cost.pipeline import PipelineCost, compute_bound, pipeline_cost, prepare_problem
+from meshjax.cost.stage_boundary import off_stage, price_crossings
 from meshjax.errors import InfeasibleError, LayoutError
 from meshjax.graph import Graph
 from meshjax.layout import Layout
@@ -43,8 +44,9 @@ def _specs(layouts: Mapping[str, Layout]) -> dict[str, PartitionSpec]:
 
 @dataclass
 class PipelinedPlan:
-    """``stage_plan`` lays out one stage (its ``mesh_shape`` lacks the stage axis); ``graph`` is
-    the whole model's graph the program is traced from; ``mesh_shape`` is the whole mesh."""
+    """``stage_plan`` lays out the stage graph on the whole mesh (the scan's tensors off the stage
+    axis, :mod:`meshjax.cost.stage_boundary`); ``graph`` is the whole model's graph the program
+    is traced from; ``mesh_shape`` is the whole mesh."""
 
     stage_plan: Plan
     pipeline: Pipeline
@@ -118,7 +120,7 @@ class PipelinedPlan:
             f"pipeline: {pipe.stages} stages over {pipe.axis!r}, {pipe.microbatches} micro-batches ({pipe.schedule}"
             f"{', stage remat' if pipe.remat else ''}), bubble {pipe.bubble_fraction:.1%}: step {self.step_time_s * 1e3:.4f} ms, "
             f"memory {format_bytes(self.peak_memory_bytes)}/device, solved in {self.solve_time_s:.3f} s; "
-            f"in-stage layouts on mesh {self.stage_plan.mesh_shape}"
+            f"stages laid out over {stage_mesh(self.mesh_shape, pipe.axis)}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -182,13 +184,16 @@ def plan_stage(
     start = time.perf_counter()
     graph = stage_graph(trace_for, full, pipe)
     block = scan_block(full, pipe)
-    inner = stage_mesh(mesh_shape, pipe.axis)
+    stage_mesh(mesh_shape, pipe.axis)
     if mesh_shape[pipe.axis] != pipe.stages:
         raise LayoutError(f"pipeline: {pipe.stages} stages need mesh axis {pipe.axis!r} of size {pipe.stages}")
     hw = get_hardware(hardware)
     memory_budget = budget_bytes(memory_budget, hw)
-    constraints = Constraints.make(graph, inner, rules, pins, candidates)
-    problem = build_problem(graph, inner, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
+    # The whole mesh: what runs outside the scan may use the stage axis, the stages may not.
+    constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
+    constraints.avoid = off_stage(graph, block, pipe.axis, pipe.dim)
+    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
+    price_crossings(problem, block)
     prepare_problem(problem, block, pipe)
     solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
     stage_plan = plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
@@ -245,7 +250,6 @@ def solve_pipelined(
     plans: list[PipelinedPlan] = []
     hw = get_hardware(solve_kwargs.get("hardware", "h100-node"))
     train = solve_kwargs.get("train", False)
-    inner = stage_mesh(mesh_shape, axis)
 
     def walk(ms: list[int], remat_choice: bool) -> None:
         """Solve ``ms`` in order until the step time rises or the compute bound says no later
@@ -254,7 +258,7 @@ def solve_pipelined(
         for m in ms:
             pipe = Pipeline(axis=axis, stages=stages, microbatches=m, schedule=schedule, remat=remat_choice)
             best = min((p.step_time_s for p in plans), default=None)
-            if best is not None and compute_bound(stage_graph(trace_for, full, pipe), block, inner, hw, pipe, train) >= best:
+            if best is not None and compute_bound(stage_graph(trace_for, full, pipe), block, mesh_shape, hw, pipe, train) >= best:
                 break
             plan = attempt(m, remat_choice)
             if plan is None:

@@ -48,11 +48,15 @@ from meshjax.solver.evaluate import SYNC_PHASES, sync_rows, price_accumulation, 
 @dataclass
 class Constraints:
     """What the user fixed: dims split exactly as a rule says (``()``: never split), tensors
-    pinned to a layout, and dims limited to a set of candidate axis tuples."""
+    pinned to a layout, and dims limited to a set of candidate axis tuples. ``avoid`` maps a
+    tensor to mesh axes none of its layouts may use, as a source or as an op's result, nor the
+    operands of the op that makes it (a pipeline's stages: their tensors stay off the stage
+    axis, :func:`meshjax.cost.stage_boundary.off_stage`)."""
 
     rules: Rules = field(default_factory=dict)
     pins: dict[str, Layout] = field(default_factory=dict)
     candidates: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
+    avoid: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def make(cls, graph: Graph, mesh_shape: MeshShape, rules=None, pins=None, candidates=None) -> Constraints:
@@ -65,8 +69,10 @@ class Constraints:
             check_rules({dim: tuple(a for axes in cands[dim] for a in axes)}, graph, mesh_shape)
         return cls(parsed, pinned, cands)
 
-    def allows(self, layout: Layout) -> bool:
+    def allows(self, layout: Layout, avoid: frozenset[str] = frozenset()) -> bool:
         for dim, axes in zip(layout.dims, layout.axes):
+            if avoid and avoid.intersection(axes):
+                return False
             if dim in self.rules and self.rules[dim] != axes:
                 return False
             if dim in self.candidates and axes not in self.candidates[dim]:
@@ -265,9 +271,10 @@ def build_problem(
         tensor = graph.tensors[key]
         op = graph.producer.get(key)
         pin = next((constraints.pins[n] for n in names if n in constraints.pins), None)
+        avoid = constraints.avoid.get(key, frozenset())
         per_instance = len(names)
         if op is None:
-            layouts = [l for l in enumerate_layouts(tensor, mesh_shape) if constraints.allows(l)]
+            layouts = [l for l in enumerate_layouts(tensor, mesh_shape) if constraints.allows(l, avoid)]
             if pin is not None:
                 layouts = [l for l in layouts if l == pin]
             if not layouts:
@@ -301,7 +308,7 @@ def build_problem(
             strategies = [
                 s
                 for s in cache[("strategies", op.name, op.index)]
-                if constraints.allows(s.result_layout) and all(constraints.allows(l) for l in s.operand_layouts)
+                if constraints.allows(s.result_layout, avoid) and all(constraints.allows(l, avoid) for l in s.operand_layouts)
                 and (pin is None or s.result_layout == pin)
             ]
             if not strategies:
@@ -506,4 +513,6 @@ def _describe(constraints: Constraints, tensor: Tensor) -> str:
     parts += [f"{d} in {constraints.candidates[d]}" for d in tensor.dims if d in constraints.candidates]
     if tensor.name in constraints.pins:
         parts.append(f"pinned {constraints.pins[tensor.name]}")
+    if tensor.name in constraints.avoid:
+        parts.append(f"off {'+'.join(sorted(constraints.avoid[tensor.name]))}")
     return "; ".join(parts) or "no constraint on its dims: check divisibility by the mesh axes"

@@ -1,0 +1,89 @@
+"""Where a pipeline's stages meet the rest of the model.
+
+A pipelined plan is solved on the whole mesh, stage axis included. The tensors of the layer
+scan (each stage's, computed inside the ``vmap`` over the stage axis) and the stacked layer
+params (whose ``layers`` dim the stage axis splits) stay off the stage axis
+(:func:`off_stage`); everything outside the scan (a decoder's embedding, final norm, head and
+loss) may use it like any other axis, so each stage does ``1/p`` of that work and holds ``1/p``
+of those weights and their optimizer state wherever the solver finds it pays.
+
+The scan's carry crosses between the two once per step each way (1F1B: the output once per
+micro-batch). Over the stage axis the program sends it as it does when nothing outside uses
+that axis (:func:`meshjax.cost.pipeline.pipeline_cost`: the output leaves the last stage by
+an all-reduce, the other stages adding zeros, and the input's gradient leaves the first stage
+by another); an outside layout that splits the carry over the stage axis then takes its slice
+locally, and the other direction all-gathers it (the input before it enters the stages, the
+output's cotangent before the last stage's backward). Those moves, and any over the other
+axes, are the ordinary reshard between the outside layout and the in-stage one, priced once
+per crossing (:func:`price_crossings`: the stage graph's edges would charge the entering carry
+every time slot, and the leaving carry at a micro-batch's size).
+
+Example::
+
+    >>> from meshjax.layout import Layout
+    >>> in_stage(Layout(("batch", "embed"), (("data", "stage"), ("model",))), "stage")
+    Layout(dims=('batch', 'embed'), axes=(('data',), ('model',)))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshjax.cost.strategies import reshard
+from meshjax.graph import Graph, Op
+from meshjax.layout import Layout
+
+
+def in_stage(layout: Layout, axis: str) -> Layout:
+    """``layout`` without the stage ``axis``: how one stage holds the tensor."""
+    return Layout(layout.dims, tuple(tuple(a for a in axes if a != axis) for axes in layout.axes))
+
+
+def uses(layout: Layout, axis: str) -> bool:
+    return any(axis in axes for axes in layout.axes)
+
+
+def off_stage(graph: Graph, block: str, axis: str, dim: str) -> dict[str, frozenset[str]]:
+    """:attr:`Constraints.avoid <meshjax.solver.problem.Constraints.avoid>` of a pipelined stage
+    graph: every tensor made in the scan ``block`` (and so the operands of its ops) and every
+    stacked param (with ``dim``) stays off ``axis``."""
+    off = frozenset({axis})
+    out = {op.output: off for op in graph.ops if op.block == block}
+    out.update({t.name: off for t in graph.params if dim in t.dims})
+    return out
+
+
+def is_crossing(graph: Graph, consumer: Op, operand: int, block: str) -> bool:
+    """Whether ``consumer``'s ``operand`` carries the scan ``block``'s carry in (the loop's
+    initial carry) or out (its final carry)."""
+    if consumer.kind == "loop_carry" and consumer.block == block:
+        return operand == 0
+    if consumer.kind == "scan_carry":
+        producer = graph.producer.get(consumer.inputs[0])
+        return producer is not None and producer.block == block
+    return False
+
+
+def price_crossings(problem, block: str) -> None:
+    """Re-price the edges of ``problem`` (a stage graph's, in place) where the scan's carry
+    crosses: once per step (per micro-batch where the consumer runs per micro-batch), at the
+    size of the tensor outside the scan."""
+    graph = problem.graph
+    for e in problem.edges:
+        consumer = problem.nodes[e.dst].op
+        if consumer is None or not is_crossing(graph, consumer, e.operand, block):
+            continue
+        entering = consumer.kind == "loop_carry"
+        tensor = e.tensor if entering else graph.tensors[consumer.output]
+        e.multiplicity = 1 if entering else graph.trip_count(consumer.block)
+        e.tensor = tensor
+        e.src_layouts = [Layout(tensor.dims, l.axes) for l in e.src_layouts]
+        e.dst_layouts = [Layout(tensor.dims, l.axes) for l in e.dst_layouts]
+        e.cost = np.array([
+            [reshard(tensor, a, b, problem.mesh_shape, problem.hardware, train=problem.train, needs_grad=e.needs_grad,
+                     recompute=e.recompute)[0] * e.multiplicity for b in e.dst_layouts]
+            for a in e.src_layouts
+        ])
+
+
+__all__ = ["in_stage", "is_crossing", "off_stage", "price_crossings", "uses"]
