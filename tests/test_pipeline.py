@@ -175,7 +175,7 @@ def test_search_finds_the_best_of_every_microbatch_count_and_remat():
         from meshjax.pipeline.stage_graph import scan_block, stage_graph
 
         pipe = plan.pipeline
-        bound = compute_bound(stage_graph(trace_for, full, pipe), scan_block(full, pipe), {"data": 2, "model": 2},
+        bound = compute_bound(stage_graph(trace_for, full, pipe), scan_block(full, pipe), mesh_shape,
                               plan.hardware, pipe)
         assert 0 < bound <= plan.step_time_s
         assert plan.cost.p2p_time_s > 0 and plan.cost.collectives[0].count == 2 * pipe.iterations

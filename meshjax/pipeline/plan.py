@@ -177,8 +177,13 @@ def plan_stage(
     time_limit: float | None = None,
     optimizer: Any = None,
     zero: bool = False,
+    cache: dict | None = None,
+    outside_on_stage: bool = True,
 ) -> PipelinedPlan:
-    """Lay out one stage of ``pipe`` (micro-batches and remat fixed) and price the pipeline."""
+    """Lay out one stage of ``pipe`` (micro-batches and remat fixed) and price the pipeline.
+    ``cache``: shared by the calls for one mesh and hardware (:func:`~meshjax.solver.problem.build_problem`'s).
+    ``outside_on_stage=False`` keeps every tensor off the stage axis: what runs outside the scan
+    is then replicated over it (each stage repeats it on the whole batch)."""
     from meshjax.solve import budget_bytes, plan_from_choice
 
     start = time.perf_counter()
@@ -192,7 +197,10 @@ def plan_stage(
     # The whole mesh: what runs outside the scan may use the stage axis, the stages may not.
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
     constraints.avoid = off_stage(graph, block, pipe.axis, pipe.dim)
-    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero)
+    if not outside_on_stage:
+        constraints.avoid = {name: frozenset({pipe.axis}) for name in graph.tensors}
+    problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero,
+                            cache=cache)
     price_crossings(problem, block)
     prepare_problem(problem, block, pipe)
     solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
@@ -238,11 +246,12 @@ def solve_pipelined(
     probe.check(dim_size(full, probe.dim), batch)
     counts = [microbatches] if microbatches else microbatch_candidates(batch, stages)
     errors: list[str] = []
+    cache: dict = {}  # strategies and reshards priced once for every (m, remat) tried
 
     def attempt(m: int, remat_choice: bool) -> PipelinedPlan | None:
         pipe = Pipeline(axis=axis, stages=stages, microbatches=m, schedule=schedule, remat=remat_choice)
         try:
-            return plan_stage(trace_for, full, mesh_shape, pipe, **solve_kwargs)
+            return plan_stage(trace_for, full, mesh_shape, pipe, cache=cache, **solve_kwargs)
         except InfeasibleError as err:
             errors.append(f"m={m}{' with stage remat' if remat_choice else ''}: {err}")
             return None

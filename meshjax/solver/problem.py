@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -303,11 +304,14 @@ def build_problem(
             nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts,
                               sync=sync))
         else:
-            if ("strategies", op.name, op.index) not in cache:
-                cache[("strategies", op.name, op.index)] = op_strategies(op, graph, mesh_shape, hardware, train=train)
+            if ("strategies", op.name, op.index, avoid) not in cache:
+                # Enumerated without the avoided axes (the same strategies as enumerating all
+                # and dropping those that use them, at a fraction of the work).
+                cache[("strategies", op.name, op.index, avoid)] = op_strategies(op, graph, *_without(mesh_shape, hardware, avoid),
+                                                                                train=train)
             strategies = [
                 s
-                for s in cache[("strategies", op.name, op.index)]
+                for s in cache[("strategies", op.name, op.index, avoid)]
                 if constraints.allows(s.result_layout, avoid) and all(constraints.allows(l, avoid) for l in s.operand_layouts)
                 and (pin is None or s.result_layout == pin)
             ]
@@ -422,6 +426,15 @@ def build_problem(
                       dict(remat), microbatches)
     _repeat(problem, microbatches)
     return problem
+
+
+def _without(mesh_shape: MeshShape, hardware: Hardware, axes: frozenset[str]) -> tuple[dict[str, int], Hardware]:
+    """The mesh less ``axes``, and ``hardware`` with every other axis on the link it has in the
+    whole mesh (:meth:`Hardware.link` depends on the axes around it)."""
+    if not axes:
+        return dict(mesh_shape), hardware
+    inner = {a: n for a, n in mesh_shape.items() if a not in axes}
+    return inner, dataclasses.replace(hardware, axis_links={a: hardware.link(mesh_shape, a) for a in inner})
 
 
 def peak_rows(nodes: list[Node], orders: Sequence[Sequence[int]], recomputed: Mapping[int, np.ndarray]) -> None:
