@@ -222,7 +222,7 @@ class PipelineCost:
     collectives: tuple[Collective, ...]  # over the stage axis
     memory_bytes: float  # per device: the solver's memory row (the pipeline's buffers included)
     buffer_bytes: float
-    outside_time_s: float  # embedding, head and loss: every stage runs them on the whole batch
+    outside_time_s: float  # embedding, head and loss: their layouts may split them over the stage axis
 
     @property
     def step_time_s(self) -> float:

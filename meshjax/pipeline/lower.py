@@ -27,10 +27,11 @@ accumulate locally over the slots, and the broadcast's transpose sums them over 
 once, after the loop: one all-reduce per step, as Megatron does.
 
 What stays outside the pipeline: everything before and after the scan (a decoder's embedding
-and head) runs on every stage group with its planned layout over the other mesh axes, i.e.
-replicated over the stage axis. The scan's input reaches stage 0 without communication (every
-stage holds it); its output leaves the last stage by one all-reduce over the stage axis (the
-other stages contribute zeros), and the backward pass does the same for the gradients.
+and head) runs with its planned layout over the whole mesh, which may split it over the stage
+axis (:mod:`meshjax.cost.stage_boundary`). The scan's input reaches every stage (an all-gather
+over the stage axis where its layout splits it over that axis, else without communication);
+its output leaves the last stage by one all-reduce over the stage axis (the other stages
+contribute zeros), and the backward pass does the same for the gradients.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def staged_layouts(graph: Graph, layouts: Mapping[str, Layout], pipeline: Pipeli
 
 class PipelinedProgram(Program):
     """A :class:`~meshjax.lower.Program` whose scans over ``pipeline.dim`` run pipelined over
-    ``pipeline.axis``; ``layouts`` are the in-stage layouts (no tensor uses the stage axis)."""
+    ``pipeline.axis``; ``layouts`` are the plan's over the whole mesh (the scan's tensors off
+    the stage axis)."""
 
     def __init__(self, fn, graph, mesh, layouts, operand_layouts, computed_layouts, pipeline: Pipeline):
         if pipeline.axis not in mesh.axis_names:

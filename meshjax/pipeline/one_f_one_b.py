@@ -5,7 +5,7 @@ inputs instead of GPipe's ``m + p - 1``.
 The function is split at its pipelined scan into what runs before it (a decoder's embedding),
 the scan, and what runs after it (the head and the loss):
 
-- **before**, once on the whole batch, replicated over the stage axis: the function runs with
+- **before**, once on the whole batch, in its planned layout over the whole mesh: the function runs with
   its scan recording the carry and stacked params it was given (``capture`` mode); ``jax.vjp``
   of that keeps the embedding's residuals for the end of the step;
 - **the scan**: one loop of time slots in which every stage (vmapped over the stage dim, as in
@@ -17,7 +17,7 @@ the scan, and what runs after it (the head and the loss):
   micro-batch, in a ring of ``min(m, 2p - 1)`` slots, and its backward recomputes the forward
   from that input (``jax.vjp`` of the stage): per-stage recompute. Activations move one stage on
   and cotangents one stage back by one collective-permute each per slot;
-- **after**, per micro-batch inside the steady slots, replicated over the stage axis: the last
+- **after**, per micro-batch inside the steady slots, in its planned layout: the last
   stage's output leaves it by an all-reduce over the stage axis (the other stages add zeros),
   the function runs on that micro-batch's rows with its scan handing the output back
   (``replay`` mode), and ``jax.vjp`` of it gives the micro-batch's loss, the head's gradients
