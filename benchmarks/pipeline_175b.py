@@ -94,8 +94,7 @@ def label(mesh, plan) -> str:
 
 def memory_split(plan) -> dict[str, float]:
     """A pipelined plan's bytes per device: weights' state (params, gradients, optimizer), what
-    runs outside the pipeline on the whole local batch (embedding, head, loss, the micro-batch
-    buffers), the stages' own activations, and the backward pass's transient peak."""
+    runs outside the pipeline (embedding, head, loss, the micro-batch buffers), the stages' own activations, and the backward pass's transient peak."""
     sp = plan.stage_plan
     block = scan_block(plan.graph, plan.pipeline)
     out = {"state": 0.0, "outside": 0.0, "stages": 0.0, "backward_peak": sp.memory.get("backward_peak", 0.0)}
@@ -206,11 +205,11 @@ def main() -> None:
             "## Where the Megatron rows' memory goes (GB per device, as meshjax lowers them)",
             "",
             "Megatron holds the weights' state and, with 1F1B and recompute, a few micro-batches' layer inputs. "
-            "meshjax's 1F1B lowering runs the head and the loss per micro-batch, but on every stage (replicated over "
-            "the stage axis), and the embedding on the whole local batch; it keeps the pipeline's input and "
-            "input-gradient buffers (a whole local batch each): the *outside* column and most of the backward "
-            "pass's peak. Megatron runs the embedding on the first stage and the head on the last, so its memory is "
-            "near *state + stages*.",
+            "meshjax's 1F1B lowering runs the head and the loss per micro-batch and the embedding on the whole local "
+            "batch, every stage on its share where the solver splits them over the stage axis "
+            "(docs/pipeline.md, \"Where the embedding and head run\"); it keeps the pipeline's input and "
+            "input-gradient buffers (a whole local batch each): most of the *outside* column. Megatron runs the "
+            "embedding on the first stage and the head on the last, so its memory is near *state + stages*.",
             "",
             "| configuration | state (params, grads, Adam) | stages' activations | outside the pipeline | backward peak | total |",
             "|---|---:|---:|---:|---:|---:|",

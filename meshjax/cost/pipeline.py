@@ -121,7 +121,7 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
     if pipe.schedule == "gpipe":  # 1F1B's slot loop sums each slot's weight gradients (one_f_one_b)
         _reduce_weight_gradients_once(problem, block, pipe)
     if pipe.remat:
-        _rerun_forward_collectives(problem, block)
+        _rerun_forward_collectives(problem, block, pipe.axis)
     for node in problem.nodes:
         if node.op is None:
             continue
@@ -169,17 +169,20 @@ def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) 
                 node.time[c] -= saved * node.multiplicity
 
 
-def _rerun_forward_collectives(problem: Problem, block: str) -> None:
+def _rerun_forward_collectives(problem: Problem, block: str, axis: str) -> None:
     """Stage remat recomputes the stage's forward in the backward pass, its collectives (a
     tensor-parallel layer's sums) included: charge each of the scan's ops its forward
-    collectives once more per trip (the recomputed flops are :func:`pipeline_cost`'s)."""
+    collectives once more per trip (the recomputed flops are :func:`pipeline_cost`'s). The
+    scan's ops are off the stage ``axis``: their forward strategies are found without it."""
     from meshjax.cost.remat import recompute_times
+    from meshjax.solver.problem import without_axes
 
     cache: dict = {}
+    mesh_shape, hardware = without_axes(problem.mesh_shape, problem.hardware, frozenset({axis}))
     for node in problem.nodes:
         if node.op is None or node.op.block != block or node.recompute_collectives is not None:
             continue
-        total, compute, colls = recompute_times(node.op, problem.graph, list(node.options), problem.mesh_shape, problem.hardware, cache)
+        total, compute, colls = recompute_times(node.op, problem.graph, list(node.options), mesh_shape, hardware, cache)
         node.time = node.time + (total - compute) * node.multiplicity
         node.recompute_collectives = colls
 

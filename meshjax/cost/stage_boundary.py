@@ -64,11 +64,13 @@ def is_crossing(graph: Graph, consumer: Op, operand: int, block: str) -> bool:
     return False
 
 
-def price_crossings(problem, block: str) -> None:
+def price_crossings(problem, block: str, cache: dict | None = None) -> None:
     """Re-price the edges of ``problem`` (a stage graph's, in place) where the scan's carry
     crosses: once per step (per micro-batch where the consumer runs per micro-batch), at the
-    size of the tensor outside the scan."""
+    size of the tensor outside the scan. ``cache``: shared by problems on the same mesh and
+    hardware."""
     graph = problem.graph
+    cache = {} if cache is None else cache
     for e in problem.edges:
         consumer = problem.nodes[e.dst].op
         if consumer is None or not is_crossing(graph, consumer, e.operand, block):
@@ -79,11 +81,15 @@ def price_crossings(problem, block: str) -> None:
         e.tensor = tensor
         e.src_layouts = [Layout(tensor.dims, l.axes) for l in e.src_layouts]
         e.dst_layouts = [Layout(tensor.dims, l.axes) for l in e.dst_layouts]
-        e.cost = np.array([
-            [reshard(tensor, a, b, problem.mesh_shape, problem.hardware, train=problem.train, needs_grad=e.needs_grad,
-                     recompute=e.recompute)[0] * e.multiplicity for b in e.dst_layouts]
-            for a in e.src_layouts
-        ])
+        key = ("crossing", tensor.dims, tensor.shape, tensor.dtype, tuple(l.axes for l in e.src_layouts),
+               tuple(l.axes for l in e.dst_layouts), problem.train, e.needs_grad, e.recompute)
+        if key not in cache:
+            cache[key] = np.array([
+                [reshard(tensor, a, b, problem.mesh_shape, problem.hardware, train=problem.train, needs_grad=e.needs_grad,
+                         recompute=e.recompute)[0] for b in e.dst_layouts]
+                for a in e.src_layouts
+            ])
+        e.cost = cache[key] * e.multiplicity
 
 
 __all__ = ["in_stage", "is_crossing", "off_stage", "price_crossings", "uses"]

@@ -248,8 +248,9 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
         state = [_stage_replica_major(ctx, _rotate(s)) for s in state]  # stage s -> s + 1
         return (state, buffers), None
 
-    # Every stage holds the micro-batches (no copy: they are replicated over the stage axis);
-    # only stage 0 reads them, and the backward pass sums their gradient over the stages once.
+    # Every stage holds the micro-batches (no copy where they are replicated over the stage
+    # axis, else one all-gather); only stage 0 reads them, and the backward pass sums their
+    # gradient over the stages once.
     inputs = [_stage_replica_major(ctx, jnp.broadcast_to(v, (p, *v.shape))) for v in c_micro]
     init_state = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape[:2], *v.shape[3:]), v.dtype)) for v in c_micro]
     init_buffers = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape), v.dtype)) for v in c_micro]

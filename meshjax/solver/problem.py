@@ -307,7 +307,7 @@ def build_problem(
             if ("strategies", op.name, op.index, avoid) not in cache:
                 # Enumerated without the avoided axes (the same strategies as enumerating all
                 # and dropping those that use them, at a fraction of the work).
-                cache[("strategies", op.name, op.index, avoid)] = op_strategies(op, graph, *_without(mesh_shape, hardware, avoid),
+                cache[("strategies", op.name, op.index, avoid)] = op_strategies(op, graph, *without_axes(mesh_shape, hardware, avoid),
                                                                                 train=train)
             strategies = [
                 s
@@ -402,17 +402,24 @@ def build_problem(
         # anyway (``recompute``): XLA computes the two identical reshards of the backward once.
         rerun = not recompute and unit in remat and consumer.name in remat_effect(graph, unit, remat[unit]).recomputed
         in_place = consumer.facts.slices and tensor.role in ("param", "input")  # see the slice's strategies
-        cost = np.array(
-            [
+        # One matrix per (tensor, layouts, consumer's index form): builds sharing ``cache``
+        # (other micro-batch counts, policies) price each once.
+        matrix_key = ("edge", tensor.dims, tensor.shape, tensor.dtype, tuple(l.axes for l in src_layouts),
+                      tuple(l.axes for l in dst_layouts), needs_grad, recompute, rerun, in_place,
+                      consumer.index if consumer.facts.reduction else None, i)
+        if matrix_key not in cache:
+            cache[matrix_key] = np.array(
                 [
-                    np.inf
-                    if _gathers_before_reducing(consumer, i, a, b) or (in_place and a != b)
-                    else reshard_time(tensor, a, b, needs_grad, recompute, rerun) * mult
-                    for b in dst_layouts
+                    [
+                        np.inf
+                        if _gathers_before_reducing(consumer, i, a, b) or (in_place and a != b)
+                        else reshard_time(tensor, a, b, needs_grad, recompute, rerun)
+                        for b in dst_layouts
+                    ]
+                    for a in src_layouts
                 ]
-                for a in src_layouts
-            ]
-        )
+            )
+        cost = cache[matrix_key] * mult
         if src == dst:
             node = nodes[src]
             node.time = node.time + cost[src_group, dst_group]
@@ -428,7 +435,7 @@ def build_problem(
     return problem
 
 
-def _without(mesh_shape: MeshShape, hardware: Hardware, axes: frozenset[str]) -> tuple[dict[str, int], Hardware]:
+def without_axes(mesh_shape: MeshShape, hardware: Hardware, axes: frozenset[str]) -> tuple[dict[str, int], Hardware]:
     """The mesh less ``axes``, and ``hardware`` with every other axis on the link it has in the
     whole mesh (:meth:`Hardware.link` depends on the axes around it)."""
     if not axes:
