@@ -94,7 +94,8 @@ def label(mesh, plan) -> str:
 
 def memory_split(plan) -> dict[str, float]:
     """A pipelined plan's bytes per device: weights' state (params, gradients, optimizer), what
-    runs outside the pipeline (embedding, head, loss, the micro-batch buffers), the stages' own activations, and the backward pass's transient peak."""
+    runs outside the pipeline (embedding, head, loss, the micro-batch buffers), the stages' own
+    activations, and the backward pass's transient peak."""
     sp = plan.stage_plan
     block = scan_block(plan.graph, plan.pipeline)
     out = {"state": 0.0, "outside": 0.0, "stages": 0.0, "backward_peak": sp.memory.get("backward_peak", 0.0)}

@@ -8,15 +8,15 @@ loss) may use it like any other axis, so each stage does ``1/p`` of that work an
 of those weights and their optimizer state wherever the solver finds it pays.
 
 The scan's carry crosses between the two once per step each way (1F1B: the output once per
-micro-batch). Over the stage axis the program sends it as it does when nothing outside uses
-that axis (:func:`meshjax.cost.pipeline.pipeline_cost`: the output leaves the last stage by
-an all-reduce, the other stages adding zeros, and the input's gradient leaves the first stage
-by another); an outside layout that splits the carry over the stage axis then takes its slice
-locally, and the other direction all-gathers it (the input before it enters the stages, the
-output's cotangent before the last stage's backward). Those moves, and any over the other
-axes, are the ordinary reshard between the outside layout and the in-stage one, priced once
-per crossing (:func:`price_crossings`: the stage graph's edges would charge the entering carry
-every time slot, and the leaving carry at a micro-batch's size).
+micro-batch), and stays off the stage axis where it crosses: the initial carry enters every
+stage as it is (only stage 0 reads it; its gradient is summed over the stages by one
+all-reduce) and the final carry leaves the last stage by one all-reduce, the other stages
+adding zeros (:func:`meshjax.cost.pipeline.pipeline_cost` prices both). The ops that read the
+final carry, or make the initial one's inputs, may split over the stage axis; the edge between
+them is an ordinary reshard (a local slice one way, an all-gather the other). The crossings
+themselves are priced once per crossing (:func:`price_crossings`: the stage graph's edges
+would charge the entering carry every time slot, and the leaving carry at a micro-batch's
+size).
 
 Example::
 
@@ -39,17 +39,15 @@ def in_stage(layout: Layout, axis: str) -> Layout:
     return Layout(layout.dims, tuple(tuple(a for a in axes if a != axis) for axes in layout.axes))
 
 
-def uses(layout: Layout, axis: str) -> bool:
-    return any(axis in axes for axes in layout.axes)
-
-
 def off_stage(graph: Graph, block: str, axis: str, dim: str) -> dict[str, frozenset[str]]:
     """:attr:`Constraints.avoid <meshjax.solver.problem.Constraints.avoid>` of a pipelined stage
-    graph: every tensor made in the scan ``block`` (and so the operands of its ops) and every
-    stacked param (with ``dim``) stays off ``axis``."""
+    graph: every tensor made in the scan ``block`` (and so the operands of its ops), every
+    stacked param (with ``dim``) and the carry where it crosses (the scan's initial and final
+    carries) stay off ``axis``."""
     off = frozenset({axis})
     out = {op.output: off for op in graph.ops if op.block == block}
     out.update({t.name: off for t in graph.params if dim in t.dims})
+    out.update({op.inputs[0]: off for op in graph.ops if op.kind == "loop_carry" and op.block == block})
     return out
 
 
@@ -64,7 +62,7 @@ def is_crossing(graph: Graph, consumer: Op, operand: int, block: str) -> bool:
     return False
 
 
-def price_crossings(problem, block: str, cache: dict | None = None) -> None:
+def price_crossings(problem, block: str, axis: str, cache: dict | None = None) -> None:
     """Re-price the edges of ``problem`` (a stage graph's, in place) where the scan's carry
     crosses: once per step (per micro-batch where the consumer runs per micro-batch), at the
     size of the tensor outside the scan. ``cache``: shared by problems on the same mesh and
@@ -81,15 +79,16 @@ def price_crossings(problem, block: str, cache: dict | None = None) -> None:
         e.tensor = tensor
         e.src_layouts = [Layout(tensor.dims, l.axes) for l in e.src_layouts]
         e.dst_layouts = [Layout(tensor.dims, l.axes) for l in e.dst_layouts]
-        key = ("crossing", tensor.dims, tensor.shape, tensor.dtype, tuple(l.axes for l in e.src_layouts),
+        key = ("crossing", entering, axis, tensor.dims, tensor.shape, tensor.dtype, tuple(l.axes for l in e.src_layouts),
                tuple(l.axes for l in e.dst_layouts), problem.train, e.needs_grad, e.recompute)
         if key not in cache:
             cache[key] = np.array([
-                [reshard(tensor, a, b, problem.mesh_shape, problem.hardware, train=problem.train, needs_grad=e.needs_grad,
+                [np.inf if not entering and in_stage(b, axis) != a else
+                 reshard(tensor, a, b, problem.mesh_shape, problem.hardware, train=problem.train, needs_grad=e.needs_grad,
                          recompute=e.recompute)[0] for b in e.dst_layouts]
                 for a in e.src_layouts
             ])
         e.cost = cache[key] * e.multiplicity
 
 
-__all__ = ["in_stage", "is_crossing", "off_stage", "price_crossings", "uses"]
+__all__ = ["in_stage", "is_crossing", "off_stage", "price_crossings"]

@@ -201,7 +201,7 @@ def plan_stage(
         constraints.avoid = {name: frozenset({pipe.axis}) for name in graph.tensors}
     problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero,
                             cache=cache)
-    price_crossings(problem, block, cache)
+    price_crossings(problem, block, pipe.axis, cache)
     prepare_problem(problem, block, pipe)
     solution = solve_ilp(problem, memory_budget=memory_budget, time_limit=time_limit)
     stage_plan = plan_from_choice(problem, solution, time.perf_counter() - start, memory_budget)
