@@ -8,15 +8,18 @@ loss) may use it like any other axis, so each stage does ``1/p`` of that work an
 of those weights and their optimizer state wherever the solver finds it pays.
 
 The scan's carry crosses between the two once per step each way (1F1B: the output once per
-micro-batch), and stays off the stage axis where it crosses: the initial carry enters every
-stage as it is (only stage 0 reads it; its gradient is summed over the stages by one
-all-reduce) and the final carry leaves the last stage by one all-reduce, the other stages
-adding zeros (:func:`meshjax.cost.pipeline.pipeline_cost` prices both). The ops that read the
-final carry, or make the initial one's inputs, may split over the stage axis; the edge between
-them is an ordinary reshard (a local slice one way, an all-gather the other). The crossings
-themselves are priced once per crossing (:func:`price_crossings`: the stage graph's edges
-would charge the entering carry every time slot, and the leaving carry at a micro-batch's
-size).
+micro-batch). The initial carry stays off the stage axis: it enters every stage as it is (only
+stage 0 reads it) and its gradient is summed over the stages by one all-reduce. The final carry
+leaves the last stage by one all-reduce, the other stages adding zeros
+(:func:`meshjax.cost.pipeline.pipeline_cost` prices both); its layout is the in-stage carry's,
+to which it may add the stage axis (each stage then keeps its slice of the all-reduced result,
+and the backward pass all-gathers the cotangent over the stage axis: the ordinary reshard
+edge). Other layouts of the final carry are excluded: XLA moves the carry over the stage and
+the other axes together there, in ways the reshard edge does not price. The ops reading the
+final carry, or making the initial carry's inputs, may split over the stage axis like any
+other; the crossings themselves are priced once per crossing (:func:`price_crossings`: the
+stage graph's edges would charge the entering carry every time slot, and the leaving carry at
+a micro-batch's size).
 
 Example::
 
@@ -42,8 +45,7 @@ def in_stage(layout: Layout, axis: str) -> Layout:
 def off_stage(graph: Graph, block: str, axis: str, dim: str) -> dict[str, frozenset[str]]:
     """:attr:`Constraints.avoid <meshjax.solver.problem.Constraints.avoid>` of a pipelined stage
     graph: every tensor made in the scan ``block`` (and so the operands of its ops), every
-    stacked param (with ``dim``) and the carry where it crosses (the scan's initial and final
-    carries) stay off ``axis``."""
+    stacked param (with ``dim``) and the scan's initial carries stay off ``axis``."""
     off = frozenset({axis})
     out = {op.output: off for op in graph.ops if op.block == block}
     out.update({t.name: off for t in graph.params if dim in t.dims})
@@ -65,8 +67,9 @@ def is_crossing(graph: Graph, consumer: Op, operand: int, block: str) -> bool:
 def price_crossings(problem, block: str, axis: str, cache: dict | None = None) -> None:
     """Re-price the edges of ``problem`` (a stage graph's, in place) where the scan's carry
     crosses: once per step (per micro-batch where the consumer runs per micro-batch), at the
-    size of the tensor outside the scan. ``cache``: shared by problems on the same mesh and
-    hardware."""
+    size of the tensor outside the scan; a final carry whose layout is not the in-stage
+    carry's, less the stage ``axis``, is excluded. ``cache``: shared by problems on the same
+    mesh and hardware."""
     graph = problem.graph
     cache = {} if cache is None else cache
     for e in problem.edges:

@@ -28,10 +28,10 @@ once, after the loop: one all-reduce per step, as Megatron does.
 
 What stays outside the pipeline: everything before and after the scan (a decoder's embedding
 and head) runs with its planned layout over the whole mesh, which may split it over the stage
-axis (:mod:`meshjax.cost.stage_boundary`). The scan's input reaches every stage (an all-gather
-over the stage axis where its layout splits it over that axis, else without communication);
-its output leaves the last stage by one all-reduce over the stage axis (the other stages
-contribute zeros), and the backward pass does the same for the gradients.
+axis (:mod:`meshjax.cost.stage_boundary`). The scan's input, kept off the stage axis, reaches
+stage 0 without communication (every stage holds it); its output leaves the last stage by one
+all-reduce over the stage axis (the other stages contribute zeros), and the backward pass does
+the same for the gradients.
 """
 
 from __future__ import annotations
@@ -248,9 +248,8 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
         state = [_stage_replica_major(ctx, _rotate(s)) for s in state]  # stage s -> s + 1
         return (state, buffers), None
 
-    # Every stage holds the micro-batches (no copy where they are replicated over the stage
-    # axis, else one all-gather); only stage 0 reads them, and the backward pass sums their
-    # gradient over the stages once.
+    # Every stage holds the micro-batches (no copy: they are replicated over the stage axis);
+    # only stage 0 reads them, and the backward pass sums their gradient over the stages once.
     inputs = [_stage_replica_major(ctx, jnp.broadcast_to(v, (p, *v.shape))) for v in c_micro]
     init_state = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape[:2], *v.shape[3:]), v.dtype)) for v in c_micro]
     init_buffers = [_stage_replica_major(ctx, jnp.zeros((p, *v.shape), v.dtype)) for v in c_micro]
