@@ -31,6 +31,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from meshjax.cost.collectives import Collective, collective_time, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.strategies import per_device_bytes
@@ -115,10 +117,10 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
 
     if not problem.train:
         return
-    if pipe.schedule == "gpipe":  # 1F1B's slot loop sums each slot's weight gradients (one_f_one_b)
-        _reduce_weight_gradients_once(problem, block, pipe)
+    _reduce_weight_gradients_once(problem, block, pipe)
     if pipe.remat:
         _rerun_forward_collectives(problem, block)
+    carries = []
     for node in problem.nodes:
         if node.op is None:
             continue
@@ -126,14 +128,49 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
         if node.op.block == block and pipe.remat:
             _scale(node, 1 / pipe.iterations)
             if node.op.kind == "loop_carry":
-                _add(node, pipe.held * act)
+                carries.append((node, pipe.held * act))
             continue
         whole = 1  # the final carry's size over the whole batch's
         if node.op.block == AFTER:
             _scale(node, 1 / pipe.microbatches)
             whole = pipe.microbatches
         if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            _add(node, BUFFERS * whole * act)
+            carries.append((node, BUFFERS * whole * act))
+    if pipe.remat:
+        _transient(problem, lambda op: op.block == block)
+    if pipe.schedule == "1f1b":
+        _transient(problem, lambda op: op.block == AFTER)
+    for node, values in carries:  # kept stage inputs and the loop's buffers: through the backward pass
+        _add(node, values)
+
+
+def _transient(problem: Problem, member) -> None:
+    """Make the activations of the nodes whose op is a ``member`` live only while their own
+    backward runs, instead of through the whole backward pass: a stage recomputed in one time
+    slot (stage remat, and 1F1B) holds one micro-batch's activations of its ``L/p`` layers
+    (the inner scan's stacked residuals, allocated whole) during that slot's backward only, and
+    1F1B's head and loss keep theirs within the slot that runs their ``vjp``. Each such node's
+    activations leave its resident memory for a shared peak row (:attr:`Node.shares
+    <meshjax.solver.problem.Node.shares>`) per member with a backward peak: all the members'
+    activations plus that member's peak. The step's memory is then the resident bytes plus the
+    largest transient, so the head's backward peak and a stage's recomputed slot do not add."""
+    members = [k for k, n in enumerate(problem.nodes) if n.op is not None and member(n.op)]
+    if not members:
+        return
+    held = {}
+    for k in members:
+        node = problem.nodes[k]
+        values = node.parts.get("activations", 0.0) * np.ones(len(node.options))
+        held[k] = values
+        node.memory = node.memory - values
+        node.parts = {**node.parts, "activations": node.parts.get("activations", 0.0) - values}
+    owners = [k for k in members if problem.nodes[k].peak.any()] or members[-1:]
+    for owner in owners:
+        for k in members:
+            node = problem.nodes[k]
+            values = held[k] + (node.peak if k == owner else 0.0)
+            node.shares = dict(node.shares or {})
+            node.shares[owner] = node.shares.get(owner, 0.0) + values
 
 
 def _scale(node, factor: float) -> None:
