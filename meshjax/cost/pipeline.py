@@ -117,12 +117,16 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
 
     if not problem.train:
         return
-    _reduce_weight_gradients_once(problem, block, pipe)
+    _reduce_weight_gradients_once(problem, block, pipe.iterations, pipe)
+    if pipe.schedule == "1f1b":  # the head runs per data replica too (one_f_one_b)
+        _reduce_weight_gradients_once(problem, AFTER, pipe.microbatches, pipe)
     if pipe.remat:
         _rerun_forward_collectives(problem, block)
     carries = []
     for node in problem.nodes:
         if node.op is None:
+            if pipe.stages > 1 and node.tensor.role == "param" and pipe.dim in node.tensor.dims:
+                carries.append((node, _stage_weight_buffers(node, problem.mesh_shape, pipe)))
             continue
         act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
         if node.op.block == block and pipe.remat:
@@ -136,12 +140,27 @@ def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
             whole = pipe.microbatches
         if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
             carries.append((node, BUFFERS * whole * act))
-    if pipe.remat:
-        _transient(problem, lambda op: op.block == block)
     if pipe.schedule == "1f1b":
-        _transient(problem, lambda op: op.block == AFTER)
+        # One time slot runs the head's vjp and the stage's recomputed backward; XLA interleaves
+        # them (measured on XLA:CPU: the head's logits are live while the recompute's stacked
+        # residuals fill), so their activations share one transient row.
+        _transient(problem, lambda op: op.block in (block, AFTER))
+    elif pipe.remat:
+        _transient(problem, lambda op: op.block == block)
     for node, values in carries:  # kept stage inputs and the loop's buffers: through the backward pass
         _add(node, values)
+
+
+def _stage_weight_buffers(node, mesh_shape: Mapping[str, int], pipe: Pipeline):
+    """1F1B's float32 accumulators of a stacked layer param's gradients over the time slots
+    (``one_f_one_b``), beside the gradient the gradients row counts. GPipe accumulates in the
+    backward loop's carry, in the param's dtype: nothing more. (Each data replica's copy of
+    the stage's weights, ``lower.replicated_stages``, is a broadcast XLA does not materialise:
+    counting it put GPipe with stage remat further below its compiled memory.)"""
+    if pipe.schedule != "1f1b":
+        return _array([0.0] * len(node.result_layouts))
+    own = _array([per_device_bytes(node.tensor, layout, mesh_shape) for layout in node.result_layouts])
+    return own * 4 / node.tensor.itemsize
 
 
 def _transient(problem: Problem, member) -> None:
@@ -178,13 +197,14 @@ def _scale(node, factor: float) -> None:
     node.parts = {kind: values * factor for kind, values in node.parts.items()}
 
 
-def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) -> None:
+def _reduce_weight_gradients_once(problem: Problem, block: str, trips: int, pipe: Pipeline) -> None:
     """The lowering's data-parallel replicas (:func:`replica_axes`) each accumulate their stage's
-    weight gradients over the ``m + p - 1`` slots and sum them once after the loop: a layer's
-    weight-gradient all-reduce over the axes of the micro-batch's batch dim runs once per step,
-    not once per slot. Each such collective of the scan's ops is charged ``1/(m + p - 1)`` of
-    its bytes per trip (the same bytes in total as one sum per layer), in time and in the
-    collectives the plan reports."""
+    weight gradients over the ``m + p - 1`` slots (``trips``; 1F1B's head, the
+    :data:`~meshjax.pipeline.stage_graph.AFTER` block, over its ``m``) and sum them once after
+    the loop: a layer's weight-gradient all-reduce over the axes of the micro-batch's batch dim
+    runs once per step, not once per slot. Each such collective of ``block``'s ops is charged
+    ``1/trips`` of its bytes per trip (the same bytes in total as one sum per layer), in time
+    and in the collectives the plan reports."""
     for node in problem.nodes:
         if node.op is None or node.op.block != block:
             continue
@@ -193,7 +213,7 @@ def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) 
             colls, saved = [], 0.0
             for coll in strategy.collectives:
                 if _is_weight_gradient(coll) and batch_axes and set(coll.axes) <= batch_axes:
-                    once = dataclasses.replace(coll, nbytes=coll.nbytes / pipe.iterations)
+                    once = dataclasses.replace(coll, nbytes=coll.nbytes / trips)
                     saved += time_of(coll, problem.mesh_shape, problem.hardware) - time_of(once, problem.mesh_shape, problem.hardware)
                     coll = once
                 colls.append(coll)

@@ -37,6 +37,7 @@ not the micro-batch count.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -184,20 +185,60 @@ def one_f_one_b(program) -> Callable:
             ]
             return jax.tree_util.tree_unflatten(arg_def, leaves)
 
-        def after(after_params, out_values, margs):
+        def after(after_params, out_values, margs, replica: bool = False):
             leaves = list(param_leaves)
             for i, v in zip(after_ids, after_params):
                 leaves[i] = NamedArray(v, param_leaves[i].dims)
             pinner = program.pinner("replay")
             pinner.replay = list(out_values)
-            with context.active(pinner):
+            with context.active(pinner), (_in_replica(pinner) if replica else contextlib.nullcontext()):
                 result = program.fn(jax.tree_util.tree_unflatten(param_def, leaves), *margs)
             return jax.tree_util.tree_leaves(result, is_leaf=is_named)[0].value
+
+        def replica_args(i):
+            """Micro-batch ``i``'s arguments with their rows split over the replicas (a leading
+            dim of ``r``), and the vmap axes of their leaves."""
+            leaves, axes = [], []
+            for a in split_args:
+                if not isinstance(a, tuple):
+                    leaves.append(a)
+                    axes.append(None)
+                    continue
+                v = jax.lax.dynamic_index_in_dim(a[0], i, axis=a[2], keepdims=False)
+                at = a[2] - 1  # the batch dim
+                v = v.reshape(*v.shape[:at], r, v.shape[at] // r, *v.shape[at + 1:])
+                leaves.append(jnp.moveaxis(v, at, 0))
+                axes.append(0)
+            return leaves, axes
+
+        def head_per_replica(after_params, out_values, i):
+            """The head and loss of micro-batch ``i``, run by every data-parallel replica on its
+            rows with its own copy of the head's params (as the stages are): ``(r,)`` losses."""
+            leaves, axes = replica_args(i)
+
+            def run_one(ap, ov, values):
+                named = [NamedArray(v, a[1]) if isinstance(a, tuple) else v for v, a in zip(values, split_args)]
+                return after(ap, ov, jax.tree_util.tree_unflatten(arg_def, named), replica=True)
+
+            return jax.vmap(run_one, in_axes=(0, 0, axes), spmd_axis_name=stage_pinner.replicas)(
+                after_params, out_values, leaves)
 
         after_ids = _read_by(
             lambda ap, ov: after(ap, ov, micro_args(0)), after_ids, [param_leaves[i].value for i in after_ids],
             [jax.ShapeDtypeStruct(micro_shape(v), v.dtype) for v in c_micro],
         )
+        # With data-parallel replicas the head runs per replica too, so its weight gradients are
+        # summed over them once per step, not once per micro-batch; unless a head param is split
+        # over a replica axis (a replica cannot hold its own copy of it).
+        param_names = program.graph.signature.names[: len(param_leaves)]
+        head_axes = {a for i in after_ids for ax in program.layouts[param_names[i]].axes for a in ax}
+        per_replica = bool(stage_pinner.replicas) and not head_axes & set(stage_pinner.replicas)
+        replica_spec = lambda v: NamedSharding(  # noqa: E731
+            program.mesh, PartitionSpec(stage_pinner.replicas, *([PartitionSpec.UNCONSTRAINED] * (v.ndim - 1))))
+        head_params = [param_leaves[i].value for i in after_ids]
+        if per_replica:
+            head_params = [jax.lax.with_sharding_constraint(jnp.broadcast_to(v[None], (r, *v.shape)), replica_spec(v[None]))
+                           for v in head_params]
 
         def stage(params_s, state):
             stage_pinner.forget_names_under(block_name)  # every trace names the stage's tensors afresh
@@ -245,12 +286,14 @@ def one_f_one_b(program) -> Callable:
                 if steady:  # the last stage's output: the loss of micro-batch t - (p - 1)
                     last = _expand(stage_ids == p - 1, out[0].ndim)
                     leaving = [jnp.sum(jnp.where(last, o, jnp.zeros_like(o)), axis=0) for o in out]
-                    leaving = [v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for v in leaving]  # its B/m rows
-                    loss, after_vjp = jax.vjp(
-                        lambda ap, ov: after(ap, ov, micro_args(t - (p - 1))),
-                        [param_leaves[i].value for i in after_ids], leaving,
-                    )
-                    d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / m))
+                    if per_replica:  # (r, B/(m r), ...): each replica's rows
+                        loss, after_vjp = jax.vjp(lambda ap, ov: head_per_replica(ap, ov, t - (p - 1)), head_params, leaving)
+                        d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / (m * r)))
+                    else:
+                        leaving = [v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for v in leaving]  # its B/m rows
+                        loss, after_vjp = jax.vjp(
+                            lambda ap, ov: after(ap, ov, micro_args(t - (p - 1))), head_params, leaving)
+                        d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / m))
                     after_grads = [a + g.astype(jnp.float32) for a, g in zip(after_grads, d_after)]
                     total = total + loss.astype(jnp.float32)
                 received = [pin(_rotate(pin(o))) if send_forward else pin(o) for o in out]  # stage s -> s + 1
@@ -291,8 +334,8 @@ def one_f_one_b(program) -> Callable:
             [zeros((p, v.shape[0], ring, *v.shape[1:2], *v.shape[3:]), v.dtype) for v in c_micro],
             [zeros(v.shape, jnp.float32) for v in stage_xs],
             [zeros((p, *v.shape), v.dtype) for v in c_micro],
-            [jnp.zeros(param_leaves[i].value.shape, jnp.float32) for i in after_ids],
-            jnp.zeros((), jnp.float32),
+            [jnp.zeros(v.shape, jnp.float32) for v in head_params],
+            jnp.zeros((r,) if per_replica else (), jnp.float32),  # the loss, per replica
         )
         # Warm-up: forwards only; steady: one forward and one backward; cool-down: backwards
         # only. The last steady slot sends no activation (no forward follows) and the last
@@ -323,12 +366,14 @@ def one_f_one_b(program) -> Callable:
         before_leaves = jax.tree_util.tree_leaves(before_grads, is_leaf=is_named)
         out = [leaf.value for leaf in before_leaves]
         for i, g in zip(after_ids, after_grads):
+            if per_replica:  # the replicas' head gradients summed over the data axes, once
+                g = g.astype(out[i].dtype).sum(axis=0).astype(jnp.float32)
             out[i] = (out[i].astype(jnp.float32) + g).astype(out[i].dtype)
         grads_tree = jax.tree_util.tree_unflatten(
             param_def, [NamedArray(v, leaf.dims) for v, leaf in zip(out, param_leaves)]
         )
         loss_dtype = program.graph.tensors[program.graph.outputs[0]].dtype
-        return (total / m).astype(loss_dtype), grads_tree
+        return (jnp.mean(total) / m).astype(loss_dtype), grads_tree
 
     return run
 
