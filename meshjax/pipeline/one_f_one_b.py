@@ -23,6 +23,12 @@ the scan, and what runs after it (the head and the loss):
   (``replay`` mode), and ``jax.vjp`` of it gives the micro-batch's loss, the head's gradients
   and the cotangent that enters the last stage's backward in the same slot.
 
+With data-parallel replicas (:func:`meshjax.cost.pipeline.replica_axes`) the stages, and the
+head unless one of its params is split over a replica axis, are vmapped over the replicas as
+well, each replica with its own copy of the weights (as :func:`.lower.replicated_stages` does
+for GPipe): every replica accumulates its weight gradients over the slots and they are summed
+over the data axes once, after the loop, instead of in every slot.
+
 The step's loss is the mean of the micro-batches' losses, which is the whole batch's loss for a
 loss that is a mean over the batch (gradient accumulation makes the same assumption). At the end
 the first stage's input cotangents leave it by one all-reduce over the stage axis and run back
