@@ -318,7 +318,8 @@ def test_1f1b_comm_is_predicted_and_it_holds_less_than_gpipe():
             assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=0.03)
     order = [("1f1b", True), ("gpipe", True), ("gpipe", False)]
     assert sorted(order, key=compiled.get) == order == sorted(order, key=predicted.get)
-    # Known gap (docs/pipeline.md): 1F1B compiles to 1.31x its predicted memory here.
+    # Known gap (docs/pipeline.md, "Memory: compiled against predicted"): XLA:CPU packs 1F1B's
+    # temporaries into an allocation well above its live peak, so it compiles above the prediction.
     assert 1.0 <= compiled[("1f1b", True)] / predicted[("1f1b", True)] <= 1.4
 
 
