@@ -197,6 +197,9 @@ def plan_stage(
     # The whole mesh: what runs outside the scan may use the stage axis, the stages may not.
     constraints = Constraints.make(graph, mesh_shape, rules, pins, candidates)
     constraints.avoid = off_stage(graph, block, pipe.axis, pipe.dim)
+    # A dim split over the stage axis and others has it last: the other orders cost the same
+    # and only make the layout problem larger.
+    constraints.minor = frozenset({pipe.axis})
     if not outside_on_stage:
         constraints.avoid = {name: frozenset({pipe.axis}) for name in graph.tensors}
     problem = build_problem(graph, mesh_shape, hw, train=train, constraints=constraints, optimizer=optimizer, zero=zero,

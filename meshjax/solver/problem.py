@@ -58,6 +58,7 @@ class Constraints:
     pins: dict[str, Layout] = field(default_factory=dict)
     candidates: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
     avoid: dict[str, frozenset[str]] = field(default_factory=dict)
+    minor: frozenset[str] = frozenset()  # axes that, on a dim split over several, come last
 
     @classmethod
     def make(cls, graph: Graph, mesh_shape: MeshShape, rules=None, pins=None, candidates=None) -> Constraints:
@@ -73,6 +74,8 @@ class Constraints:
     def allows(self, layout: Layout, avoid: frozenset[str] = frozenset()) -> bool:
         for dim, axes in zip(layout.dims, layout.axes):
             if avoid and avoid.intersection(axes):
+                return False
+            if self.minor and len(axes) > 1 and any(a in self.minor for a in axes[:-1]):
                 return False
             if dim in self.rules and self.rules[dim] != axes:
                 return False
