@@ -27,10 +27,11 @@ def tracer(**sizes):
 
 @pytest.mark.parametrize("n, layers, max_model", [(8, 4, None), (8, 4, 2), (12, 6, 4), (1024, 96, 8)])
 def test_candidates_are_every_data_stage_model_mesh(n, layers, max_model):
+    # Every (data, stage) pair, with model the rest of n: each product d * s * t == n once.
     expected = {
-        (d, s, t)
-        for d, s, t in itertools.product(range(1, n + 1), repeat=3)
-        if d * s * t == n and (s == 1 or layers % s == 0) and (max_model is None or t <= max_model)
+        (d, s, n // (d * s))
+        for d, s in itertools.product(range(1, n + 1), repeat=2)
+        if n % (d * s) == 0 and (s == 1 or layers % s == 0) and (max_model is None or n // (d * s) <= max_model)
     }
     got = mesh_candidates(n, layers, max_model=max_model)
     assert {(m["data"], m.get("stage", 1), m["model"]) for m in got} == expected
