@@ -85,7 +85,7 @@ class Row:
     compiled_memory_bytes: float | None
     memory_ratio: float | None
     over_budget: bool
-    program: int  # index of the compiled program (rows sharing one share a number)
+    program: int  # index of the compiled program within its model (rows sharing one share a number)
     compile_s: float
     lowering: str | None
     off_ops: list[dict[str, Any]] = field(default_factory=list)
@@ -221,7 +221,7 @@ def summary(rows: list[Row]) -> dict[str, Any]:
     stats = lambda xs: {"min": min(xs), "median": statistics.median(xs), "max": max(xs)} if xs else None  # noqa: E731
     return {
         "rows": len(rows),
-        "programs": len({r.program for r in rows}),
+        "programs": len({(r.model, r.program) for r in rows}),  # numbered per model
         "comm_ratio": stats(comm),
         "memory_ratio": stats(mem),
         "comm_out_of_band": sum(not r.comm_ok for r in rows),

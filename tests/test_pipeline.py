@@ -318,7 +318,8 @@ def test_1f1b_comm_is_predicted_and_it_holds_less_than_gpipe():
             assert report.comm_bytes == pytest.approx(plan.comm_bytes, rel=0.03)
     order = [("1f1b", True), ("gpipe", True), ("gpipe", False)]
     assert sorted(order, key=compiled.get) == order == sorted(order, key=predicted.get)
-    # Known gap (docs/pipeline.md): 1F1B compiles to 1.31x its predicted memory here.
+    # Known gap (docs/pipeline.md, "Memory: compiled against predicted"): XLA:CPU packs 1F1B's
+    # temporaries into an allocation well above its live peak, so it compiles above the prediction.
     assert 1.0 <= compiled[("1f1b", True)] / predicted[("1f1b", True)] <= 1.4
 
 
@@ -352,3 +353,36 @@ def test_1f1b_gradients_equal_one_device_with_a_short_ring(microbatches):
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
     for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+def _pipeline_memory_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_memory.py"
+    spec = importlib.util.spec_from_file_location("pipeline_memory_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh_shape, schedule, remat, microbatches",
+    [
+        ({"data": 2, "model": 2, "stage": 2}, "gpipe", False, 16),
+        ({"data": 2, "model": 2, "stage": 2}, "gpipe", True, 16),
+        pytest.param({"data": 2, "model": 2, "stage": 2}, "1f1b", True, 16, marks=pytest.mark.xfail(
+            strict=True, reason="1F1B compiles to 1.4-1.6x its predicted memory (docs/pipeline.md, known gaps)")),
+    ],
+)
+def test_pipelined_memory_is_predicted_within_the_band(mesh_shape, schedule, remat, microbatches):
+    """Compiled bytes per device of the training step (benchmarks/pipeline_memory.py's cell)
+    within verify.MEMORY_BAND of the plan's memory row."""
+    from meshjax.verify import MEMORY_BAND
+
+    row = _pipeline_memory_benchmark().measure(mesh_shape, schedule, remat, microbatches)
+    lo, hi = MEMORY_BAND
+    assert lo <= row["ratio"] <= hi, row

@@ -31,6 +31,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from meshjax.cost.collectives import Collective, collective_time, time_of
 from meshjax.cost.hardware import Hardware
 from meshjax.cost.strategies import per_device_bytes
@@ -104,36 +106,95 @@ def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardw
 
 
 def prepare_problem(problem: Problem, block: str, pipe: Pipeline) -> None:
-    """Make the solver's memory row the pipeline's (in place). The stage graph keeps every time
-    slot's activations, as the lowered GPipe program does. With ``pipe.remat`` (1F1B always) a
-    stage keeps one micro-batch's activations and ``pipe.held`` micro-batches of its input
-    carry. 1F1B runs the head and loss per micro-batch (the stage graph's
-    :data:`~meshjax.pipeline.stage_graph.AFTER` block): one micro-batch's activations of them.
-    The micro-batched input buffer and the output (GPipe) or input-gradient (1F1B) buffer, a
-    whole-batch carry each, are charged to the scan's final carry."""
+    """Make the solver's memory row and weight-gradient syncs the pipeline's (in place).
+
+    The stage graph keeps every time slot's activations, as the lowered GPipe program does.
+    With ``pipe.remat`` (1F1B always) a stage keeps ``pipe.held`` micro-batches of its input
+    carry through the backward pass, and one micro-batch's activations of its layers only
+    while one slot's backward recomputes them (:func:`_transient`). 1F1B runs the head and
+    loss per micro-batch (the stage graph's :data:`~meshjax.pipeline.stage_graph.AFTER`
+    block) in the same slot: their activations join the stage's transient row; its float32
+    weight-gradient accumulators are resident (:func:`_stage_weight_buffers`). The
+    micro-batched input buffer and the output (GPipe) or input-gradient (1F1B) buffer, a
+    whole-batch carry each, are charged to the scan's final carry. Weight gradients are summed
+    over the data axes once per step (:func:`_reduce_weight_gradients_once`)."""
     from meshjax.pipeline.stage_graph import AFTER
 
     if not problem.train:
         return
-    if pipe.schedule == "gpipe":  # 1F1B's slot loop sums each slot's weight gradients (one_f_one_b)
-        _reduce_weight_gradients_once(problem, block, pipe)
+    _reduce_weight_gradients_once(problem, block, pipe.iterations, pipe)
+    if pipe.schedule == "1f1b":  # the head runs per data replica too (one_f_one_b)
+        _reduce_weight_gradients_once(problem, AFTER, pipe.microbatches, pipe)
     if pipe.remat:
         _rerun_forward_collectives(problem, block)
+    carries = []
     for node in problem.nodes:
         if node.op is None:
+            if pipe.stages > 1 and node.tensor.role == "param" and pipe.dim in node.tensor.dims:
+                carries.append((node, _stage_weight_buffers(node, problem.mesh_shape, pipe)))
             continue
         act = _array([per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts])
         if node.op.block == block and pipe.remat:
             _scale(node, 1 / pipe.iterations)
             if node.op.kind == "loop_carry":
-                _add(node, pipe.held * act)
+                carries.append((node, pipe.held * act))
             continue
         whole = 1  # the final carry's size over the whole batch's
         if node.op.block == AFTER:
             _scale(node, 1 / pipe.microbatches)
             whole = pipe.microbatches
         if node.op.kind == "scan_carry" and pipe.stages > 1 and _reads_block(problem.graph, node.op, block):
-            _add(node, BUFFERS * whole * act)
+            carries.append((node, BUFFERS * whole * act))
+    if pipe.schedule == "1f1b":
+        # One time slot runs the head's vjp and the stage's recomputed backward; XLA interleaves
+        # them (measured on XLA:CPU: the head's logits are live while the recompute's stacked
+        # residuals fill), so their activations share one transient row.
+        _transient(problem, lambda op: op.block in (block, AFTER))
+    elif pipe.remat:
+        _transient(problem, lambda op: op.block == block)
+    for node, values in carries:  # kept stage inputs and the loop's buffers: through the backward pass
+        _add(node, values)
+
+
+def _stage_weight_buffers(node, mesh_shape: Mapping[str, int], pipe: Pipeline):
+    """1F1B's float32 accumulators of a stacked layer param's gradients over the time slots
+    (``one_f_one_b``), beside the gradient the gradients row counts. GPipe accumulates in the
+    backward loop's carry, in the param's dtype: nothing more. (Each data replica's copy of
+    the stage's weights, ``lower.replicated_stages``, is not counted: on ``2x2x2`` it put GPipe
+    with stage remat further below its compiled memory, 0.87x at ``m = 4``.)"""
+    if pipe.schedule != "1f1b":
+        return _array([0.0] * len(node.result_layouts))
+    own = _array([per_device_bytes(node.tensor, layout, mesh_shape) for layout in node.result_layouts])
+    return own * 4 / node.tensor.itemsize
+
+
+def _transient(problem: Problem, member) -> None:
+    """Make the activations of the nodes whose op is a ``member`` live only while their own
+    backward runs, instead of through the whole backward pass: a stage recomputed in one time
+    slot (stage remat, and 1F1B) holds one micro-batch's activations of its ``L/p`` layers
+    (the inner scan's stacked residuals, allocated whole) during that slot's backward only, and
+    1F1B's head and loss keep theirs within the slot that runs their ``vjp``. Each such node's
+    activations leave its resident memory for a shared peak row (:attr:`Node.shares
+    <meshjax.solver.problem.Node.shares>`) per member with a backward peak: all the members'
+    activations plus that member's peak. The step's memory is then the resident bytes plus the
+    largest transient, so the head's backward peak and a stage's recomputed slot do not add."""
+    members = [k for k, n in enumerate(problem.nodes) if n.op is not None and member(n.op)]
+    if not members:
+        return
+    held = {}
+    for k in members:
+        node = problem.nodes[k]
+        values = node.parts.get("activations", 0.0) * np.ones(len(node.options))
+        held[k] = values
+        node.memory = node.memory - values
+        node.parts = {**node.parts, "activations": node.parts.get("activations", 0.0) - values}
+    owners = [k for k in members if problem.nodes[k].peak.any()] or members[-1:]
+    for owner in owners:
+        for k in members:
+            node = problem.nodes[k]
+            values = held[k] + (node.peak if k == owner else 0.0)
+            node.shares = dict(node.shares or {})
+            node.shares[owner] = node.shares.get(owner, 0.0) + values
 
 
 def _scale(node, factor: float) -> None:
@@ -141,13 +202,14 @@ def _scale(node, factor: float) -> None:
     node.parts = {kind: values * factor for kind, values in node.parts.items()}
 
 
-def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) -> None:
+def _reduce_weight_gradients_once(problem: Problem, block: str, trips: int, pipe: Pipeline) -> None:
     """The lowering's data-parallel replicas (:func:`replica_axes`) each accumulate their stage's
-    weight gradients over the ``m + p - 1`` slots and sum them once after the loop: a layer's
-    weight-gradient all-reduce over the axes of the micro-batch's batch dim runs once per step,
-    not once per slot. Each such collective of the scan's ops is charged ``1/(m + p - 1)`` of
-    its bytes per trip (the same bytes in total as one sum per layer), in time and in the
-    collectives the plan reports."""
+    weight gradients over the ``m + p - 1`` slots (``trips``; 1F1B's head, the
+    :data:`~meshjax.pipeline.stage_graph.AFTER` block, over its ``m``) and sum them once after
+    the loop: a layer's weight-gradient all-reduce over the axes of the micro-batch's batch dim
+    runs once per step, not once per slot. Each such collective of ``block``'s ops is charged
+    ``1/trips`` of its bytes per trip (the same bytes in total as one sum per layer), in time
+    and in the collectives the plan reports."""
     for node in problem.nodes:
         if node.op is None or node.op.block != block:
             continue
@@ -156,7 +218,7 @@ def _reduce_weight_gradients_once(problem: Problem, block: str, pipe: Pipeline) 
             colls, saved = [], 0.0
             for coll in strategy.collectives:
                 if _is_weight_gradient(coll) and batch_axes and set(coll.axes) <= batch_axes:
-                    once = dataclasses.replace(coll, nbytes=coll.nbytes / pipe.iterations)
+                    once = dataclasses.replace(coll, nbytes=coll.nbytes / trips)
                     saved += time_of(coll, problem.mesh_shape, problem.hardware) - time_of(once, problem.mesh_shape, problem.hardware)
                     coll = once
                 colls.append(coll)

@@ -171,6 +171,24 @@ def check_carries(pipe: Pipeline, carry_leaves: list, length: int, name: str) ->
         pipe.check(length, leaf.size(pipe.batch_dim))
 
 
+def split_microbatches(ctx: PipelinePinner, carries: list[jax.Array], name: str) -> tuple[list[jax.Array], int]:
+    """Carries ``(B, ...)`` as ``(r, B/(m r), m, ...)``: micro-batch ``i`` is rows ``i, i + m, ...``,
+    its ``B/m`` rows split over the ``r`` data-parallel replicas (``ctx.replicas``). Returns
+    them and ``r`` (a one-line error when a micro-batch's rows do not split)."""
+    m = ctx.pipeline.microbatches
+    sizes = mesh_shape(ctx.mesh)
+    r = 1
+    for a in ctx.replicas:
+        r *= sizes[a]
+    for v in carries:
+        if (v.shape[0] // m) % r:
+            raise ShapeError(
+                f"pipelined scan {name!r}: micro-batches of {v.shape[0] // m} rows do not split over the "
+                f"{r} data-parallel replicas (mesh axes {', '.join(ctx.replicas)})"
+            )
+    return [v.reshape(r, v.shape[0] // (m * r), m, *v.shape[1:]) for v in carries], r
+
+
 def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) -> tuple[Any, Any]:
     """:func:`meshjax.scan.scan` run as the active context's pipeline (see the module doc)."""
     from meshjax.scan import scan_leaves, scan_unpipelined
@@ -195,17 +213,7 @@ def pipelined_scan(body: Callable, carry: Any, xs: Any, *, dim: str, name: str) 
     # B/m rows of each split over the data-parallel replicas: (r, B/(m r), m, ...).
     c_dims = [(pipe.batch_dim, *(d for d in leaf.dims if d != pipe.batch_dim)) for leaf in carry_leaves]
     c_full = [leaf.align_to(d) for leaf, d in zip(carry_leaves, c_dims)]
-    sizes = mesh_shape(ctx.mesh)
-    r = 1
-    for a in ctx.replicas:
-        r *= sizes[a]
-    for v in c_full:
-        if (v.shape[0] // m) % r:
-            raise ShapeError(
-                f"pipelined scan {name!r}: micro-batches of {v.shape[0] // m} rows do not split over the "
-                f"{r} data-parallel replicas (mesh axes {', '.join(ctx.replicas)})"
-            )
-    c_micro = [v.reshape(r, v.shape[0] // (m * r), m, *v.shape[1:]) for v in c_full]
+    c_micro, r = split_microbatches(ctx, c_full, name)
 
     def stage(stage_id, params, state, fresh):
         """One stage on its state; stage 0 first takes the fresh micro-batch."""

@@ -23,6 +23,12 @@ the scan, and what runs after it (the head and the loss):
   (``replay`` mode), and ``jax.vjp`` of it gives the micro-batch's loss, the head's gradients
   and the cotangent that enters the last stage's backward in the same slot.
 
+With data-parallel replicas (:func:`meshjax.cost.pipeline.replica_axes`) the stages, and the
+head unless one of its params is split over a replica axis, are vmapped over the replicas as
+well, each replica with its own copy of the weights (as :func:`.lower.replicated_stages` does
+for GPipe): every replica accumulates its weight gradients over the slots and they are summed
+over the data axes once, after the loop, instead of in every slot.
+
 The step's loss is the mean of the micro-batches' losses, which is the whole batch's loss for a
 loss that is a mean over the batch (gradient accumulation makes the same assumption). At the end
 the first stage's input cotangents leave it by one all-reduce over the stage axis and run back
@@ -37,6 +43,7 @@ not the micro-batch count.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +125,7 @@ def _read_by(fn: Callable, ids: list[int], params: list[Any], outputs: list[Any]
 def one_f_one_b(program) -> Callable:
     """``value_and_grad(params, *args) -> (loss, grads)`` of ``program`` (a
     :class:`~meshjax.pipeline.lower.PipelinedProgram`) run as the 1F1B schedule."""
-    from meshjax.pipeline.lower import _rotate, _stage_major
+    from meshjax.pipeline.lower import _in_replica, _rotate, _stage_major, _stage_replica_major, split_microbatches
     from meshjax.scan import scan_unpipelined
 
     pipe = program.pipeline
@@ -146,11 +153,17 @@ def one_f_one_b(program) -> Callable:
         block_name = "/".join([*info["scopes"], name])
         after_ids = list(range(len(param_leaves)))  # narrowed below to the params it reads
 
-        # Stage params (p, L/p, ...) and micro-batches (B/m, m, ...): micro-batch i = rows i, i+m, ...
+        # Stage params (p, L/p, ...), and for every data-parallel replica of a stage its own copy
+        # (p, r, L/p, ...) (lower.replicated_stages: its weight gradients accumulate locally and
+        # are summed over the replicas once, after the loop). Micro-batches (r, B/(m r), m, ...):
+        # micro-batch i = rows i, i+m, ..., split over the replicas.
         stage_pinner = program.pinner()
         stage_pinner.scopes = list(info["scopes"])
+        c_micro, r = split_microbatches(stage_pinner, list(carry), name)
         stage_xs = [_stage_major(stage_pinner, v.reshape(p, length // p, *v.shape[1:])) for v in xs]
-        c_micro = [v.reshape(v.shape[0] // m, m, *v.shape[1:]) for v in carry]
+        stage_xs = [_stage_replica_major(stage_pinner, jnp.broadcast_to(v[:, None], (p, r, *v.shape[1:])))
+                    for v in stage_xs]
+        micro_shape = lambda v: (v.shape[0] * v.shape[1], *v.shape[3:])  # noqa: E731  one micro-batch's rows
 
         arg_leaves, arg_def = jax.tree_util.tree_flatten(args, is_leaf=is_named)
         sig = program.graph.signature
@@ -178,20 +191,60 @@ def one_f_one_b(program) -> Callable:
             ]
             return jax.tree_util.tree_unflatten(arg_def, leaves)
 
-        def after(after_params, out_values, margs):
+        def after(after_params, out_values, margs, replica: bool = False):
             leaves = list(param_leaves)
             for i, v in zip(after_ids, after_params):
                 leaves[i] = NamedArray(v, param_leaves[i].dims)
             pinner = program.pinner("replay")
             pinner.replay = list(out_values)
-            with context.active(pinner):
+            with context.active(pinner), (_in_replica(pinner) if replica else contextlib.nullcontext()):
                 result = program.fn(jax.tree_util.tree_unflatten(param_def, leaves), *margs)
             return jax.tree_util.tree_leaves(result, is_leaf=is_named)[0].value
 
+        def replica_args(i):
+            """Micro-batch ``i``'s arguments with their rows split over the replicas (a leading
+            dim of ``r``), and the vmap axes of their leaves."""
+            leaves, axes = [], []
+            for a in split_args:
+                if not isinstance(a, tuple):
+                    leaves.append(a)
+                    axes.append(None)
+                    continue
+                v = jax.lax.dynamic_index_in_dim(a[0], i, axis=a[2], keepdims=False)
+                at = a[2] - 1  # the batch dim
+                v = v.reshape(*v.shape[:at], r, v.shape[at] // r, *v.shape[at + 1:])
+                leaves.append(jnp.moveaxis(v, at, 0))
+                axes.append(0)
+            return leaves, axes
+
+        def head_per_replica(after_params, out_values, i):
+            """The head and loss of micro-batch ``i``, run by every data-parallel replica on its
+            rows with its own copy of the head's params (as the stages are): ``(r,)`` losses."""
+            leaves, axes = replica_args(i)
+
+            def run_one(ap, ov, values):
+                named = [NamedArray(v, a[1]) if isinstance(a, tuple) else v for v, a in zip(values, split_args)]
+                return after(ap, ov, jax.tree_util.tree_unflatten(arg_def, named), replica=True)
+
+            return jax.vmap(run_one, in_axes=(0, 0, axes), spmd_axis_name=stage_pinner.replicas)(
+                after_params, out_values, leaves)
+
         after_ids = _read_by(
             lambda ap, ov: after(ap, ov, micro_args(0)), after_ids, [param_leaves[i].value for i in after_ids],
-            [jax.ShapeDtypeStruct((v.shape[0], *v.shape[2:]), v.dtype) for v in c_micro],
+            [jax.ShapeDtypeStruct(micro_shape(v), v.dtype) for v in c_micro],
         )
+        # With data-parallel replicas the head runs per replica too, so its weight gradients are
+        # summed over them once per step, not once per micro-batch; unless a head param is split
+        # over a replica axis (a replica cannot hold its own copy of it).
+        param_names = program.graph.signature.names[: len(param_leaves)]
+        head_axes = {a for i in after_ids for ax in program.layouts[param_names[i]].axes for a in ax}
+        per_replica = bool(stage_pinner.replicas) and not head_axes & set(stage_pinner.replicas)
+        replica_spec = lambda v: NamedSharding(  # noqa: E731
+            program.mesh, PartitionSpec(stage_pinner.replicas, *([PartitionSpec.UNCONSTRAINED] * (v.ndim - 1))))
+        head_params = [param_leaves[i].value for i in after_ids]
+        if per_replica:
+            head_params = [jax.lax.with_sharding_constraint(jnp.broadcast_to(v[None], (r, *v.shape)), replica_spec(v[None]))
+                           for v in head_params]
 
         def stage(params_s, state):
             stage_pinner.forget_names_under(block_name)  # every trace names the stage's tensors afresh
@@ -203,17 +256,22 @@ def one_f_one_b(program) -> Callable:
             return [leaf.align_to(d) for leaf, d in zip(jax.tree_util.tree_leaves(out, is_leaf=is_named), c_dims)]
 
         def forward_one(stage_id, params_s, received, fresh):
-            state = [jnp.where(stage_id == 0, f, r) for f, r in zip(fresh, received)]
-            return state, stage(params_s, state)
+            with _in_replica(stage_pinner):
+                state = [jnp.where(stage_id == 0, f, x) for f, x in zip(fresh, received)]
+                return state, stage(params_s, state)
 
         def backward_one(params_s, state, cotangent):
-            _, vjp = jax.vjp(stage, params_s, state)
-            return vjp(cotangent)
+            with _in_replica(stage_pinner):
+                _, vjp = jax.vjp(stage, params_s, state)
+                return vjp(cotangent)
 
-        forward_all = jax.vmap(forward_one, in_axes=(0, 0, 0, None), spmd_axis_name=pipe.axis)
-        backward_all = jax.vmap(backward_one, in_axes=(0, 0, 0), spmd_axis_name=pipe.axis)
+        replicas = stage_pinner.replicas or None  # every stage vmapped over its replicas, then the stages
+        forward_all = jax.vmap(jax.vmap(forward_one, in_axes=(None, 0, 0, 0), spmd_axis_name=replicas),
+                               in_axes=(0, 0, 0, None), spmd_axis_name=pipe.axis)
+        backward_all = jax.vmap(jax.vmap(backward_one, in_axes=(0, 0, 0), spmd_axis_name=replicas),
+                                in_axes=(0, 0, 0), spmd_axis_name=pipe.axis)
         stage_ids = _stage_major(stage_pinner, jnp.arange(p))
-        pin = lambda v: _stage_major(stage_pinner, v)  # noqa: E731
+        pin = lambda v: _stage_replica_major(stage_pinner, v)  # noqa: E731  (p, r, ...)
 
         def slot(loop, t, *, forward: bool, backward: bool, send_forward: bool = True, send_backward: bool = True):
             """Time slot ``t``; a result not sent stays put (the last slot that makes it: no
@@ -222,23 +280,26 @@ def one_f_one_b(program) -> Callable:
             steady = forward and backward
             d_out = None
             if forward:
-                fresh = [jax.lax.dynamic_index_in_dim(v, jnp.clip(t, 0, m - 1), axis=1, keepdims=False) for v in c_micro]
+                fresh = [jax.lax.dynamic_index_in_dim(v, jnp.clip(t, 0, m - 1), axis=2, keepdims=False) for v in c_micro]
                 state, out = forward_all(stage_ids, stage_xs, received, fresh)
                 valid = (t - stage_ids >= 0) & (t - stage_ids < m)
                 pos = t % ring
                 kept = [
                     pin(jax.lax.dynamic_update_index_in_dim(
-                        k, jnp.where(_expand(valid, s.ndim), s, jax.lax.dynamic_index_in_dim(k, pos, 1, False)), pos, axis=1))
+                        k, jnp.where(_expand(valid, s.ndim), s, jax.lax.dynamic_index_in_dim(k, pos, 2, False)), pos, axis=2))
                     for k, s in zip(kept, state)
                 ]
                 if steady:  # the last stage's output: the loss of micro-batch t - (p - 1)
                     last = _expand(stage_ids == p - 1, out[0].ndim)
                     leaving = [jnp.sum(jnp.where(last, o, jnp.zeros_like(o)), axis=0) for o in out]
-                    loss, after_vjp = jax.vjp(
-                        lambda ap, ov: after(ap, ov, micro_args(t - (p - 1))),
-                        [param_leaves[i].value for i in after_ids], leaving,
-                    )
-                    d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / m))
+                    if per_replica:  # (r, B/(m r), ...): each replica's rows
+                        loss, after_vjp = jax.vjp(lambda ap, ov: head_per_replica(ap, ov, t - (p - 1)), head_params, leaving)
+                        d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / (m * r)))
+                    else:
+                        leaving = [v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for v in leaving]  # its B/m rows
+                        loss, after_vjp = jax.vjp(
+                            lambda ap, ov: after(ap, ov, micro_args(t - (p - 1))), head_params, leaving)
+                        d_after, d_out = after_vjp(jnp.full_like(loss, 1.0 / m))
                     after_grads = [a + g.astype(jnp.float32) for a, g in zip(after_grads, d_after)]
                     total = total + loss.astype(jnp.float32)
                 received = [pin(_rotate(pin(o))) if send_forward else pin(o) for o in out]  # stage s -> s + 1
@@ -246,11 +307,12 @@ def one_f_one_b(program) -> Callable:
                 b = t - (2 * p - 2 - stage_ids)
                 valid = (b >= 0) & (b < m)
                 hit = jnp.arange(ring)[None, :] == ((b + stage_ids) % ring)[:, None]  # kept in slot b + s
-                inputs = [pin(jnp.sum(jnp.where(_expand(hit, k.ndim), k, jnp.zeros_like(k)), axis=1)) for k in kept]
+                hit = hit[:, None, :]  # (p, 1, ring): the same slot for every replica
+                inputs = [pin(jnp.sum(jnp.where(_expand(hit, k.ndim), k, jnp.zeros_like(k)), axis=2)) for k in kept]
                 if d_out is not None:
                     last = stage_ids == p - 1
                     cotangents = [
-                        jnp.where(_expand(last, c.ndim), jnp.broadcast_to(d.astype(c.dtype), c.shape), c)
+                        jnp.where(_expand(last, c.ndim), jnp.broadcast_to(d.astype(c.dtype).reshape(c.shape[1:]), c.shape), c)
                         for c, d in zip(cotangents, d_out)
                     ]
                 d_params, d_state = backward_all(stage_xs, inputs, [pin(c) for c in cotangents])
@@ -263,7 +325,7 @@ def one_f_one_b(program) -> Callable:
                 at = jnp.clip(first, 0, m - 1)
                 d_inputs = [
                     pin(jax.lax.dynamic_update_index_in_dim(
-                        buf, jnp.where(first >= 0, d, jax.lax.dynamic_index_in_dim(buf, at, 2, False)), at, axis=2))
+                        buf, jnp.where(first >= 0, d, jax.lax.dynamic_index_in_dim(buf, at, 3, False)), at, axis=3))
                     for buf, d in zip(d_inputs, d_state)
                 ]
                 cotangents = [pin(_rotate_back(pin(d))) if send_backward else pin(d) for d in d_state]  # stage s -> s - 1
@@ -273,13 +335,13 @@ def one_f_one_b(program) -> Callable:
             return pin(jnp.zeros(shape, dtype))
 
         loop = (
-            [zeros((p, v.shape[0], *v.shape[2:]), v.dtype) for v in c_micro],
-            [zeros((p, v.shape[0], *v.shape[2:]), v.dtype) for v in c_micro],
-            [zeros((p, ring, v.shape[0], *v.shape[2:]), v.dtype) for v in c_micro],
+            [zeros((p, *v.shape[:2], *v.shape[3:]), v.dtype) for v in c_micro],
+            [zeros((p, *v.shape[:2], *v.shape[3:]), v.dtype) for v in c_micro],
+            [zeros((p, v.shape[0], ring, *v.shape[1:2], *v.shape[3:]), v.dtype) for v in c_micro],
             [zeros(v.shape, jnp.float32) for v in stage_xs],
             [zeros((p, *v.shape), v.dtype) for v in c_micro],
-            [jnp.zeros(param_leaves[i].value.shape, jnp.float32) for i in after_ids],
-            jnp.zeros((), jnp.float32),
+            [jnp.zeros(v.shape, jnp.float32) for v in head_params],
+            jnp.zeros((r,) if per_replica else (), jnp.float32),  # the loss, per replica
         )
         # Warm-up: forwards only; steady: one forward and one backward; cool-down: backwards
         # only. The last steady slot sends no activation (no forward follows) and the last
@@ -301,18 +363,23 @@ def one_f_one_b(program) -> Callable:
         d_carry = [
             jnp.sum(jnp.where(first_stage, d, jnp.zeros_like(d)), axis=0) for d in d_inputs
         ]  # leaves the first stage
-        d_carry = [d.reshape(d.shape[0] * m, *d.shape[2:]).astype(c.dtype) for d, c in zip(d_carry, carry)]
-        d_xs = [g.reshape(length, *g.shape[2:]).astype(x.dtype) for g, x in zip(grads, xs)]
+        d_carry = [d.reshape(d.shape[0] * d.shape[1] * m, *d.shape[3:]).astype(c.dtype) for d, c in zip(d_carry, carry)]
+        # The replicas' weight gradients summed over the data axes: once per step, in the
+        # params' dtype (as the plan prices it).
+        d_xs = [_stage_major(stage_pinner, g.astype(x.dtype).sum(axis=1)) for g, x in zip(grads, xs)]
+        d_xs = [g.reshape(length, *g.shape[2:]) for g in d_xs]
         (before_grads,) = before_vjp((d_carry, d_xs))
         before_leaves = jax.tree_util.tree_leaves(before_grads, is_leaf=is_named)
         out = [leaf.value for leaf in before_leaves]
         for i, g in zip(after_ids, after_grads):
+            if per_replica:  # the replicas' head gradients summed over the data axes, once
+                g = g.astype(out[i].dtype).sum(axis=0).astype(jnp.float32)
             out[i] = (out[i].astype(jnp.float32) + g).astype(out[i].dtype)
         grads_tree = jax.tree_util.tree_unflatten(
             param_def, [NamedArray(v, leaf.dims) for v, leaf in zip(out, param_leaves)]
         )
         loss_dtype = program.graph.tensors[program.graph.outputs[0]].dtype
-        return (total / m).astype(loss_dtype), grads_tree
+        return (jnp.mean(total) / m).astype(loss_dtype), grads_tree
 
     return run
 
