@@ -1,6 +1,7 @@
 """Training under a plan: sharded Adam steps match one device; batches arrive per shard; the
 shipped text and its batches; the ``meshjax train`` command."""
 
+import functools
 import json
 import shutil
 
@@ -205,6 +206,27 @@ def test_train_command_errors(tmp_path, capsys):
     assert len(err) == 4 and all(line.startswith("meshjax: error: ") for line in err)
 
 
+@functools.lru_cache(maxsize=None)
+def _zoo_reference(name):
+    """A zoo model, its graph, and the losses of ``STEPS`` Adam steps on one device (plain jit of
+    value_and_grad + optax): computed once per model, shared by its three meshes."""
+    ex = models.example(name, key=jax.random.key(1))
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    opt = optax.adam(LR)
+
+    @jax.jit
+    def one_device_step(params, state, *batch):
+        loss, grads = jax.value_and_grad(lambda p: ex.loss(p, *batch).value)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    params, opt_state, reference = ex.params, opt.init(ex.params), []
+    for _ in range(STEPS):
+        params, opt_state, loss = one_device_step(params, opt_state, *ex.batch)
+        reference.append(float(loss))
+    return ex, graph, reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, shape",
@@ -219,23 +241,9 @@ def test_train_command_errors(tmp_path, capsys):
     ids=["llama-8", "llama-4x2", "llama-2x4", "moe-8", "moe-4x2", "moe-2x4"],
 )
 def test_zoo_models_train_under_the_solvers_plan_like_one_device(name, shape):
-    ex = models.example(name, key=jax.random.key(1))
-    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    ex, graph, reference = _zoo_reference(name)
     plan = solve(graph, shape, hardware="cpu-sim", train=True)
-    opt = optax.adam(LR)
-
-    @jax.jit
-    def one_device_step(params, state, *batch):
-        loss, grads = jax.value_and_grad(lambda p: ex.loss(p, *batch).value)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    params, opt_state, reference = ex.params, opt.init(ex.params), []
-    for _ in range(STEPS):
-        params, opt_state, loss = one_device_step(params, opt_state, *ex.batch)
-        reference.append(float(loss))
-
-    trainer = make_train_step(plan, ex.loss, make_mesh(shape), opt)
+    trainer = make_train_step(plan, ex.loss, make_mesh(shape), optax.adam(LR))
     state, losses = trainer.init(ex.params), []
     host = [np.asarray(leaf.value) for leaf in ex.batch]
     for _ in range(STEPS):
