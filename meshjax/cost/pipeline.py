@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +88,14 @@ def replica_axes(graph: Graph, layouts: Mapping[str, Layout], block: str, pipe: 
             prefix = [a for i, a in enumerate(prefix) if i < len(out) and out[: i + 1] == tuple(prefix[: i + 1])]
         out = tuple(prefix)
     return out or ()
+
+
+def runs_head_per_replica(replicas: Sequence[str], head_layouts: Iterable[Layout]) -> bool:
+    """Whether 1F1B runs its head (what comes after the pipelined scan) once per data-parallel
+    replica, each on its own copy of the head's weights (:mod:`meshjax.pipeline.one_f_one_b`):
+    when there are replicas and no weight the head reads is split over one of their axes (a
+    replica cannot hold its own copy of such a weight)."""
+    return bool(replicas) and not any(set(layout.used_axes) & set(replicas) for layout in head_layouts)
 
 
 def compute_bound(graph: Graph, block: str, mesh_shape: Mapping[str, int], hardware: Hardware, pipe: Pipeline, train: bool = True) -> float:

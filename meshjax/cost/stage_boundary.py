@@ -53,6 +53,17 @@ def off_stage(graph: Graph, block: str, axis: str, dim: str) -> dict[str, frozen
     return out
 
 
+def off_stage_after(graph: Graph, axis: str) -> dict[str, frozenset[str]]:
+    """What keeps a 1F1B stage graph's head (its :data:`~meshjax.pipeline.stage_graph.AFTER`
+    block, run once per micro-batch) off ``axis``: every tensor it makes and every operand of
+    its ops, the head's weights among them."""
+    from meshjax.pipeline.stage_graph import AFTER
+
+    off = frozenset({axis})
+    ops = [op for op in graph.ops if op.block == AFTER]
+    return {name: off for op in ops for name in (op.output, *op.inputs)}
+
+
 def is_crossing(graph: Graph, consumer: Op, operand: int, block: str) -> bool:
     """Whether ``consumer``'s ``operand`` carries the scan ``block``'s carry in (the loop's
     initial carry) or out (its final carry)."""

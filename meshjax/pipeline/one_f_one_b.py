@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from meshjax import context
+from meshjax.cost.pipeline import runs_head_per_replica
 from meshjax.errors import ShapeError
 from meshjax.graph import LINEAR, IndexForm
 from meshjax.named import NamedArray, is_named
@@ -239,8 +240,7 @@ def one_f_one_b(program) -> Callable:
         # summed over them once per step, not once per micro-batch; unless a head param is split
         # over a replica axis (a replica cannot hold its own copy of it).
         param_names = program.graph.signature.names[: len(param_leaves)]
-        head_axes = {a for i in after_ids for ax in program.layouts[param_names[i]].axes for a in ax}
-        per_replica = bool(stage_pinner.replicas) and not head_axes & set(stage_pinner.replicas)
+        per_replica = runs_head_per_replica(stage_pinner.replicas, [program.layouts[param_names[i]] for i in after_ids])
         replica_spec = lambda v: NamedSharding(  # noqa: E731
             program.mesh, PartitionSpec(stage_pinner.replicas, *([PartitionSpec.UNCONSTRAINED] * (v.ndim - 1))))
         head_params = [param_leaves[i].value for i in after_ids]
