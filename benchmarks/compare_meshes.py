@@ -216,7 +216,7 @@ def bench_stage(name: str, overrides: dict, repeats: int, log) -> list[dict]:
         compile_s = time.perf_counter() - start
         report = inspect_compiled(compiled, mesh)
         params, batch = program.place(ex.params, *ex.batch)
-        pv, av = jitted._split(params, batch)
+        pv, av = jitted.arguments(params, batch)
         jax.block_until_ready(compiled(pv, av))
         times = []
         for _ in range(repeats):
