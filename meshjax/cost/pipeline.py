@@ -335,11 +335,11 @@ def pipeline_cost(
 ) -> PipelineCost:
     """Price ``pipe`` around ``stage_plan`` (solved on the stage graph; ``mesh_shape`` is the
     whole mesh, stage axis included; ``memory_bytes`` the solver's memory row of the choice)."""
+    from meshjax.pipeline.stage_graph import AFTER
+
     graph = stage_plan.graph
     stage_mesh = stage_plan.mesh_shape
     layouts: Mapping[str, Layout] = stage_plan.layouts
-    from meshjax.pipeline.stage_graph import AFTER
-
     inputs, outputs = carry_names(graph, block)
     # The carry leaves every slot in its final layout, held off the stage axis
     # (meshjax.cost.stage_boundary); whole-batch bytes per device / m (a 1F1B stage graph has

@@ -105,4 +105,4 @@ def price_crossings(problem, block: str, axis: str, cache: dict | None = None) -
         e.cost = cache[key] * e.multiplicity
 
 
-__all__ = ["in_stage", "is_crossing", "off_stage", "price_crossings"]
+__all__ = ["in_stage", "is_crossing", "off_stage", "off_stage_after", "price_crossings"]
