@@ -36,8 +36,7 @@ from meshjax.layout import Layout
 def extra_residuals(op: Op, graph: Graph | None = None) -> float:
     """How many tensors of its result's size ``op``'s backward keeps besides its operands (in a
     scan, every residual JAX saves is stacked: ``OpFacts.scan_residuals``)."""
-    scanned = graph is not None and op.block is not None and graph.blocks[op.block].kind == "scan"
-    return op.facts.residuals_in(scanned)
+    return op.facts.residuals_in(graph is not None and in_loop(op, graph))
 
 
 def kept_operands(op: Op) -> tuple[int, ...]:
@@ -130,6 +129,36 @@ def working_set(
     return total
 
 
+def weight_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[float, float]:
+    """Bytes per device (one instance) of the gradients ``op``'s backward makes for the params
+    it reads directly (not a scan's slices), in the layouts it computes on them:
+    ``(summed, not summed)``.
+
+    A gradient summed over a loop dim the strategy splits (data parallelism, a split sequence)
+    waits for the step's combined all-reduce, so it is held from this op's backward to the end
+    of the step. One not summed goes straight into its optimizer update, which XLA fuses after
+    the gradient's dot: it lives only while this op's backward runs (measured on XLA:CPU: a
+    replicated ``mlp-tiny`` held one weight gradient at a time).
+    """
+    assign = dict(strategy.assign)
+    summed = not_summed = 0.0
+    for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts):
+        tensor = graph.tensors[name]
+        if tensor.role != "param" or not graph.needs_grad(name):
+            continue
+        nbytes = per_device_bytes(tensor, layout, mesh_shape)
+        if _summed(op, dims, assign):
+            summed += nbytes
+        else:
+            not_summed += nbytes
+    return summed, not_summed
+
+
+def _summed(op: Op, dims: Sequence[str], assign: Mapping[str, tuple[str, ...]]) -> bool:
+    """Whether the gradient of an operand walking loop ``dims`` sums over a split loop dim."""
+    return any(assign.get(d) for d in op.index.loop_sizes if d not in dims)
+
+
 def gradient_sync(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[float, float]:
     """Bytes per device (one instance, one trip) of the weight gradients ``op``'s backward makes,
     while they are summed: ``(in the loop, at the end of the step)``.
@@ -150,7 +179,7 @@ def gradient_sync(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[
         if not graph.needs_grad(name) or (tensor.role != "param" and name not in graph.sliced_from):
             continue
         nbytes = per_device_bytes(tensor, layout, mesh_shape)
-        summed = any(assign.get(d) for d in op.index.loop_sizes if d not in dims)
+        summed = _summed(op, dims, assign)
         if tensor.role == "param":
             at_end += 2 * nbytes if summed else nbytes
         elif summed:
@@ -164,16 +193,36 @@ def backward_working_set(
 ) -> float:
     """Bytes per device an op's backward pass holds beyond what stays resident: the cotangent of
     its result (gathered back to the layout it was computed in, after a reduce-scatter), one
-    temporary of that size, and the operands it reads in the layouts it computes in (an FSDP
-    weight is gathered again here), plus what the op declares: its scratch
+    temporary of that size, and what the op declares: its scratch
     (``OpFacts.backward_scratch``) and, for a fused kernel, its operands' gradients.
 
-    In training, the peak on top of what is kept is the largest of these over the ops.
+    Outside a loop, the operands it reads are resident already: kept activations and the params
+    and inputs themselves, or, read in another layout than they are kept in, a copy the step
+    holds to its end (an FSDP weight gathered again: XLA:CPU keeps it until the optimizer
+    update; :func:`resident_copy`). Inside a scan a trip's copy lives only through that trip,
+    so the operands it reads are counted here, in the layouts it computes in. A weight
+    gradient that goes straight into its update (:func:`weight_gradients`) is the caller's to
+    add.
+
+    In training, the peak on top of what is resident is the largest of these over the ops.
     """
     total = _result_bytes(graph, op, result, computed, mesh_shape) * (2 + op.facts.backward_scratch)
-    for i in kept_operands(op):
-        if graph.tensors[op.inputs[i]].role != "constant":
-            total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
+    if in_loop(op, graph):
+        for i in kept_operands(op):
+            if graph.tensors[op.inputs[i]].role != "constant":
+                total += _nbytes(graph, op.inputs[i], operands[i], mesh_shape)
     if op.facts.holds_operand_gradients:
         total += sum(_nbytes(graph, name, layout, mesh_shape) for name, layout in zip(op.inputs, operands))
     return total
+
+
+def in_loop(op: Op, graph: Graph) -> bool:
+    """Whether ``op`` runs in a scan's body."""
+    return op.block is not None and graph.blocks[op.block].kind == "scan"
+
+
+def resident_copy(op: Op, position: int, graph: Graph) -> bool:
+    """Whether the step holds a copy of ``op``'s operand at ``position`` to its end when the op
+    reads it in another layout than it is kept in: its backward reads it, outside a loop
+    (:func:`backward_working_set`)."""
+    return backward_reads(op, position, graph) and not in_loop(op, graph)

@@ -14,7 +14,9 @@ Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` 
 fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
 transient at its largest op); ``constants`` when the function closes over arrays; in training,
-when non-zero, ``partial_gradients`` and ``gradient_sync`` (:data:`SYNC_KINDS`).
+when non-zero, ``backward_copies`` and ``gradient_sync`` (:data:`SYNC_KINDS`). ``gradients`` are
+those held until the step's all-reduce; a gradient that goes straight into its optimizer update
+is part of its op's ``backward_peak`` (:func:`meshjax.cost.memory.weight_gradients`).
 
 A later decision (a rematerialisation policy, micro-batching) adds its terms the same way: a
 function here that prices each option of a node (time, a ``parts`` entry per memory kind, a
@@ -61,11 +63,11 @@ MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations
 # micro-batching, and what a rematerialised block has recomputed and still holds when its
 # backward pass peaks (:func:`~meshjax.solver.problem.peak_rows`).
 LEVER_KINDS = ("grad_accumulator", "recompute")
-# Kinds reported when non-zero, in training: weight gradients made larger than the param's own
-# (in a gathered layout: ``partial_gradients``), and how much more than the backward pass's
+# Kinds reported when non-zero, in training: operands a backward pass reads in another layout
+# than they are kept in (an FSDP weight gathered again: ``backward_copies``), and how much more than the backward pass's
 # peak a gradient all-reduce holds (``gradient_sync``: a scan trip's, or the end-of-step one's;
 # the step's memory is the largest of the phases, :meth:`~meshjax.solver.problem.Problem.memory`).
-SYNC_KINDS = ("partial_gradients", "gradient_sync")
+SYNC_KINDS = ("backward_copies", "gradient_sync")
 # The memory rows besides the backward pass's (``Node.sync`` columns): while a scan trip's
 # combined gradient all-reduce runs, and while the end-of-step one runs.
 SYNC_PHASES = ("loop_sync", "end_sync")
@@ -196,7 +198,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         a = e.src_group[choice[e.src]]
         b = e.dst_group[choice[e.dst]]
         if e.memory is not None:
-            memory["partial_gradients"] += float(e.memory[a, b])
+            memory["backward_copies"] += float(e.memory[a, b])
         _, colls = reshard(
             e.tensor, e.src_layouts[a], e.dst_layouts[b], problem.mesh_shape, problem.hardware,
             train=problem.train, needs_grad=e.needs_grad, recompute=e.recompute,
@@ -242,7 +244,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         peak -= memory["recompute"]
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
-    for kind in ("constants", *LEVER_KINDS, "partial_gradients"):
+    for kind in ("constants", *LEVER_KINDS, "backward_copies"):
         if memory.get(kind):
             out[kind] = memory[kind]
     backward = sum(out.values())

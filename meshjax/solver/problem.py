@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, resident_copy, weight_gradients, working_set
 from meshjax.cost.remat import kept_under, recompute_order, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -125,8 +125,8 @@ class Edge:
     needs_grad: bool = True
     recompute: bool = False  # the consumer's backward re-does the reshard (it reads the operand)
     rerun: bool = False  # the consumer is rematerialised: its forward reshard runs again
-    # Training, rows x columns: bytes per device the pair keeps resident besides its nodes (a
-    # weight's gradient made in the layout its consumer computes it in; None: nothing).
+    # Training, rows x columns: bytes per device the pair keeps resident besides its nodes (the
+    # copy of an operand the consumer's backward reads in another layout, _copy_held; None: nothing).
     memory: np.ndarray | None = None
 
 
@@ -291,6 +291,8 @@ def build_problem(
                     for state in (state_layouts(tensor, layout, mesh_shape) if zero else [layout])
                 ]
                 time, parts = price_param_options(tensor, options, mesh_shape, hardware, optimizer, per_instance)
+                if key in read_directly:  # the ops that read it count its gradient (weight_gradients)
+                    parts["gradients"] = np.zeros(len(options))
                 result_layouts = [o.layout for o in options]
             else:
                 options = result_layouts = layouts
@@ -300,10 +302,8 @@ def build_problem(
             memory = sum(parts.values())
             sync = None
             if train:
-                # At the end-of-step sync everything a source holds is alive, except the
-                # gradients of params that ops read directly (those ops count them as summed).
-                end = sum(v for kind, v in parts.items() if kind != "gradients" or key not in read_directly)
-                sync = np.stack([np.zeros(len(options)), end], axis=1)
+                # At the end-of-step sync everything a source holds is alive.
+                sync = np.stack([np.zeros(len(options)), memory], axis=1)
             nodes.append(Node(key, tensor, None, options, result_layouts, time, memory, np.zeros(len(options)), per_instance, names, parts,
                               sync=sync))
         else:
@@ -332,12 +332,17 @@ def build_problem(
             mult = op_count[key]
             act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
             if train:
-                # Saved activations stay resident; the backward pass also holds, at its peak,
-                # the largest activation's cotangent and one temporary of its size.
+                # Saved activations stay resident, and so do weight gradients that wait for the
+                # step's all-reduce; the backward pass also holds, at its peak, the largest
+                # activation's cotangent and one temporary of its size, and a gradient that goes
+                # straight into its update (meshjax.cost.memory.weight_gradients).
+                instances = mult // graph.trip_count(op.block)
+                summed, not_summed = np.array([weight_gradients(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
                 memory = act * mult * kept.get(key, 0)
                 # What one instance recomputes lives during part of its backward pass (peak_rows).
                 recomputing = act * working.get(key, 0)
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
+                peak = peak + not_summed
             else:
                 memory = recomputing = np.zeros(len(strategies))
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
@@ -345,8 +350,10 @@ def build_problem(
             parts = {"activations": memory}
             sync = None
             if train:
+                if summed.any():
+                    parts["gradients"] = summed * instances
+                    memory = memory + parts["gradients"]
                 in_loop, at_end = np.array([gradient_sync(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
-                instances = mult // graph.trip_count(op.block)
                 # One trip's sync holds the trip's summed gradients beside the loop's stacked
                 # activations and the carry's cotangent (the backward loop's state); the
                 # end-of-step one, the other weights' (and no activations).
@@ -428,8 +435,8 @@ def build_problem(
             node.time = node.time + cost[src_group, dst_group]
             continue
         memory = None
-        if train and tensor.role == "param" and needs_grad and not consumer.facts.slices:
-            memory = _gradient_held(tensor, src_layouts, dst_layouts, mesh_shape) * (mult // graph.trip_count(consumer.block))
+        if train and resident_copy(consumer, i, graph):
+            memory = _copy_held(tensor, src_layouts, dst_layouts, mesh_shape) * (mult // graph.trip_count(consumer.block))
         edges.append(Edge(src, dst, i, tensor, src_group, dst_group, src_layouts, dst_layouts, cost, mult, needs_grad, recompute, rerun,
                           memory if memory is not None and memory.any() else None))
     problem = Problem(graph, mesh_shape, hardware, train, nodes, edges, node_of, optimizer if train else None, zero,
@@ -508,14 +515,14 @@ def _cheapest_per_layouts(strategies: list[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
-def _gradient_held(tensor: Tensor, src: Sequence[Layout], dst: Sequence[Layout], mesh_shape: Mapping[str, int]) -> np.ndarray:
-    """Per (param layout, operand layout): what a weight's gradient holds during the backward
-    pass beyond the param's own ``gradients``. An op that reads the weight in another layout (an
-    FSDP weight gathered) makes its gradient in that layout, whole partial sums that XLA keeps
-    until the step's combined all-reduce, and only then slices down to the param's layout."""
-    a = np.array([per_device_bytes(tensor, l, mesh_shape) for l in src])
+def _copy_held(tensor: Tensor, src: Sequence[Layout], dst: Sequence[Layout], mesh_shape: Mapping[str, int]) -> np.ndarray:
+    """Per (kept layout, operand layout): what an operand the consumer's backward reads in
+    another layout than it is kept in costs the backward pass. The lowering re-does the
+    reshard there (an FSDP weight gathered again), and XLA:CPU keeps the copy until the step's
+    end (the gathered weights of ``gpt-small``'s MLPs stayed live through the optimizer
+    update), so it is counted as resident."""
     b = np.array([per_device_bytes(tensor, l, mesh_shape) for l in dst])
-    return np.maximum(b[None, :] - a[:, None], 0.0)
+    return np.array([[0.0 if a == d else nbytes for d, nbytes in zip(dst, b)] for a in src])
 
 
 def _gathers_before_reducing(op: Op, operand: int, src: Layout, dst: Layout) -> bool:
