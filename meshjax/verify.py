@@ -286,3 +286,50 @@ def compile_plan(
     trainer = make_train_step(plan, fn, mesh, optimizer, program=program)
     trainer.check_structure(params)
     return trainer.lower(trainer.abstract_state(), *args).compile()
+
+
+# Solves again at most this many times for a plan whose compiled step exceeds its budget.
+BUDGET_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class BudgetTry:
+    """One solve of a closed-loop budget: the budget the solver was given, and the bytes per
+    device XLA compiled its plan to."""
+
+    solved_for: float
+    compiled: float
+
+
+def keep_budget(
+    plan: Plan, budget: float | None, measure: Callable[[Plan], float | None], resolve: Callable[[float], Plan],
+    attempts: int = BUDGET_ATTEMPTS,
+) -> tuple[Plan, tuple[BudgetTry, ...]]:
+    """A plan whose *compiled* step fits ``budget``, and the solves that did not.
+
+    ``measure(plan)`` compiles a plan and returns XLA's bytes per device (``None``: not known);
+    ``resolve(b)`` solves the same problem under budget ``b``. While the compiled step exceeds
+    ``budget``, the solver's budget shrinks by the overshoot (``b * budget / compiled``) and the
+    problem is solved again, at most ``attempts`` times; the last plan is returned whether it fits
+    or not (its ``BudgetTry`` list then ends above ``budget``). The memory model stays the one
+    owner of the plan's figures: only the budget handed to the solver moves. A budget no layout
+    meets raises the solver's one-line :class:`~meshjax.errors.InfeasibleError`.
+
+    >>> sizes = iter([120.0, 95.0])   # what "XLA" compiles each plan to
+    >>> plan, tries = keep_budget("plan@100", 100.0, lambda p: next(sizes), lambda b: f"plan@{b:.0f}")
+    >>> plan, [(t.solved_for, t.compiled) for t in tries]
+    ('plan@83', [(100.0, 120.0)])
+    """
+    tries = []
+    solved_for = budget
+    for _ in range(attempts):
+        compiled = measure(plan)
+        if budget is None or compiled is None or compiled <= budget:
+            return plan, tuple(tries)
+        tries.append(BudgetTry(solved_for, compiled))
+        solved_for = solved_for * budget / compiled
+        plan = resolve(solved_for)
+    compiled = measure(plan)
+    if compiled is not None and compiled > budget:
+        tries.append(BudgetTry(solved_for, compiled))
+    return plan, tuple(tries)

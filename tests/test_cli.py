@@ -168,3 +168,19 @@ def test_bad_input_is_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("meshjax: error: ") and message in err, err
     assert "Traceback" not in err
+
+
+def test_plan_solves_again_when_the_compiled_step_exceeds_the_budget(tmp_path, capsys):
+    """mlp-small on 8 devices under 103,424 B: the first plan is predicted within the budget but
+    compiles 76 B above it; ``meshjax plan`` solves again under the budget less the overshoot and
+    reports the plan whose compiled step fits."""
+    path = tmp_path / "out.json"
+    budget = 103424
+    assert main(["plan", "mlp-small", "--mesh", "8", "--hardware", "cpu-sim", "--memory-limit", str(budget),
+                 "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    [first] = doc["budget_tries"]
+    assert first["solved_for"] == budget and first["compiled_bytes"] > budget
+    assert doc["compiled"]["memory"]["peak_bytes"] <= budget
+    assert doc["predicted"]["peak_memory_bytes"] <= budget * first["solved_for"] / first["compiled_bytes"] * (1 + 1e-9)
+    assert "solving again under a budget less the overshoot" in capsys.readouterr().out

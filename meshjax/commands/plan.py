@@ -401,24 +401,41 @@ def run(args: argparse.Namespace) -> int:
         mesh_shape, plan = search_mesh(args, overrides, search_axes, console, **solve_kwargs)
     else:
         plan = solve_for(args, args.model, overrides, graph, mesh_shape, **solve_kwargs)
+
+    check = None
+    tries = ()
+    if compile_it:
+        from meshjax.devices import make_mesh
+        from meshjax.hlo import inspect_compiled
+        from meshjax.verify import Verification, compile_plan, keep_budget, platform_of
+
+        mesh = make_mesh(mesh_shape)
+        last = {}  # the plan measured last, its executable and report
+
+        def measure(p):
+            # Training plans compile the whole Adam step, which holds what the plan's memory counts.
+            compiled = compile_plan(p, model.loss, mesh, model.params, *model.batch)
+            last.update(plan=p, compiled=compiled, report=inspect_compiled(compiled, mesh))
+            return last["report"].memory.get("peak_bytes")
+
+        plan, tries = keep_budget(plan, budget, measure, lambda b: solve_for(args, args.model, overrides, graph, mesh_shape,
+                                                                          **{**solve_kwargs, "memory_budget": b}))
+        for t in tries:
+            console.print(f"note: solved for {format_bytes(t.solved_for)}, the step compiled to {format_bytes(t.compiled)}, "
+                          f"above the {format_bytes(budget)} budget: solving again under a budget less the overshoot")
+        if last.get("plan") is not plan:
+            measure(plan)
+        compiled, report = last["compiled"], last["report"]
     console.print(plan.table())
     console.print(plan.cost_table(top=args.top))
     console.print(plan.summary())
 
-    check = None
     if compile_it:
-        from meshjax.devices import make_mesh
-        from meshjax.hlo import inspect_compiled
-        from meshjax.verify import Verification, compile_plan, platform_of
-
-        mesh = make_mesh(mesh_shape)
-        # Training plans compile the whole Adam step, which holds what the plan's memory counts.
-        compiled = compile_plan(plan, model.loss, mesh, model.params, *model.batch)
         if args.hlo:
             with open(args.hlo, "w") as f:
                 f.write(compiled.as_text())
             console.print(f"wrote compiled HLO to {args.hlo}")
-        check = Verification(plan, inspect_compiled(compiled, mesh), platform_of(mesh))
+        check = Verification(plan, report, platform_of(mesh))
         console.print(check.compiled.table())
         if not hasattr(plan, "pipeline"):  # per-op attribution: the pipeline's loop has no op names
             console.print(check.op_table())
@@ -435,7 +452,10 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             console.print(f"[bold yellow]warning:[/] {warning}")
     if args.json_path:
+        doc = plan_json(model.name, plan, check)
+        if tries:
+            doc["budget_tries"] = [{"solved_for": t.solved_for, "compiled_bytes": t.compiled} for t in tries]
         with open(args.json_path, "w") as f:
-            json.dump(plan_json(model.name, plan, check), f, indent=2)
+            json.dump(doc, f, indent=2)
         console.print(f"wrote {args.json_path}")
     return 0
