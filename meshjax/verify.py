@@ -309,16 +309,19 @@ def keep_budget(
 
     ``measure(plan)`` compiles a plan and returns XLA's bytes per device (``None``: not known);
     ``resolve(b)`` solves the same problem under budget ``b``. While the compiled step exceeds
-    ``budget``, the solver's budget shrinks by the overshoot (``b * budget / compiled``) and the
-    problem is solved again, at most ``attempts`` times; the last plan is returned whether it fits
-    or not (its ``BudgetTry`` list then ends above ``budget``). The memory model stays the one
-    owner of the plan's figures: only the budget handed to the solver moves. A budget no layout
-    meets raises the solver's one-line :class:`~meshjax.errors.InfeasibleError`.
+    ``budget``, the problem is solved again under the plan's predicted memory less the overshoot
+    (``predicted * budget / compiled``: the next plan must be predicted that much leaner), at
+    most ``attempts`` times; the last plan is returned whether it fits or not (its ``BudgetTry``
+    list then ends above ``budget``). The memory model stays the one owner of the plan's figures:
+    only the budget handed to the solver moves. A budget no layout meets raises the solver's
+    one-line :class:`~meshjax.errors.InfeasibleError`.
 
+    >>> from types import SimpleNamespace as Plan
     >>> sizes = iter([120.0, 95.0])   # what "XLA" compiles each plan to
-    >>> plan, tries = keep_budget("plan@100", 100.0, lambda p: next(sizes), lambda b: f"plan@{b:.0f}")
-    >>> plan, [(t.solved_for, t.compiled) for t in tries]
-    ('plan@83', [(100.0, 120.0)])
+    >>> solve = lambda b: Plan(peak_memory_bytes=0.9 * b)
+    >>> plan, tries = keep_budget(solve(100.0), 100.0, lambda p: next(sizes), solve)
+    >>> round(plan.peak_memory_bytes, 1), [(t.solved_for, t.compiled) for t in tries]
+    (67.5, [(100.0, 120.0)])
     """
     tries = []
     solved_for = budget
@@ -327,7 +330,7 @@ def keep_budget(
         if budget is None or compiled is None or compiled <= budget:
             return plan, tuple(tries)
         tries.append(BudgetTry(solved_for, compiled))
-        solved_for = solved_for * budget / compiled
+        solved_for = min(solved_for, plan.peak_memory_bytes) * budget / compiled
         plan = resolve(solved_for)
     compiled = measure(plan)
     if compiled is not None and compiled > budget:
