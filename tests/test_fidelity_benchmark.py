@@ -31,6 +31,7 @@ def test_fidelity_subset_compares_and_writes(fidelity, tmp_path):
     assert {r.hardware for r in rows} == {"cpu-sim", "h100-node"}
     for r in rows:
         assert r.comm_ok, (r.setting, r.hardware, r.comm_ratio, r.off_ops)
+        assert r.memory_ok, (r.setting, r.hardware, r.memory_ratio)
         assert not r.over_budget, (r.setting, r.budget, r.compiled_memory_bytes)
         assert r.compiled_comm_bytes == pytest.approx(r.predicted_comm_bytes, rel=0.03)
     # A model without a seq dim: the rules example that names it has no plan, and says why.
