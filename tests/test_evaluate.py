@@ -232,16 +232,19 @@ def test_declared_scan_residuals_are_what_jax_saves(op, capsys):
 
 def test_weight_gradients_are_held_only_while_they_wait_for_their_all_reduce():
     """mlp-tiny (x [8, 16] @ w_in [16, 64], gelu, @ w_out [64, 16], float32) on 8 devices.
-    Data parallel, both weight gradients (4,096 B each) wait whole for the step's combined
-    all-reduce: resident. Replicated, each goes straight into its Adam update (XLA fuses it after
-    the gradient's dot): no resident gradient, and the backward peak is the largest op's
+    Replicated, each weight gradient (4,096 B) goes straight into its Adam update (XLA fuses it
+    after the gradient's dot): none is resident, and the backward peak is the largest op's
     cotangent, a temporary of its size and its own weight's gradient: ``x @ w_in``'s
-    2 x 2,048 + 4,096 (its operands x and w_in are resident already)."""
+    2 x 2,048 + 4,096 (its operands x and w_in are resident already). Data parallel, both wait
+    whole for the step's combined all-reduce, which holds each as partial sums and as result
+    beside the params, the two Adam moments and the step's shard of the inputs (x and target,
+    1,024 B / 8), when the backward pass has freed the activations: that phase is the step's
+    peak."""
     ex = models.example("mlp-tiny", abstract=True)
     graph = mj.trace(ex.loss, ex.params, *ex.batch)
-    data_parallel = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, rules="batch:data").memory_breakdown()
     replicated = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, rules={"batch": None}).memory_breakdown()
-    assert data_parallel["gradients"] == 2 * 4096
-    assert replicated["gradients"] == 0
+    data_parallel = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, rules="batch:data").memory_breakdown()
+    assert replicated["gradients"] == data_parallel["gradients"] == 0
     assert replicated["backward_peak"] == 2 * 2048 + 4096
-    assert replicated["params"] == data_parallel["params"] == 2 * 4096
+    assert "gradient_sync" not in replicated
+    assert data_parallel["total"] == 2 * 4096 + 2 * 2 * 4096 + 2 * 2 * 4096 + 1024 / 8

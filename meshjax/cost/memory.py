@@ -136,9 +136,11 @@ def weight_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mappi
 
     A gradient summed over a loop dim the strategy splits (data parallelism, a split sequence)
     waits for the step's combined all-reduce, so it is held from this op's backward to the end
-    of the step. One not summed goes straight into its optimizer update, which XLA fuses after
-    the gradient's dot: it lives only while this op's backward runs (measured on XLA:CPU: a
-    replicated ``mlp-tiny`` held one weight gradient at a time).
+    of the step: the end-of-step sync counts it (:func:`gradient_sync`), beside every other
+    weight's, when the backward pass has freed the activations behind it. One not summed goes
+    straight into its optimizer update, which XLA fuses after the gradient's dot: it lives only
+    while this op's backward runs (measured on XLA:CPU: a replicated ``mlp-tiny`` held one
+    weight gradient at a time).
     """
     assign = dict(strategy.assign)
     summed = not_summed = 0.0

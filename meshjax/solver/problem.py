@@ -332,12 +332,12 @@ def build_problem(
             mult = op_count[key]
             act = np.array([per_device_bytes(tensor, s.result_layout, mesh_shape) for s in strategies])
             if train:
-                # Saved activations stay resident, and so do weight gradients that wait for the
-                # step's all-reduce; the backward pass also holds, at its peak, the largest
-                # activation's cotangent and one temporary of its size, and a gradient that goes
-                # straight into its update (meshjax.cost.memory.weight_gradients).
+                # Saved activations stay resident; the backward pass also holds, at its peak, the
+                # largest activation's cotangent and one temporary of its size, and a gradient
+                # that goes straight into its update (meshjax.cost.memory.weight_gradients). A
+                # gradient that waits for the step's all-reduce is the end-of-step sync's.
                 instances = mult // graph.trip_count(op.block)
-                summed, not_summed = np.array([weight_gradients(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
+                not_summed = np.array([weight_gradients(op, graph, s, mesh_shape)[1] for s in strategies])
                 memory = act * mult * kept.get(key, 0)
                 # What one instance recomputes lives during part of its backward pass (peak_rows).
                 recomputing = act * working.get(key, 0)
@@ -350,9 +350,6 @@ def build_problem(
             parts = {"activations": memory}
             sync = None
             if train:
-                if summed.any():
-                    parts["gradients"] = summed * instances
-                    memory = memory + parts["gradients"]
                 in_loop, at_end = np.array([gradient_sync(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
                 # One trip's sync holds the trip's summed gradients beside the loop's stacked
                 # activations and the carry's cotangent (the backward loop's state); the
