@@ -14,7 +14,6 @@ from typing import Any
 from jax.sharding import Mesh
 
 from meshjax.cost.hardware import Hardware, get_hardware
-from meshjax.cost.strategies import per_device_bytes
 from meshjax import validate
 from meshjax.errors import InfeasibleError
 from meshjax.graph import Graph
@@ -124,13 +123,9 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     tied layers and scan trips, with the optimizer's real state), and what would make it fit."""
     least = solve_ilp(problem, objective="memory")
     priced = evaluate(problem, least.choice)
-    totals = {k: sum(float(v[c]) for kind, v in node.parts.items() if kind != "gradients" or node.op is None)
-              for k, (node, c) in enumerate(zip(problem.nodes, least.choice))}
-    for k, gradient in _weight_gradients_by_param(problem, least.choice).items():
-        totals[k] += gradient
     per_node = []
-    for k, total in totals.items():
-        node = problem.nodes[k]
+    for node, c in zip(problem.nodes, least.choice):
+        total = sum(float(v[c]) for v in node.parts.values())
         if total:
             layers = node.multiplicity if node.op is not None else len(node.members)
             name = node.key + (f" x{layers}" if layers > 1 else "")
@@ -200,22 +195,4 @@ def factorisations(n: int, max_axes: int) -> list[tuple[int, ...]]:
 
     for k in range(2, max_axes + 1):
         rec(n, k, ())
-    return out
-
-
-def _weight_gradients_by_param(problem: Problem, choice) -> dict[int, float]:
-    """Param node -> the gradient bytes the ops that read it hold (an op node's ``gradients``
-    part, shared among its param operands by their bytes as the op reads them), so that a
-    param's total counts its gradient beside its optimizer state."""
-    out: dict[int, float] = {}
-    for node, c in zip(problem.nodes, choice):
-        gradient = float(node.parts["gradients"][c]) if node.op is not None and "gradients" in node.parts else 0.0
-        if not gradient:
-            continue
-        graph = problem.graph
-        weights = {problem.node_of[name]: per_device_bytes(graph.tensors[name], layout, problem.mesh_shape)
-                   for name, layout in zip(node.op.inputs, node.options[c].operand_layouts)
-                   if graph.tensors[name].role == "param" and graph.needs_grad(name)}
-        for k, nbytes in weights.items():
-            out[k] = out.get(k, 0.0) + gradient * nbytes / sum(weights.values())
     return out
