@@ -36,11 +36,13 @@ import optax
 from jax.sharding import Mesh
 
 from meshjax.cost.collectives import Collective, as_lowered
+from meshjax.errors import InfeasibleError
 from meshjax.hlo import CompiledReport, inspect_compiled
 from meshjax.hlo.metadata import ops_named
 from meshjax.layout import Layout
 from meshjax.plan import Plan
 from meshjax.train import make_train_step
+from meshjax.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -313,8 +315,8 @@ def keep_budget(
     (``predicted * budget / compiled``: the next plan must be predicted that much leaner), at
     most ``attempts`` times; the last plan is returned whether it fits or not (its ``BudgetTry``
     list then ends above ``budget``). The memory model stays the one owner of the plan's figures:
-    only the budget handed to the solver moves. A budget no layout meets raises the solver's
-    one-line :class:`~meshjax.errors.InfeasibleError`.
+    only the budget handed to the solver moves. When no layout meets the shrunk budget, a one-line
+    :class:`~meshjax.errors.InfeasibleError` says so, with the solver's reason.
 
     >>> from types import SimpleNamespace as Plan
     >>> sizes = iter([120.0, 95.0])   # what "XLA" compiles each plan to
@@ -331,7 +333,13 @@ def keep_budget(
             return plan, tuple(tries)
         tries.append(BudgetTry(solved_for, compiled))
         solved_for = min(solved_for, plan.peak_memory_bytes) * budget / compiled
-        plan = resolve(solved_for)
+        try:
+            plan = resolve(solved_for)
+        except InfeasibleError as err:
+            raise InfeasibleError(
+                f"no plan compiles within {format_bytes(budget)} per device: the plan solved for {format_bytes(tries[-1].solved_for)} "
+                f"compiled to {format_bytes(compiled)}, and under the budget less that overshoot: {err}"
+            ) from None
     compiled = measure(plan)
     if compiled is not None and compiled > budget:
         tries.append(BudgetTry(solved_for, compiled))

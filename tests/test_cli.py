@@ -184,3 +184,22 @@ def test_plan_solves_again_when_the_compiled_step_exceeds_the_budget(tmp_path, c
     assert doc["compiled"]["memory"]["peak_bytes"] <= budget
     assert doc["predicted"]["peak_memory_bytes"] <= budget * first["solved_for"] / first["compiled_bytes"] * (1 + 1e-9)
     assert "solving again under a budget less the overshoot" in capsys.readouterr().out
+
+
+def test_a_budget_no_compiled_plan_meets_is_one_line_naming_both_budgets():
+    """When the plan's compiled step exceeds the budget and the budget less the overshoot fits no
+    layout, the error says so in one line, with the solver's reason."""
+    from types import SimpleNamespace
+
+    from meshjax.errors import InfeasibleError
+    from meshjax.verify import keep_budget
+
+    def resolve(budget):
+        raise InfeasibleError(f"no layout fits {budget:.0f} B per device: the least memory any layout needs is 95 B")
+
+    with pytest.raises(InfeasibleError) as err:
+        keep_budget(SimpleNamespace(peak_memory_bytes=100.0), 100.0, lambda plan: 125.0, resolve)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("no plan compiles within 100 B per device: the plan solved for 100 B compiled to 125 B")
+    assert message.endswith("no layout fits 80 B per device: the least memory any layout needs is 95 B")
