@@ -248,3 +248,21 @@ def test_weight_gradients_are_held_only_while_they_wait_for_their_all_reduce():
     assert replicated["backward_peak"] == 2 * 2048 + 4096
     assert "gradient_sync" not in replicated
     assert data_parallel["total"] == 2 * 4096 + 2 * 2 * 4096 + 2 * 2 * 4096 + 1024 / 8
+
+
+def test_a_scans_weight_slice_makes_no_weight_gradient_of_its_own():
+    """The stacked param's gradient is its own (resident through the backward loop); the op
+    that slices one layer's weight out of it holds, in its backward, only its result's cotangent
+    and one temporary of that size, never the whole stack's gradient."""
+    from meshjax.cost.hardware import get_hardware
+    from meshjax.cost.strategies import per_device_bytes
+    from meshjax.solver.problem import build_problem
+
+    ex = models.example("gpt-tiny", abstract=True, scan_layers=True)
+    graph = mj.trace(ex.loss, ex.params, *ex.batch)
+    problem = build_problem(graph, {"data": 4, "model": 2}, get_hardware("cpu-sim"), train=True)
+    slices = [n for n in problem.nodes if n.op is not None and n.op.facts.slices and graph.tensors[n.op.inputs[0]].role == "param"]
+    assert slices
+    for node in slices:
+        expected = [2 * per_device_bytes(node.tensor, layout, problem.mesh_shape) for layout in node.result_layouts]
+        assert list(node.peak) == expected, node.key

@@ -144,6 +144,8 @@ def weight_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mappi
     """
     assign = dict(strategy.assign)
     summed = not_summed = 0.0
+    if op.facts.slices:  # a scan's slice of a stacked param: the stacked gradient is the param's own
+        return summed, not_summed
     for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts):
         tensor = graph.tensors[name]
         if tensor.role != "param" or not graph.needs_grad(name):
