@@ -291,7 +291,7 @@ def build_problem(
                     for state in (state_layouts(tensor, layout, mesh_shape) if zero else [layout])
                 ]
                 time, parts = price_param_options(tensor, options, mesh_shape, hardware, optimizer, per_instance)
-                if key in read_directly:  # the ops that read it count its gradient (weight_gradients)
+                if key in read_directly:  # its readers' backward peak or the end-of-step sync holds its gradient
                     parts["gradients"] = np.zeros(len(options))
                 result_layouts = [o.layout for o in options]
             else:
