@@ -104,7 +104,8 @@ def test_a_plan_reports_what_the_ilp_counts(graph, mesh, train, zero, optimizer,
 def test_mixed_precision_step_holds_what_the_memory_model_counts(optimizer, per_param):
     """bf16 params train with an fp32 master copy and fp32 moments: the compiled step's arguments
     are exactly the params, optimizer state and inputs the plan counts (16 B per param element
-    with Adam, 2 + 2 + 4 + 8; 8 B with SGD: param, gradient, master)."""
+    with Adam, 2 + 2 + 4 + 8; 8 B with SGD: param, gradient, master; a data-parallel gradient,
+    2 B, is counted in the end-of-step sync, not in the breakdown's resident kinds)."""
     from meshjax.devices import make_mesh
     from meshjax.verify import verify
 
@@ -118,7 +119,7 @@ def test_mixed_precision_step_holds_what_the_memory_model_counts(optimizer, per_
     unsharded = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, optimizer=optimizer, rules="batch:data")
     full = unsharded.memory_breakdown()
     if all(not l.used_axes for n, l in unsharded.layouts.items() if graph.tensors[n].role == "param"):
-        assert full["params"] + full["gradients"] + full["optimizer_state"] == pytest.approx(per_param * elements)
+        assert full["params"] + full["optimizer_state"] == pytest.approx((per_param - 2) * elements)
     compiled = verify(plan, ex.loss, make_mesh(mesh), ex.params, *ex.batch).compiled.memory
     # The step's arguments: params, optimizer state (master copy, moments, a step count), inputs.
     counted = mem["params"] + mem["optimizer_state"] + mem["inputs"]
