@@ -129,33 +129,26 @@ def working_set(
     return total
 
 
-def weight_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[float, float]:
-    """Bytes per device (one instance) of the gradients ``op``'s backward makes for the params
-    it reads directly (not a scan's slices), in the layouts it computes on them:
-    ``(summed, not summed)``.
+def updated_gradients(op: Op, graph: Graph, strategy: Strategy, mesh_shape: Mapping[str, int]) -> float:
+    """Bytes per device (one instance) of the gradients ``op``'s backward makes for the params it
+    reads directly (not a scan's slices) that no split loop dim sums, in the layouts it computes
+    on them.
 
-    A gradient summed over a loop dim the strategy splits (data parallelism, a split sequence)
-    waits for the step's combined all-reduce, so it is held from this op's backward to the end
-    of the step: the end-of-step sync counts it (:func:`gradient_sync`), beside every other
-    weight's, when the backward pass has freed the activations behind it. One not summed goes
-    straight into its optimizer update, which XLA fuses after the gradient's dot: it lives only
-    while this op's backward runs (measured on XLA:CPU: a replicated ``mlp-tiny`` held one
-    weight gradient at a time).
+    Such a gradient goes straight into its optimizer update, which XLA fuses after the
+    gradient's dot: it lives only while this op's backward runs (measured on XLA:CPU: a
+    replicated ``mlp-tiny`` held one weight gradient at a time). One summed over a loop dim the
+    strategy splits (data parallelism, a split sequence) waits for the step's combined
+    all-reduce instead: the end-of-step sync counts it (:func:`gradient_sync`), beside every
+    other weight's, when the backward pass has freed the activations behind it.
     """
-    assign = dict(strategy.assign)
-    summed = not_summed = 0.0
     if op.facts.slices:  # a scan's slice of a stacked param: the stacked gradient is the param's own
-        return summed, not_summed
-    for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts):
-        tensor = graph.tensors[name]
-        if tensor.role != "param" or not graph.needs_grad(name):
-            continue
-        nbytes = per_device_bytes(tensor, layout, mesh_shape)
-        if _summed(op, dims, assign):
-            summed += nbytes
-        else:
-            not_summed += nbytes
-    return summed, not_summed
+        return 0.0
+    assign = dict(strategy.assign)
+    return sum(
+        per_device_bytes(graph.tensors[name], layout, mesh_shape)
+        for name, dims, layout in zip(op.inputs, op.index.operands, strategy.operand_layouts)
+        if graph.tensors[name].role == "param" and graph.needs_grad(name) and not _summed(op, dims, assign)
+    )
 
 
 def _summed(op: Op, dims: Sequence[str], assign: Mapping[str, tuple[str, ...]]) -> bool:
@@ -205,7 +198,7 @@ def backward_working_set(
     holds to its end (an FSDP weight gathered again: XLA:CPU keeps it until the optimizer
     update; :func:`resident_copy`). Inside a scan a trip's copy lives only through that trip,
     so the operands it reads are counted here, in the layouts it computes in. A weight
-    gradient that goes straight into its update (:func:`weight_gradients`) is the caller's to
+    gradient that goes straight into its update (:func:`updated_gradients`) is the caller's to
     add.
 
     In training, the peak on top of what is resident is the largest of these over the ops.

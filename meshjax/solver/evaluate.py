@@ -17,7 +17,7 @@ transient at its largest op); ``constants`` when the function closes over arrays
 when non-zero, ``backward_copies`` and ``gradient_sync`` (:data:`SYNC_KINDS`). ``gradients`` are a scanned
 layer's stacked weight gradients, held through the backward loop; a gradient that waits for the
 step's all-reduce is the end-of-step sync's (``gradient_sync``), one that goes straight into its
-optimizer update part of its op's ``backward_peak`` (:func:`meshjax.cost.memory.weight_gradients`).
+optimizer update part of its op's ``backward_peak`` (:func:`meshjax.cost.memory.updated_gradients`).
 
 A later decision (a rematerialisation policy, micro-batching) adds its terms the same way: a
 function here that prices each option of a node (time, a ``parts`` entry per memory kind, a

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, resident_copy, weight_gradients, working_set
+from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, resident_copy, updated_gradients, working_set
 from meshjax.cost.remat import kept_under, recompute_order, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -334,10 +334,10 @@ def build_problem(
             if train:
                 # Saved activations stay resident; the backward pass also holds, at its peak, the
                 # largest activation's cotangent and one temporary of its size, and a gradient
-                # that goes straight into its update (meshjax.cost.memory.weight_gradients). A
+                # that goes straight into its update (meshjax.cost.memory.updated_gradients). A
                 # gradient that waits for the step's all-reduce is the end-of-step sync's.
                 instances = mult // graph.trip_count(op.block)
-                not_summed = np.array([weight_gradients(op, graph, s, mesh_shape)[1] for s in strategies])
+                not_summed = np.array([updated_gradients(op, graph, s, mesh_shape) for s in strategies])
                 memory = act * mult * kept.get(key, 0)
                 # What one instance recomputes lives during part of its backward pass (peak_rows).
                 recomputing = act * working.get(key, 0)
