@@ -572,32 +572,56 @@ def attention(
         "causal": causal, "scale": scale, "seq": seq, "key_seq": key_seq, "heads": heads,
         "kv_heads": kv_dim, "head_dim": head_dim, "block": flash.block_size(k.size(key_seq), width),
     }
-    return emit("attention", [q, k, v], NamedArray(value, q.dims), index, attrs, name, facts=_attention_facts(q, width, k.size(key_seq), head_dim))
+    return emit("attention", [q, k, v], NamedArray(value, q.dims), index, attrs, name, facts=_attention_facts(q, k, width, key_seq, head_dim))
 
 
-# Float32 tiles ``[..., seq, block]`` the blockwise kernel holds at once (read from XLA:CPU's buffer
-# assignments): the forward's scores and probabilities; the backward's scores, probabilities,
-# their gradients and the copies fusion makes of them.
+# What the blockwise kernel holds while it runs, read from XLA:CPU's buffer assignments of its
+# forward and backward alone (float32 and bfloat16; 1 to 16 key blocks; grouped and plain heads;
+# ``tests/test_attention.py`` checks them): float32 ``[..., seq, block]`` tiles (the forward's
+# scores and probabilities; the backward's probabilities, their gradient and the gradient of the
+# scores), float32 copies of output-sized arrays, and, with more than one key block, the loop's
+# carried and stacked copies.
 ATTENTION_FORWARD_TILES = 2
-ATTENTION_BACKWARD_TILES = 6
+ATTENTION_BACKWARD_TILES = 3
 
 
-def _attention_facts(q: NamedArray, block: int, keys: int, head_dim: str) -> OpFacts:
+def attention_scratch(itemsize: int, head_dim: int, block: int, key_blocks: int, kv_share: float) -> tuple[float, float]:
+    """``(forward, backward)`` bytes the blockwise kernel holds beyond its operands, result and
+    (backward) their gradients, in multiples of its result's bytes. ``kv_share``: k's elements
+    over q's.
+
+    >>> attention_scratch(4, 8, 16, 1, 1.0)  # float32, one tile of 16 keys over head_dim 8
+    (4.0, 6.0)
+    """
+    f32 = 4 / itemsize  # a float32 copy of the output, in outputs
+    tile = f32 * block / head_dim  # one float32 [rows, block] tile
+    forward = ATTENTION_FORWARD_TILES * tile
+    backward = 4 * (f32 - 1) + ATTENTION_BACKWARD_TILES * tile  # + float32 copies (16-bit dtypes)
+    if key_blocks > 1:  # the scan's carried accumulators, and copies of k's and v's tiles
+        forward += (f32 - 1) + 3 * f32 * kv_share
+        backward += (3 * f32 - 2) + 3 * f32 * kv_share
+    return forward, backward
+
+
+def _attention_facts(q: NamedArray, k: NamedArray, block: int, key_seq: str, head_dim: str) -> OpFacts:
     """What memory-efficient attention keeps and holds, in multiples of its output (q's shape):
     it keeps q, k, v, its output and the float32 log-sum-exp per row (``4 / itemsize / head_dim``
-    of the output); its forward holds a float32 accumulator and score tiles, its backward the
-    gradients of q, k and v (q's accumulated in float32) and more tiles; never a ``[..., seq,
-    key_seq]`` tensor."""
+    of the output); its forward and backward hold what :func:`attention_scratch` gives, the
+    backward also the gradients of q, k and v; never a ``[..., seq, key_seq]`` tensor."""
     from meshjax import flash
 
-    f32 = 4 / q.dtype.itemsize  # a float32 copy of the output, in outputs
-    tile = f32 * flash.block_size(keys, block) / q.size(head_dim)  # one [rows, block] tile
+    keys = k.size(key_seq)
+    width = flash.block_size(keys, block)
+    forward, backward = attention_scratch(
+        q.dtype.itemsize, q.size(head_dim), width, keys // width, _prod(k.shape) / _prod(q.shape)
+    )
     return OpFacts.reading(
         3,
         also_saves_result=True,
-        residuals=f32 / q.size(head_dim),
-        forward_scratch=f32 + ATTENTION_FORWARD_TILES * tile,
-        backward_scratch=(f32 - 1) + ATTENTION_BACKWARD_TILES * tile,
+        residuals=4 / q.dtype.itemsize / q.size(head_dim),
+        forward_scratch=forward,
+        # the backward's working set counts one result-sized temporary itself
+        backward_scratch=backward - 1,
         holds_operand_gradients=True,
     )
 
