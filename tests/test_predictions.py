@@ -41,18 +41,9 @@ CASES = [
 
 
 # Where compiled memory exceeds the prediction by more than 5%, and why (read from XLA's buffer
-# assignment of these programs).
+# assignment of these programs). Training plans, unrolled and scanned, compile at 0.89-1.05 of
+# their prediction (the held cotangents of unrolled layers counted, ``held_cotangents``).
 MEMORY_ABOVE_PREDICTION = {
-    "scan": (1.16, "XLA:CPU zero-fills the stacked gradient accumulator of each scanned weight "
-                   "(wrapped_broadcast) and copies it into the backward loop, so it holds the "
-                   "scanned weights' gradients twice (268 MB of the 2,417 MB step on 4x2 with "
-                   "einsum attention, 1.13 measured; of the 1,804 MB step on 2x4 with the "
-                   "attention op, 1.154 measured; 1.00 with that term)"),
-    "train": (1.25, "XLA:CPU runs each block's weight-gradient dots late, holding the block's "
-                    "activations and cotangents while the next block's backward runs; the model's "
-                    "backward row counts the activations, its end-of-step sync the gradients waiting "
-                    "for their all-reduce (1.078-1.200 measured on these unrolled plans; the "
-                    "fidelity grid's unrolled gpt-small rows are 1.113-1.256)"),
     "infer": (1.30, "XLA:CPU broadcasts the causal mask to the full batch x heads x seq x seq scores "
                     "once, outside the layers, and keeps it for all of them; the model has no "
                     "term for a broadcast operand"),
@@ -61,12 +52,8 @@ MEMORY_ABOVE_PREDICTION = {
 
 def _memory_bound(case) -> tuple[float, str]:
     name, overrides, mesh, hardware, train = case
-    if overrides.get("seq", 0) >= 1024:
-        if overrides.get("scan_layers") and train:
-            return MEMORY_ABOVE_PREDICTION["scan"]
-        if not train:
-            return MEMORY_ABOVE_PREDICTION["infer"]
-        return MEMORY_ABOVE_PREDICTION["train"]
+    if overrides.get("seq", 0) >= 1024 and not train:
+        return MEMORY_ABOVE_PREDICTION["infer"]
     return 1.05, "within the model"
 
 
@@ -97,7 +84,7 @@ def test_predicted_comm_bytes_and_memory_match_compiled(case):
     )
     upper, why = _memory_bound(case)
     ratio = check.compiled.memory["peak_bytes"] / plan.peak_memory_bytes
-    assert 0.75 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"
+    assert 0.85 <= ratio <= upper, f"compiled/predicted memory {ratio:.3f} ({why}); predicted {plan.memory_breakdown()}"
 
 
 @pytest.mark.slow

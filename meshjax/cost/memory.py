@@ -213,6 +213,34 @@ def backward_working_set(
     return total
 
 
+def held_cotangent(
+    op: Op, graph: Graph, result: Layout, mesh_shape: Mapping[str, int], computed: Layout | None = None,
+) -> float:
+    """Bytes per device of the cotangent of ``op``'s result that the backward pass holds for the
+    op's weight gradient, in a model of unrolled layers.
+
+    XLA:CPU's scheduler computes such a model's weight gradients (dots, layer-norm reductions)
+    after the rest of its backward pass, holding the cotangents they are made from, and frees
+    meanwhile the activations of the layers done that only activation gradients read. At the
+    backward pass's peak (the first layer's backward) the two leave about one layer's
+    cotangents on top of all kept activations (live ranges of ``gpt-tiny`` and ``gpt-small``:
+    per layer done, the MLP-hidden, q, k, v and norm cotangents), so the caller counts one
+    instance per layer, not every layer's. With one block the schedule makes its weight
+    gradients at once (``block-tiny``); inside a scan, each trip's with the trip. Not measured
+    on an accelerator's scheduler.
+    """
+    if in_loop(op, graph) or op.facts.slices or not unrolled_layers(graph):
+        return 0.0
+    if not any(graph.tensors[name].role == "param" and graph.needs_grad(name) for name in op.inputs):
+        return 0.0
+    return _result_bytes(graph, op, result, computed, mesh_shape)
+
+
+def unrolled_layers(graph: Graph) -> bool:
+    """Whether ``graph`` repeats a block unrolled (two or more layers)."""
+    return any(block.kind == "unrolled" and block.trip_count >= 2 for block in graph.blocks.values())
+
+
 def in_loop(op: Op, graph: Graph) -> bool:
     """Whether ``op`` runs in a scan's body."""
     return op.block is not None and graph.blocks[op.block].kind == "scan"

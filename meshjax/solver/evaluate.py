@@ -14,7 +14,8 @@ Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` 
 fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
 transient at its largest op); ``constants`` when the function closes over arrays; in training,
-when non-zero, ``backward_copies`` and ``gradient_sync`` (:data:`SYNC_KINDS`). ``gradients`` are a scanned
+when non-zero, ``held_cotangents`` (:data:`HELD_KINDS`), ``backward_copies`` and
+``gradient_sync`` (:data:`SYNC_KINDS`). ``gradients`` are a scanned
 layer's stacked weight gradients, held through the backward loop; a gradient that waits for the
 step's all-reduce is the end-of-step sync's (``gradient_sync``), one that goes straight into its
 optimizer update part of its op's ``backward_peak`` (:func:`meshjax.cost.memory.updated_gradients`).
@@ -69,6 +70,10 @@ LEVER_KINDS = ("grad_accumulator", "recompute")
 # peak a gradient all-reduce holds (``gradient_sync``: a scan trip's, or the end-of-step one's;
 # the step's memory is the largest of the phases, :meth:`~meshjax.solver.problem.Problem.memory`).
 SYNC_KINDS = ("backward_copies", "gradient_sync")
+# Kinds the backward pass holds to its end, reported when non-zero: ``backward_copies``, and, in a
+# model of unrolled layers, the cotangents its weight gradients are made from
+# (``held_cotangents``, :func:`meshjax.cost.memory.held_cotangent`).
+HELD_KINDS = ("backward_copies", "held_cotangents")
 # The memory rows besides the backward pass's (``Node.sync`` columns): while a scan trip's
 # combined gradient all-reduce runs, and while the end-of-step one runs.
 SYNC_PHASES = ("loop_sync", "end_sync")
@@ -245,7 +250,7 @@ def evaluate(problem: Problem, choice: Sequence[int]) -> Evaluation:
         peak -= memory["recompute"]
     memory["backward_peak" if problem.train else "activations"] += peak
     out = {kind: memory.get(kind, 0.0) for kind in MEMORY_KINDS if problem.train or kind not in ("gradients", "backward_peak")}
-    for kind in ("constants", *LEVER_KINDS, "backward_copies"):
+    for kind in ("constants", *LEVER_KINDS, *HELD_KINDS):
         if memory.get(kind):
             out[kind] = memory[kind]
     backward = sum(out.values())

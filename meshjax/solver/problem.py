@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshjax.cost.hardware import Hardware
-from meshjax.cost.memory import backward_reads, backward_working_set, gradient_sync, resident_copy, updated_gradients, working_set
+from meshjax.cost.memory import (
+    backward_reads, backward_working_set, gradient_sync, held_cotangent, resident_copy, updated_gradients, working_set,
+)
 from meshjax.cost.remat import kept_under, recompute_order, recompute_times, remat_effect, unit_of, working_under
 from meshjax.cost.strategies import ParamOption, Strategy, enumerate_layouts, op_strategies, per_device_bytes, reshard
 from meshjax.cost.strategies import state_layouts
@@ -339,15 +341,20 @@ def build_problem(
                 instances = mult // graph.trip_count(op.block)
                 not_summed = np.array([updated_gradients(op, graph, s, mesh_shape) for s in strategies])
                 memory = act * mult * kept.get(key, 0)
+                # One layer's worth, not every instance's (meshjax.cost.memory.held_cotangent).
+                held = np.array([held_cotangent(op, graph, s.result_layout, mesh_shape, s.computed_layout) for s in strategies])
                 # What one instance recomputes lives during part of its backward pass (peak_rows).
                 recomputing = act * working.get(key, 0)
                 peak = np.array([backward_working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
                 peak = peak + not_summed
             else:
-                memory = recomputing = np.zeros(len(strategies))
+                memory = recomputing = held = np.zeros(len(strategies))
                 peak = np.array([working_set(op, graph, s.result_layout, s.operand_layouts, mesh_shape, s.computed_layout) for s in strategies])
             time = np.array([s.time for s in strategies]) * mult
             parts = {"activations": memory}
+            if held.any():
+                parts["held_cotangents"] = held
+                memory = memory + held
             sync = None
             if train:
                 in_loop, at_end = np.array([gradient_sync(op, graph, s, mesh_shape) for s in strategies]).reshape(-1, 2).T
