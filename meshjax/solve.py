@@ -134,7 +134,7 @@ def _memory_infeasible(problem: Problem, budget: float) -> InfeasibleError:
     top = ", ".join(f"{n} {format_bytes(b)}" for b, n in per_node[:3])
     mem = priced.memory
     state = mem.get("params", 0) + mem.get("gradients", 0) + mem.get("optimizer_state", 0)
-    activations = mem.get("activations", 0) + mem.get("backward_peak", 0) + mem.get("inputs", 0)
+    activations = sum(mem.get(kind, 0) for kind in ("activations", "backward_peak", "inputs", "held_cotangents"))
     fixes = []
     # ZeRO-1 helps only where the leanest layout leaves some param's state unsharded on an axis.
     mesh_axes = {a for a, n in problem.mesh_shape.items() if n > 1}

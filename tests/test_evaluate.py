@@ -251,6 +251,24 @@ def test_weight_gradients_are_held_only_while_they_wait_for_their_all_reduce():
     assert data_parallel["total"] == 2 * 4096 + 2 * 2 * 4096 + 2 * 2 * 4096 + 1024 / 8
 
 
+def test_unrolled_layers_hold_one_layers_weight_gradient_cotangents():
+    """gpt-tiny (batch 8, seq 16, embed 32, 4 heads of 8, mlp 128, vocab 64, float32, 2 unrolled
+    layers), replicated on 8 devices: the cotangents of the results of the ops that read a
+    param, once per layer template. A layer's ln_1, q, k, v, out and ln_2 results are 8 x 16 x
+    32 x 4 = 16,384 B each, its MLP hidden 65,536 B and its MLP out 16,384 B; around the layers,
+    the token and position embeddings and the final norm (16,384 B each) and the logits (8 x 16
+    x 64 x 4). Scanned, or with one block (``block-tiny``), nothing is held."""
+    layer = 6 * 16_384 + 65_536 + 16_384
+    outside = 3 * 16_384 + 32_768
+    for name, overrides, expected in (("gpt-tiny", {}, layer + outside), ("gpt-tiny", {"scan_layers": True}, None),
+                                      ("block-tiny", {}, None)):
+        ex = models.example(name, abstract=True, **overrides)
+        graph = mj.trace(ex.loss, ex.params, *ex.batch)
+        replicated = {dim: None for tensor in graph.tensors.values() for dim in tensor.dims}
+        memory = solve(graph, {"data": 8}, hardware="cpu-sim", train=True, rules=replicated).memory_breakdown()
+        assert memory.get("held_cotangents") == expected, (name, overrides)
+
+
 def test_a_scans_weight_slice_makes_no_weight_gradient_of_its_own():
     """The stacked param's gradient is its own (resident through the backward loop); the op
     that slices one layer's weight out of it holds, in its backward, only its result's cotangent
