@@ -14,7 +14,7 @@ Memory kinds (bytes per device): ``params``, ``gradients``, ``optimizer_state`` 
 fp32 master copy), ``inputs``, ``activations`` (training: kept for the backward pass;
 inference: the largest working set) and, in training, ``backward_peak`` (the backward pass's
 transient at its largest op); ``constants`` when the function closes over arrays; in training,
-when non-zero, ``held_cotangents`` (:data:`HELD_KINDS`), ``backward_copies`` and
+when non-zero, ``held_cotangents`` and ``backward_copies`` (:data:`HELD_KINDS`) and
 ``gradient_sync`` (:data:`SYNC_KINDS`). ``gradients`` are a scanned
 layer's stacked weight gradients, held through the backward loop; a gradient that waits for the
 step's all-reduce is the end-of-step sync's (``gradient_sync``), one that goes straight into its
@@ -65,15 +65,15 @@ MEMORY_KINDS = ("params", "gradients", "optimizer_state", "inputs", "activations
 # micro-batching, and what a rematerialised block has recomputed and still holds when its
 # backward pass peaks (:func:`~meshjax.solver.problem.peak_rows`).
 LEVER_KINDS = ("grad_accumulator", "recompute")
-# Kinds reported when non-zero, in training: operands a backward pass reads in another layout
-# than they are kept in (an FSDP weight gathered again: ``backward_copies``), and how much more than the backward pass's
-# peak a gradient all-reduce holds (``gradient_sync``: a scan trip's, or the end-of-step one's;
-# the step's memory is the largest of the phases, :meth:`~meshjax.solver.problem.Problem.memory`).
-SYNC_KINDS = ("backward_copies", "gradient_sync")
-# Kinds the backward pass holds to its end, reported when non-zero: ``backward_copies``, and, in a
-# model of unrolled layers, the cotangents its weight gradients are made from
+# Kinds the backward pass holds to its end, reported when non-zero, in training: operands it reads
+# in another layout than they are kept in (an FSDP weight gathered again: ``backward_copies``),
+# and, in a model of unrolled layers, the cotangents its weight gradients are made from
 # (``held_cotangents``, :func:`meshjax.cost.memory.held_cotangent`).
 HELD_KINDS = ("backward_copies", "held_cotangents")
+# Reported when non-zero, in training: how much more than the backward pass's row a gradient
+# all-reduce holds (``gradient_sync``: a scan trip's, or the end-of-step one's; the step's memory
+# is the largest of the phases, :meth:`~meshjax.solver.problem.Problem.memory`).
+SYNC_KINDS = ("gradient_sync",)
 # The memory rows besides the backward pass's (``Node.sync`` columns): while a scan trip's
 # combined gradient all-reduce runs, and while the end-of-step one runs.
 SYNC_PHASES = ("loop_sync", "end_sync")
